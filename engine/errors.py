@@ -8,13 +8,12 @@ class ModelLoadError(ValueError):
 
 
 class PromptTooLongError(ValueError):
-    """A prompt (plus the tokens asked for) does not fit the model's context."""
+    """A prompt does not fit the context, leaving no room for a generated token."""
 
-    def __init__(self, prompt_tokens: int, max_tokens: int, context: int) -> None:
+    def __init__(self, prompt_tokens: int, context: int) -> None:
         self.prompt_tokens = prompt_tokens
-        self.max_tokens = max_tokens
         self.context = context
         super().__init__(
-            f"prompt is {prompt_tokens} tokens and max_tokens is {max_tokens}, "
-            f"but the context holds {context} tokens; shorten the prompt or lower max_tokens"
+            f"prompt is {prompt_tokens} tokens but the context holds {context} tokens "
+            f"(at most {context - 1} for the prompt, to leave room for a generated token); shorten the prompt"
         )

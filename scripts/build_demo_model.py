@@ -6,7 +6,7 @@ HF-format directory (config.json, model.safetensors, tokenizer.model,
 tokenizer_config.json, generation_config.json, heldout.txt, README.md).
 
     apt-get install fortunes fortunes-zh
-    python scripts/build_demo_model.py --out models/demo-llama --minutes 60
+    python scripts/build_demo_model.py --out vramlite/models/demo-llama --minutes 60
 
 Needs the `test` extras (transformers builds and trains the model).
 """
@@ -76,7 +76,7 @@ def train_tokenizer(docs: list[str], out: Path, vocab_size: int) -> spm.Sentence
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=FORTUNES)
-    ap.add_argument("--out", type=Path, default=Path("models/demo-llama"))
+    ap.add_argument("--out", type=Path, default=Path("vramlite/models/demo-llama"))
     ap.add_argument("--minutes", type=float, default=60.0, help="training wall-clock budget")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -180,7 +180,7 @@ fortune-cookie English and Tang/Song-style Chinese lines; it knows nothing else.
   cosine over a {args.minutes:g}-minute budget on 2 CPU cores, bf16 autocast,
   seed {args.seed}. Held-out perplexity: {held_ppl:.1f}.
 - Reproduce: `apt-get install fortunes fortunes-zh`, then
-  `python scripts/build_demo_model.py --out models/demo-llama --minutes {args.minutes:g}`.
+  `python scripts/build_demo_model.py --out vramlite/models/demo-llama --minutes {args.minutes:g}`.
 """)
 
 

@@ -13,3 +13,46 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+TEXT = """The quick brown fox jumps over the lazy dog. A fortune cookie says: you will write tests.
+Hello, world! Numbers 12345 and 67890. Whitespace   runs and\ttabs.
+床前明月光，疑是地上霜。举头望明月，低头思故乡。
+白日依山尽，黄河入海流。欲穷千里目，更上一层楼。
+春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。
+"""
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny sentencepiece BPE tokenizer (LLaMA conventions: unk 0, bos 1, eos 2) in an HF layout."""
+    import json
+
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("spm")
+    corpus = d / "corpus.txt"
+    corpus.write_text(TEXT * 3, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(d / "tokenizer"), model_type="bpe", vocab_size=512,
+        character_coverage=1.0, normalization_rule_name="identity", byte_fallback=True, split_digits=True,
+        add_dummy_prefix=True, remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2,
+    )
+    corpus.unlink()
+    (d / "tokenizer.vocab").unlink()
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "add_bos_token": True, "add_eos_token": False, "legacy": False,
+    }))
+    return d
+
+
+def save_tiny_model(model, out_dir, tokenizer_dir, **save_kwargs):
+    """Save an HF model next to a copy of the tokenizer files: a complete HF-format directory."""
+    import shutil
+
+    model.save_pretrained(out_dir, **save_kwargs)
+    for f in tokenizer_dir.iterdir():
+        shutil.copy(f, out_dir / f.name)
+    return out_dir

@@ -1,0 +1,24 @@
+"""Model families, chosen by `config.json`'s `model_type`."""
+
+from __future__ import annotations
+
+from engine.errors import ModelLoadError
+from engine.models.base import CausalLM
+from engine.models.gpt2 import GPT2LMHeadModel
+from engine.models.llama import LlamaForCausalLM
+
+FAMILIES: dict[str, type[CausalLM]] = {
+    "llama": LlamaForCausalLM,
+    "mistral": LlamaForCausalLM,
+    "qwen2": LlamaForCausalLM,
+    "gpt2": GPT2LMHeadModel,
+}
+
+
+def family(model_type: str | None) -> type[CausalLM]:
+    """The model class for `model_type`, or ModelLoadError naming the supported ones."""
+    if model_type not in FAMILIES:
+        raise ModelLoadError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(sorted(FAMILIES))})"
+        )
+    return FAMILIES[model_type]

@@ -1,0 +1,116 @@
+"""Model configuration: one normalized view of an HF `config.json`, whatever the family."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import ModelLoadError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (`rope_type` is default, linear, dynamic, llama3 or yarn)."""
+
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int | None = None
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    truncate: bool = True
+
+    SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the engine needs, parsed from `config.json`."""
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    max_position_embeddings: int
+    norm_eps: float
+    hidden_act: str
+    tie_word_embeddings: bool
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    rope: RopeConfig | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.num_heads % self.num_kv_heads:
+            raise ModelLoadError(
+                f"config.json: num_attention_heads ({self.num_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Read a JSON object, raising ModelLoadError naming the file on any problem."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} not found") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"{path} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def eos_ids(value: Any) -> tuple[int, ...]:
+    """`eos_token_id` as HF writes it (absent, an int or a list) → a tuple."""
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def require(raw: dict[str, Any], *keys: str, source: str = "config.json") -> Any:
+    """First present key among `keys` (HF's aliases), or ModelLoadError naming them."""
+    for key in keys:
+        if raw.get(key) is not None:
+            return raw[key]
+    raise ModelLoadError(f"{source}: missing {' / '.join(keys)}")
+
+
+def parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    """Rope settings from either transformers 5's `rope_parameters` or the older
+    `rope_theta` + `rope_scaling` pair."""
+    params = dict(raw.get("rope_scaling") or {})
+    params.update(raw.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type not in RopeConfig.SUPPORTED:
+        raise ModelLoadError(
+            f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(RopeConfig.SUPPORTED)})"
+        )
+    kwargs = {
+        k: params[k]
+        for k in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
+                  "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+        if params.get(k) is not None
+    }
+    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in kwargs:
+        kwargs["original_max_position_embeddings"] = raw.get("max_position_embeddings")
+    return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)

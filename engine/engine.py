@@ -1,0 +1,215 @@
+"""`Engine`: load a model directory, then generate — one call, a stream, or step by step for a server."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.config import read_json
+from engine.detokenizer import IncrementalDetokenizer
+from engine.device import pick_device, pick_dtype
+from engine.errors import PromptTooLongError
+from engine.loader import load_model
+from engine.runner import Chunk, ModelRunner
+from engine.sampler import Sampler, SamplerState, SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import FinishReason, StepOutput
+from engine.sequence import Sequence as Seq
+from engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# generation_config.json keys → SamplingParams fields, used as per-model defaults.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of one finished request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine:
+    """A model, its tokenizer, a KV cache for `max_batch_size` sequences, and the generation loop.
+
+    Not thread-safe: one thread calls `add_request` / `step` (the server's
+    engine thread), or uses the blocking `generate` / `stream` helpers.
+    """
+
+    def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
+                 scheduler_config: SchedulerConfig, defaults: dict[str, Any]) -> None:
+        self.model_dir = model_dir
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = runner.model.config
+        self.context = runner.context
+        self.defaults = defaults
+        self.sampler = Sampler()
+        self.scheduler = Scheduler(scheduler_config, runner.cache.allocate, runner.cache.free)
+        self.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *self.config.eos_token_ids)))
+        self._ids = itertools.count()
+        self._sequences: dict[int, Seq] = {}
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
+                 max_tokens_per_step: int = 512) -> Engine:
+        """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
+
+        device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
+        "fp32" / "fp16" / "bf16" (default: the best for the device).
+        context: KV-cache positions per sequence (default: the model's maximum).
+        """
+        start = time.perf_counter()
+        model_dir = Path(path)
+        dev = pick_device(device)
+        dt = pick_dtype(dev, dtype)
+        scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
+        model, context = load_model(model_dir, dev, dt, context)
+        tokenizer = Tokenizer.from_dir(model_dir)
+        runner = ModelRunner(model, dev, dt, max_batch_size, context)
+        defaults = cls._generation_defaults(model_dir)
+        log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
+                 time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
+        return cls(model_dir, runner, tokenizer, scheduler_config, defaults)
+
+    @staticmethod
+    def _generation_defaults(model_dir: Path) -> dict[str, Any]:
+        path = model_dir / "generation_config.json"
+        if not path.exists():
+            return {}
+        gen = read_json(path)
+        defaults = {ours: gen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return defaults
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        """SamplingParams from keyword arguments over the model's generation_config.json defaults."""
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if "top_n" in given:
+            given.setdefault("top_k", given.pop("top_n"))
+        return SamplingParams.from_kwargs(**{**self.defaults, **given})
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError."""
+        params = params or self.sampling_params()
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt is empty and the tokenizer adds no BOS token; give at least one token")
+        if len(prompt_ids) >= self.context:
+            raise PromptTooLongError(len(prompt_ids), self.context)
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
+                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids)
+        self._sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def sequence(self, seq_id: int) -> Seq:
+        return self._sequences[seq_id]
+
+    def abort(self, seq_id: int) -> StepOutput | None:
+        """Cancel a request; its cache slot is free for the next step. None if it already finished."""
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        return seq.finish(FinishReason.CANCELLED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[StepOutput]:
+        """Run one forward pass over the scheduled batch; returns what each sequence produced."""
+        outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
+                   if seq.params.max_tokens == 0]
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed)
+                  for seq, n in batch]
+        logits = self.runner.forward(chunks)
+        rows, ready = [], []
+        for row, (seq, n) in enumerate(batch):
+            seq.num_computed += n
+            if seq.num_pending == 0:
+                rows.append(row)
+                ready.append(seq)
+        if ready:
+            tokens = self.sampler(logits[rows], [s.sampler for s in ready]).tolist()
+            for seq, token in zip(ready, tokens, strict=True):
+                out = seq.append(token, self.context)
+                if out.finished:
+                    self._release(seq)
+                outputs.append(out)
+        return outputs
+
+    def _finish(self, seq: Seq, reason: FinishReason) -> StepOutput:
+        out = seq.finish(reason)
+        self._release(seq)
+        return out
+
+    def _release(self, seq: Seq) -> None:
+        self.scheduler.remove(seq)
+        self._sequences.pop(seq.seq_id, None)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+               ) -> Iterator[StepOutput]:
+        """Yield each step's output for one prompt as it is produced; the last one has `finish_reason`."""
+        seq_id = self.add_request(prompt, params or self.sampling_params(**kwargs))
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(seq_id)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+                 ) -> Completion:
+        """Generate for one prompt; keyword arguments are SamplingParams fields (`top_n` = `top_k`)."""
+        return self.generate_batch([prompt], params or self.sampling_params(**kwargs))[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+                       ) -> list[Completion]:
+        """Generate for several prompts at once, batched by the scheduler; results in prompt order."""
+        params = params or self.sampling_params()
+        ids = [self.add_request(p, params) for p in prompts]
+        seqs = {i: self._sequences[i] for i in ids}
+        try:
+            while not all(s.finished for s in seqs.values()):
+                self.step()
+        finally:
+            for i in ids:
+                self.abort(i)
+        return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens)
+                for s in seqs.values()]

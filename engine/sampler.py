@@ -1,0 +1,272 @@
+"""Next-token sampling: per-request parameters, per-sequence state and a batched sampler.
+
+The pipeline over a batch of logits is repetition penalty (HF) -> frequency/presence
+penalties (OpenAI) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every row draws
+its randomness from its own seeded generator, so a seeded request produces the same tokens
+whatever else shares its batch.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+
+# Temperatures below this are treated as greedy: dividing logits by them overflows float32.
+GREEDY_TEMPERATURE = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request picks its tokens; validated on construction (ValueError names the field)."""
+
+    max_tokens: int = 128
+    temperature: float = 0.9
+    top_p: float = 1.0
+    top_k: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # A bare string is one stop string, not a sequence of one-character ones.
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if isinstance(stop, (list, tuple)):
+            object.__setattr__(self, "stop", tuple(stop))
+        _require(
+            _is_int(self.max_tokens) and self.max_tokens >= 0,
+            "max_tokens",
+            self.max_tokens,
+            "an integer >= 0",
+        )
+        _require(
+            _is_real(self.temperature) and self.temperature >= 0,
+            "temperature",
+            self.temperature,
+            "a number >= 0 (0 means greedy)",
+        )
+        _require(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _require(
+            _is_int(self.top_k) and self.top_k >= 0,
+            "top_k",
+            self.top_k,
+            "an integer >= 0 (0 turns top-k off)",
+        )
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            _require(_is_real(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
+        _require(
+            _is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+            "repetition_penalty",
+            self.repetition_penalty,
+            "a number > 0 (1 turns it off)",
+        )
+        _require(
+            isinstance(self.stop, tuple) and len(self.stop) <= MAX_STOP_STRINGS,
+            "stop",
+            self.stop,
+            f"a list of at most {MAX_STOP_STRINGS} strings",
+        )
+        for s in self.stop:
+            _require(
+                isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS,
+                "stop",
+                s,
+                f"made of non-empty strings of at most {MAX_STOP_CHARS} characters",
+            )
+        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+
+    @classmethod
+    def from_kwargs(cls, **kw: Any) -> SamplingParams:
+        """Build from loose keyword arguments: `top_n` is an alias of `top_k` and None means default."""
+        kw = {k: v for k, v in kw.items() if v is not None}
+        if "top_n" in kw:
+            if "top_k" in kw:
+                raise ValueError("give top_k or its alias top_n, not both")
+            kw["top_k"] = kw.pop("top_n")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kw) - known)
+        if unknown:
+            allowed = ", ".join(sorted(known | {"top_n"}))
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}; known: {allowed}")
+        return cls(**kw)
+
+
+def _ids_tensor(ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
+    # Ids outside the logits' vocabulary (tokenizer-only added tokens) have no logit to penalize.
+    return torch.tensor([i for i in ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
+
+
+class SamplerState:
+    """Per-sequence sampling state: parameters, seeded generator, prompt and generated token ids."""
+
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu"):
+        self.params = params
+        self.prompt_ids: tuple[int, ...] = tuple(int(i) for i in prompt_ids)
+        self.output_ids: list[int] = []
+        self.device = torch.device(device)
+        self.seed: int = params.seed if params.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed % 2**64)  # manual_seed takes 64 bits; any int seed is accepted
+        self.greedy = params.temperature < GREEDY_TEMPERATURE
+        self.penalized = (
+            params.repetition_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+        )
+        self._counts: torch.Tensor | None = None
+        self._prompt_mask: torch.Tensor | None = None
+        self._counted = 0
+
+    def append(self, token_id: int) -> None:
+        """Record a generated token."""
+        self.output_ids.append(int(token_id))
+
+    def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Generated-token counts (float32 [V]) and a prompt-token mask (bool [V]) on this state's device.
+
+        Built on first use and then updated with only the tokens appended since the last call.
+        """
+        if self._counts is None or self._prompt_mask is None or self._counts.numel() != vocab_size:
+            self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
+            self._prompt_mask[_ids_tensor(self.prompt_ids, vocab_size, self.device)] = True
+            self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+            self._counted = 0
+        if self._counted < len(self.output_ids):
+            new = _ids_tensor(self.output_ids[self._counted :], vocab_size, self.device)
+            self._counts.index_put_((new,), torch.ones_like(new, dtype=torch.float32), accumulate=True)
+            self._counted = len(self.output_ids)
+        return self._counts, self._prompt_mask
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    counts: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    repetition_penalty: torch.Tensor,
+    frequency_penalty: torch.Tensor,
+    presence_penalty: torch.Tensor,
+) -> torch.Tensor:
+    """Penalize logits [B, V] given generated-token counts [B, V] and prompt masks [B, V]; penalties are [B].
+
+    Repetition penalty (HF) covers prompt and generated tokens: a positive logit is divided by it, any
+    other multiplied. Frequency and presence penalties (OpenAI) cover generated tokens only:
+    logit -= frequency * count + presence * (count > 0).
+    """
+    rep = repetition_penalty.unsqueeze(-1)
+    generated = counts > 0
+    seen = prompt_mask | generated
+    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return out - frequency_penalty.unsqueeze(-1) * counts - presence_penalty.unsqueeze(-1) * generated
+
+
+def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Bool mask [B, V] of the tokens kept by top-k (k [B], 0 = off) and then top-p (p [B], 1 = off).
+
+    Top-k keeps every token whose logit is >= the k-th largest, so ties at the boundary keep more
+    than k tokens (as HF's TopKLogitsWarper). Top-p then keeps, among those, the smallest prefix of
+    the tokens sorted by probability whose mass is >= p (as HF's TopPLogitsWarper), ties ranked by
+    token id. The argmax is always kept. One sort serves both.
+    """
+    vocab = logits.size(-1)
+    # Stable, so tied tokens rank by id: the kept set is deterministic and includes argmax()'s pick.
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=True)
+    k = torch.where(k > 0, k.clamp(max=vocab), vocab)
+    kth = sorted_logits.gather(-1, (k - 1).unsqueeze(-1))
+    keep = sorted_logits >= kth
+    probs = sorted_logits.masked_fill(~keep, -math.inf).softmax(dim=-1)
+    cum = probs.cumsum(dim=-1)
+    mass_before = torch.cat([torch.zeros_like(cum[:, :1]), cum[:, :-1]], dim=-1)
+    # p >= 1 is "off": float rounding could otherwise drop tail tokens once the sum reaches 1.
+    keep &= (mass_before < p.unsqueeze(-1)) | (p >= 1).unsqueeze(-1)
+    return torch.zeros_like(keep).scatter_(-1, order, keep)
+
+
+def top_k_mask(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Bool mask [B, V] of the tokens top-k keeps (k [B], 0 = off); see top_k_top_p_mask."""
+    return top_k_top_p_mask(logits, k, torch.ones_like(k, dtype=torch.float32))
+
+
+def top_p_mask(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Bool mask [B, V] of the tokens top-p keeps (p [B], 1 = off); see top_k_top_p_mask."""
+    return top_k_top_p_mask(logits, torch.zeros_like(p, dtype=torch.long), p)
+
+
+def _column(
+    states: Sequence[SamplerState], name: str, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    return torch.tensor([getattr(s.params, name) for s in states], dtype=dtype, device=device)
+
+
+def _sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """Temperature, top-k, top-p and a draw for rows that are not greedy; logits are float32 [B, V]."""
+    device = logits.device
+    x = logits / _column(states, "temperature", torch.float32, device).unsqueeze(-1)
+    if any(s.params.top_k > 0 or s.params.top_p < 1 for s in states):
+        keep = top_k_top_p_mask(
+            x, _column(states, "top_k", torch.long, device), _column(states, "top_p", torch.float32, device)
+        )
+        x = x.masked_fill(~keep, -math.inf)
+    # Gumbel-max: argmax(x - log E), E ~ Exp(1), samples from softmax(x). Each row fills its own
+    # noise from its own generator, so its draw does not depend on the batch around it.
+    noise = torch.empty_like(x)
+    for row, state in zip(noise, states, strict=True):
+        row.exponential_(generator=state.generator)
+    return (x - noise.log()).argmax(dim=-1)
+
+
+class Sampler:
+    """Picks the next token of every row of a batch; stateless, all per-sequence state is in SamplerState."""
+
+    def __call__(self, logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+        """Sample int64 token ids [B] from logits [B, V] (any float dtype), row i following states[i]."""
+        if logits.dim() != 2 or logits.size(0) != len(states):
+            raise ValueError(f"expected logits [{len(states)}, vocab], got {list(logits.shape)}")
+        if all(s.greedy and not s.penalized for s in states):
+            return logits.argmax(dim=-1)
+        x = logits.float()
+        device = x.device
+        penalized = [i for i, s in enumerate(states) if s.penalized]
+        if penalized:
+            rows = [states[i] for i in penalized]
+            stats = [s.penalty_tensors(x.size(1)) for s in rows]
+            index = torch.tensor(penalized, dtype=torch.long, device=device)
+            penalized_logits = apply_penalties(
+                x[index],
+                torch.stack([counts for counts, _ in stats]),
+                torch.stack([mask for _, mask in stats]),
+                _column(rows, "repetition_penalty", torch.float32, device),
+                _column(rows, "frequency_penalty", torch.float32, device),
+                _column(rows, "presence_penalty", torch.float32, device),
+            )
+            x = x.index_copy(0, index, penalized_logits)
+        out = x.argmax(dim=-1)
+        sampled = [i for i, s in enumerate(states) if not s.greedy]
+        if sampled:
+            index = torch.tensor(sampled, dtype=torch.long, device=device)
+            out[index] = _sample(x[index], [states[i] for i in sampled])
+        return out

@@ -1,0 +1,91 @@
+"""One generation request as the engine tracks it: tokens, cache slot, text produced, why it ended."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampler import SamplerState, SamplingParams
+from engine.stop import StopMatcher
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop string matched
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    EOS = "eos"  # the model ended the text
+    CANCELLED = "cancelled"  # aborted by the caller
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one sequence: a token (if sampled) and the text now safe to show."""
+
+    seq_id: int
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sequence:
+    """Token ids (prompt then output), how many are in the KV cache, and the output-side state."""
+
+    def __init__(self, seq_id: int, prompt_ids: Seq[int], params: SamplingParams, sampler: SamplerState,
+                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int]) -> None:
+        self.seq_id = seq_id
+        self.params = params
+        self.token_ids = list(prompt_ids)
+        self.num_prompt_tokens = len(prompt_ids)
+        self.num_computed = 0
+        self.slot: int | None = None
+        self.sampler = sampler
+        self.detokenizer = detokenizer
+        self.stop = StopMatcher(params.stop)
+        self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the KV cache: the prompt's rest while prefilling, 1 while decoding."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, context: int) -> StepOutput:
+        """Add a sampled token; decide whether the sequence is done and what text to release."""
+        self.token_ids.append(token_id)
+        self.sampler.append(token_id)
+        if token_id in self.eos_ids:
+            return self.finish(FinishReason.EOS, token_id)
+        text, stopped = self.stop.feed(self.detokenizer.add(token_id))
+        self.text += text
+        if stopped:
+            return self.finish(FinishReason.STOP, token_id, text)
+        if self.num_output_tokens >= self.params.max_tokens or len(self.token_ids) >= context:
+            return self.finish(FinishReason.LENGTH, token_id, text)
+        return StepOutput(self.seq_id, token_id, text)
+
+    def finish(self, reason: FinishReason, token_id: int | None = None, text: str = "") -> StepOutput:
+        """End the sequence, releasing any text held back for a possible stop string (unless one hit)."""
+        if reason is not FinishReason.STOP:
+            tail = self.stop.flush()
+            self.text += tail
+            text += tail
+        self.finish_reason = reason
+        return StepOutput(self.seq_id, token_id, text, reason)

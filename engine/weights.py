@@ -1,0 +1,97 @@
+"""Lazy access to the tensors of an HF-format checkpoint (single or sharded safetensors).
+
+Files are opened with safetensors' mmap reader; a tensor is read from disk only
+when asked for, so loading a model never holds a second copy of it in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from engine.config import read_json
+from engine.errors import ModelLoadError
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointReader:
+    """Maps tensor names to the safetensors file holding them; reads on demand."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = model_dir
+        self._files = self._find_files(model_dir)
+        self._stack = ExitStack()
+        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, Path] = {}
+        for path in sorted(set(self._files.values()) if self._files else self._single(model_dir)):
+            handle = self._open(path)
+            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                self._where[name] = path
+
+    @staticmethod
+    def _find_files(model_dir: Path) -> dict[str, Path]:
+        index = model_dir / INDEX_FILE
+        if not index.exists():
+            return {}
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelLoadError(f"{index}: expected a non-empty \"weight_map\" object")
+        files = {name: model_dir / fname for name, fname in weight_map.items()}
+        for path in set(files.values()):
+            if not path.exists():
+                raise ModelLoadError(f"{index} names shard {path.name}, which is missing from {model_dir}")
+        return files
+
+    @staticmethod
+    def _single(model_dir: Path) -> list[Path]:
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"no *.safetensors weights in {model_dir} (expected model.safetensors "
+                                 f"or shards listed in {INDEX_FILE})")
+        return files
+
+    def _open(self, path: Path) -> Any:
+        try:
+            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+        self._handles[path] = handle
+        return handle
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        """The tensor `name`, checked against `shape` when given."""
+        path = self._where.get(name)
+        if path is None:
+            raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
+        try:
+            tensor = self._handles[path].get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"tensor {name!r} in {path} cannot be read: {e}") from None
+        if shape is not None and tuple(tensor.shape) != tuple(shape):
+            raise ModelLoadError(
+                f"tensor {name!r} in {path.name} has shape {tuple(tensor.shape)}, expected {tuple(shape)} "
+                f"from config.json"
+            )
+        return tensor
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

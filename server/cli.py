@@ -1,0 +1,84 @@
+"""The `vramlite` command line: `vramlite generate ...` (more subcommands join as they land)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from engine import Engine
+from engine.errors import ModelLoadError, PromptTooLongError
+from vramlite import __version__
+from vramlite import models as demo_models
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=os.environ.get("VRAMLITE_MODEL"),
+                   help="HF-format model directory (env VRAMLITE_MODEL; default: the shipped demo model)")
+    p.add_argument("--device", default=os.environ.get("VRAMLITE_DEVICE"),
+                   help="cpu, cuda, cuda:N (env VRAMLITE_DEVICE; default: a GPU if present)")
+    p.add_argument("--dtype", default=os.environ.get("VRAMLITE_DTYPE"), choices=["auto", "fp32", "fp16", "bf16"],
+                   help="compute dtype (env VRAMLITE_DTYPE; default: the best for the device)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Sampling flags; unset ones fall back to the model's generation_config.json, then our defaults."""
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 = greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", "--top-n", dest="top_k", type=int, help="0 = off")
+    p.add_argument("--frequency-penalty", type=float)
+    p.add_argument("--presence-penalty", type=float)
+    p.add_argument("--repetition-penalty", type=float)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+
+
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty",
+                   "repetition_penalty", "stop", "seed")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
+                             max_batch_size=1)
+    params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
+    out = sys.stdout
+    out.write(args.prompt)
+    reason = None
+    for step in engine.stream(args.prompt, params):
+        out.write(step.text)
+        out.flush()
+        reason = step.finish_reason
+    out.write("\n")
+    logging.getLogger("vramlite").info("finish_reason=%s", reason.value if reason else None)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vramlite", description="Run big language models on one small GPU.")
+    parser.add_argument("--version", action="version", version=f"vramlite {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("VRAMLITE_LOG_LEVEL", "WARNING"))
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text for a prompt, streamed to stdout")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("prompt")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ModelLoadError, PromptTooLongError, ValueError) as e:
+        print(f"vramlite: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
