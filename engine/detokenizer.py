@@ -58,6 +58,16 @@ class IncrementalDetokenizer:
         self._chunks.append(new)
         return new
 
+    def flush(self) -> str:
+        """At the end of generation: the held-back text of an unfinished character, shown as U+FFFD."""
+        text = self._decode(self._ids)
+        if len(text) <= self._done:
+            return ""
+        new = text[self._done :]
+        self._done = len(text)
+        self._chunks.append(new)
+        return new
+
     def _ends_character(self, ids: list[int], end: int) -> bool:
         """Whether `end` follows a character's last token: some window ending there decodes cleanly."""
         begins = range(end - 1, max(end - 1 - _MAX_CONTINUATION, 0) - 1, -1)

@@ -84,7 +84,8 @@ class Sequence:
     def finish(self, reason: FinishReason, token_id: int | None = None, text: str = "") -> StepOutput:
         """End the sequence, releasing any text held back for a possible stop string (unless one hit)."""
         if reason is not FinishReason.STOP:
-            tail = self.stop.flush()
+            held, stopped = self.stop.feed(self.detokenizer.flush())
+            tail = held if stopped else held + self.stop.flush()
             self.text += tail
             text += tail
         self.finish_reason = reason

@@ -11,6 +11,9 @@ pieces as plain added tokens). Converting rather than calling sentencepiece keep
 - text starting with a user-defined piece such as "\\n": sentencepiece gives "▁", "\\n", transformers
   gives "\\n" alone.
 
+(transformers 5 rebuilds a `tokenizer.json` of a known class such as LlamaTokenizer from the class's own
+pipeline; it is loaded here as written, which is what its authors serialized.)
+
 Special-token strings inside text ("</s>", "<|endoftext|>", ...) are encoded as ordinary text by
 default, so a user cannot inject control tokens through a prompt; pass `parse_special=True` only for
 trusted text such as a rendered chat template.
@@ -36,7 +39,7 @@ _SP_BPE = 2
 
 
 class Tokenizer:
-    """Encoder/decoder for one model, plus its BOS/EOS ids and chat template."""
+    """Encoder/decoder for one model, plus its BOS/EOS ids and chat template. Build with `from_dir`."""
 
     def __init__(self, backend: tokenizers.Tokenizer, bos_id: int | None, eos_ids: Sequence[int],
                  chat_template: str | None = None) -> None:
@@ -110,6 +113,7 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int | None:
+        """The BOS id (tokenizer_config.json's bos_token, else config.json's bos_token_id), or None."""
         return self._bos_id
 
     @property

@@ -1,0 +1,108 @@
+"""Decode tokens/s on the CPU: vramlite vs transformers `generate`, same weights, threads and run.
+
+    python -m benchmarks.decode_cpu [--threads 2] [--tokens 64] [--repeats 3]
+
+Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
+768, 12 layers, vocab 32000) written to a temporary directory. For each,
+batch 1 and batch 8, greedy, EOS ignored, 16-token prompts. Decode time is
+the time to produce N tokens minus the time to produce 1 (prefill + first
+token), best of `--repeats`. Prints a table; writes benchmarks/results/decode_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+from benchmarks.common import print_table, write_results
+from engine import Engine, SamplingParams
+from vramlite import models as demo_models
+
+PROMPT_LEN = 16
+
+
+def random_llama_130m(out: Path) -> Path:
+    """A ~130M-parameter LLaMA with random weights and a 32000-word word-level tokenizer."""
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(32000)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+def best_decode_seconds(run: Callable[[int], None], tokens: int, repeats: int) -> float:
+    """min over repeats of time(N tokens) - time(1 token)."""
+    run(2)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(tokens)
+        t2 = time.perf_counter()
+        best = min(best, (t2 - t1) - (t1 - t0))
+    return best
+
+
+def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
+    g = torch.Generator().manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    prompts = torch.randint(3, hf.config.vocab_size, (batch, PROMPT_LEN), generator=g)
+    params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts)}
+
+    @torch.inference_mode()
+    def run_hf(n: int) -> None:
+        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **params)
+
+    timings = {"transformers fp32": best_decode_seconds(run_hf, tokens, repeats)}
+    for dtype in ("fp32", "bf16"):
+        engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256)
+        ids = prompts.tolist()
+
+        def run_ours(n: int, engine: Engine = engine, ids: list[list[int]] = ids) -> None:
+            engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+        timings[f"vramlite {dtype}"] = best_decode_seconds(run_ours, tokens, repeats)
+    base = timings["transformers fp32"]
+    return [{"model": name, "batch": batch, "impl": impl,
+             "tok_per_s": round(batch * (tokens - 1) / s, 1),
+             "ms_per_step": round(1000 * s / (tokens - 1), 2),
+             "vs_transformers_fp32": round(base / s, 2)} for impl, s in timings.items()]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        targets = {"demo-llama": demo_models.path(), "llama-130m-random": random_llama_130m(Path(tmp))}
+        for name, model_dir in targets.items():
+            for batch in args.batches:
+                rows += bench_model(name, model_dir, batch, args.tokens, args.repeats)
+                print_table(rows[-3:], ["model", "batch", "impl", "tok_per_s", "ms_per_step",
+                                        "vs_transformers_fp32"])
+    print()
+    print_table(rows, ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32"])
+    path = write_results("decode_cpu", rows, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""The Engine's request lifecycle: streaming, stop strings, seeds, aborts at any step, slot reuse."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers as tf
+
+from engine import Engine, FinishReason, SamplingParams
+from tests.conftest import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, spm_tokenizer_dir):
+    torch.manual_seed(0)
+    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
+    return save_tiny_model(hf, tmp_path_factory.mktemp("llama"), spm_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return Engine.from_dir(model_dir, device="cpu", max_batch_size=3)
+
+
+SAMPLED = SamplingParams(max_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+
+
+def test_stream_concatenates_to_generate(engine):
+    whole = engine.generate("床前明月光", SAMPLED)
+    steps = list(engine.stream("床前明月光", SAMPLED))
+    assert "".join(s.text for s in steps) == whole.text
+    assert [s.token_id for s in steps] == whole.token_ids
+    assert steps[-1].finish_reason is FinishReason.LENGTH and all(not s.finished for s in steps[:-1])
+
+
+def test_seed_gives_same_output_and_other_seed_differs(engine):
+    a = engine.generate("Hello", SAMPLED)
+    b = engine.generate("Hello", SAMPLED)
+    c = engine.generate("Hello", SamplingParams(max_tokens=20, temperature=1.0, seed=8, ignore_eos=True))
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_stop_string_ends_generation_and_is_not_returned(engine):
+    free = engine.generate("The quick", SAMPLED)
+    stop = free.text[5:8]
+    assert stop
+    out = engine.generate("The quick", SamplingParams(**{**SAMPLED.__dict__, "stop": (stop,)}))
+    assert out.finish_reason is FinishReason.STOP
+    assert out.text == free.text[: free.text.index(stop)]
+
+
+def test_abort_mid_generation_leaves_others_unchanged_and_frees_the_slot(engine):
+    prompts = ["Hello", "床前明月光", "Numbers 12345"]
+    alone = [engine.generate(p, SAMPLED).token_ids for p in prompts]
+    ids = [engine.add_request(p, SAMPLED) for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+
+    def step() -> None:
+        for out in engine.step():
+            if out.token_id is not None:
+                tokens.setdefault(out.seq_id, []).append(out.token_id)
+
+    for _ in range(5):
+        step()
+    assert engine.runner.cache.num_free_slots == 0
+    assert engine.abort(ids[1]).finish_reason is FinishReason.CANCELLED
+    assert engine.runner.cache.num_free_slots == 1
+    late = engine.add_request("Hello", SAMPLED)  # takes the freed slot while the others run on
+    while engine.has_unfinished():
+        step()
+    assert engine.runner.cache.num_free_slots == 3
+    assert engine.abort(late) is None  # already finished
+    assert tokens[ids[0]] == alone[0] and tokens[ids[2]] == alone[2] and tokens[late] == alone[0]
+    assert len(tokens[ids[1]]) == 5
+
+
+def test_more_requests_than_slots_wait_their_turn(engine):
+    prompts = [f"Hello {i}" for i in range(7)]
+    alone = [engine.generate(p, SAMPLED).token_ids for p in prompts]
+    assert [c.token_ids for c in engine.generate_batch(prompts, SAMPLED)] == alone
+
+
+def test_long_prompt_is_prefilled_in_chunks(model_dir):
+    engine = Engine.from_dir(model_dir, device="cpu", max_batch_size=2, max_tokens_per_step=8)
+    prompt = list(range(3, 40))
+    chunked = engine.generate(prompt, SAMPLED)
+    whole = Engine.from_dir(model_dir, device="cpu", max_batch_size=2).generate(prompt, SAMPLED)
+    assert chunked.token_ids == whole.token_ids
+
+
+def test_max_tokens_zero_generates_nothing(engine):
+    out = engine.generate("Hello", max_tokens=0)
+    assert out.completion_tokens == 0 and out.text == "" and out.finish_reason is FinishReason.LENGTH
+
+
+def test_eos_ends_generation(engine):
+    greedy = engine.generate("Hello", max_tokens=5, temperature=0, ignore_eos=True)
+    first = greedy.token_ids[0]
+    engine.eos_ids = (first,)
+    try:
+        out = engine.generate("Hello", max_tokens=5, temperature=0)
+    finally:
+        engine.eos_ids = (2,)
+    assert out.finish_reason is FinishReason.EOS and out.token_ids == [first] and out.text == ""
+
+
+def test_generation_config_supplies_defaults(tmp_path, model_dir):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"do_sample": False, "top_k": 7, "max_new_tokens": 9}))
+    engine = Engine.from_dir(d, device="cpu")
+    params = engine.sampling_params(top_p=0.5)
+    assert (params.temperature, params.top_k, params.max_tokens, params.top_p) == (0.0, 7, 9, 0.5)
+    assert engine.sampling_params(top_n=3).top_k == 3
+
+
+def test_bad_sampling_value_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match="top_p"):
+        engine.sampling_params(top_p=0)
+    with pytest.raises(ValueError, match="unknown"):
+        engine.sampling_params(temprature=1.0)
