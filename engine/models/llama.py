@@ -30,10 +30,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), *rope)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), *rope)
-        o = cached_attention(q, k, v.view(-1, self.num_kv_heads, self.head_dim), cache_k, cache_v, meta)
+        qkv = self.qkv_proj(x)
+        # q and k rotate together: one set of elementwise ops per layer instead of two.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                     self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        o = cached_attention(q, k, v, cache_k, cache_v, meta)
         return self.o_proj(o.flatten(1))
 
 
