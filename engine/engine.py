@@ -66,19 +66,21 @@ class Engine:
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
-                 max_tokens_per_step: int = 512) -> Engine:
+                 max_tokens_per_step: int = 512, quantize: str | None = None) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
         "fp32" / "fp16" / "bf16" (default: the best for the device).
         context: KV-cache positions per sequence (default: the model's maximum).
+        quantize: "int8" to quantize the decoder blocks' linear layers at load
+        (an int8 checkpoint from `vramlite quantize` loads as int8 anyway).
         """
         start = time.perf_counter()
         model_dir = Path(path)
         dev = pick_device(device)
         dt = pick_dtype(dev, dtype)
         scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
-        model, context = load_model(model_dir, dev, dt, context)
+        model, context = load_model(model_dir, dev, dt, context, quantize)
         tokenizer = Tokenizer.from_dir(model_dir)
         runner = ModelRunner(model, dev, dt, max_batch_size, context)
         defaults = cls._generation_defaults(model_dir)

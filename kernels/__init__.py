@@ -1,0 +1,31 @@
+"""int8 weight kernels for vramlite: W8A16 (decode) and W8A8 (prefill) linear layers in Triton, per-channel weight
+and per-token activation quantization, dispatched by the GPU's compute capability (torch references on CPU).
+
+One module per op (`quant`, `w8a16`, `w8a8`), each with its Triton kernel, launcher and torch reference;
+`dispatch` picks among them. Importing does no compiling and works without triton.
+
+Note: this package shares its import name with Hugging Face's `kernels` (hub kernels), which transformers
+probes for; it must never define a `__version__` that transformers would take for theirs (see
+tests/kernels/test_import_hazard.py).
+"""
+
+from .dispatch import (
+    W8A16_MAX_M,
+    backend_for,
+    int8_linear,
+    quantize_activation_per_token,
+    w8a8_linear,
+    w8a16_linear,
+)
+from .quant import dequantize_weight, quantize_weight
+
+__all__ = [
+    "W8A16_MAX_M",
+    "backend_for",
+    "dequantize_weight",
+    "int8_linear",
+    "quantize_activation_per_token",
+    "quantize_weight",
+    "w8a8_linear",
+    "w8a16_linear",
+]

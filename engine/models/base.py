@@ -1,8 +1,10 @@
-"""What every model family provides to the runner, and the weight-assignment helper they share."""
+"""What every model family provides to the runner, and the weight loading they share."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -10,17 +12,38 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata
+from engine.layers.linear import QuantizedLinear
 from engine.weights import CheckpointReader
+from kernels import quantize_weight
+
+SCALE_SUFFIX = "_scale"  # int8 checkpoints store `name` as int8 and `name + SCALE_SUFFIX` as fp32 [out]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """One parameter and where it comes from: checkpoint tensors stacked along rows (output features).
+
+    `shapes` are the checkpoint shapes expected from config.json; `transposed`
+    marks HF's Conv1D layout ([in, out]), turned to [out, in] at load.
+    """
+
+    module: nn.Module
+    param: str
+    sources: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    transposed: bool = False
 
 
 class CausalLM(nn.Module, ABC):
     """A decoder stack over a packed batch: `forward` gives hidden states, `compute_logits` the scores.
 
     Families are built on the `meta` device and filled by `load_weights`, so a
-    model's parameters exist once, already in their final dtype and device.
+    model's parameters exist once, already in their final dtype and device; an
+    int8 layer is quantized as soon as its weight is read, layer by layer.
     """
 
     config: ModelConfig
+    lm_head: nn.Linear
 
     @staticmethod
     @abstractmethod
@@ -28,8 +51,12 @@ class CausalLM(nn.Module, ABC):
         """Normalize an HF config.json of this family."""
 
     @abstractmethod
-    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> None:
-        """Read every parameter from the checkpoint (names as HF writes them), checking shapes."""
+    def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
+        """Every parameter to read (HF checkpoint names), layer by layer."""
+
+    @abstractmethod
+    def input_embeddings(self) -> nn.Embedding:
+        """The token embedding, which an LM head without weights of its own is tied to."""
 
     @abstractmethod
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -44,7 +71,42 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [B, hidden] → [B, vocab]."""
 
+    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> None:
+        """Read every parameter from the checkpoint, checking shapes; quantize int8 layers as they come."""
+        for spec in self.weight_specs(reader):
+            if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
+                load_int8(spec, reader, device)
+                continue
+            parts = [read(reader, name, shape, spec.transposed) for name, shape in zip(spec.sources, spec.shapes,
+                                                                                         strict=True)]
+            tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
+            setattr(spec.module, spec.param,
+                    nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+        if self.lm_head.weight.is_meta:  # tied, or the checkpoint has no head of its own
+            self.lm_head.weight = self.input_embeddings().weight
 
-def assign(module: nn.Module, name: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
-    """Replace parameter `name` of `module` (on meta) by `tensor`, cast and moved."""
-    setattr(module, name, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+
+def read(reader: CheckpointReader, name: str, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
+    """A float tensor, in [out, in] layout; an int8 one from an int8 checkpoint is dequantized."""
+    tensor = reader.get(name, shape)
+    if tensor.dtype == torch.int8 and name + SCALE_SUFFIX in reader:
+        scale = reader.get(name + SCALE_SUFFIX, (shape[1] if transposed else shape[0],))
+        tensor = tensor.float() * (scale if transposed else scale[:, None])
+    return tensor.t() if transposed else tensor
+
+
+def load_int8(spec: WeightSpec, reader: CheckpointReader, device: torch.device) -> None:
+    """Fill a QuantizedLinear: int8 tensors of an int8 checkpoint as they are, float ones quantized on `device`."""
+    qweights, scales = [], []
+    for name, shape in zip(spec.sources, spec.shapes, strict=True):
+        tensor = reader.get(name, shape)
+        if tensor.dtype == torch.int8:
+            out_features = shape[1] if spec.transposed else shape[0]
+            q, s = tensor.to(device), reader.get(name + SCALE_SUFFIX, (out_features,)).to(device)
+            q = q.t() if spec.transposed else q
+        else:
+            tensor = tensor.to(device)
+            q, s = quantize_weight(tensor.t() if spec.transposed else tensor)
+        qweights.append(q)
+        scales.append(s)
+    spec.module.set_weight(torch.cat(qweights), torch.cat(scales))

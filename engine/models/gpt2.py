@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,7 +12,8 @@ from torch import nn
 from engine.config import ModelConfig, eos_ids, require
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata, cached_attention
-from engine.models.base import CausalLM, assign
+from engine.layers.linear import make_linear
+from engine.models.base import CausalLM, WeightSpec
 from engine.weights import CheckpointReader
 
 ACTIVATIONS = {
@@ -28,11 +30,11 @@ class Block(nn.Module):
         h = cfg.hidden_size
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.ln_1 = nn.LayerNorm(h, eps=cfg.norm_eps)
-        self.c_attn = nn.Linear(h, 3 * h)
-        self.attn_proj = nn.Linear(h, h)
+        self.c_attn = make_linear(h, 3 * h, True, cfg.quantization)
+        self.attn_proj = make_linear(h, h, True, cfg.quantization)
         self.ln_2 = nn.LayerNorm(h, eps=cfg.norm_eps)
-        self.c_fc = nn.Linear(h, cfg.intermediate_size)
-        self.mlp_proj = nn.Linear(cfg.intermediate_size, h)
+        self.c_fc = make_linear(h, cfg.intermediate_size, True, cfg.quantization)
+        self.mlp_proj = make_linear(cfg.intermediate_size, h, True, cfg.quantization)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache_k: torch.Tensor,
@@ -86,33 +88,33 @@ class GPT2LMHeadModel(CausalLM):
             raw=raw,
         )
 
-    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> None:
+    def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
         cfg = self.config
         h, inner = cfg.hidden_size, cfg.intermediate_size
         prefix = "transformer." if "transformer.wte.weight" in reader else ""
 
-        def load(module: nn.Module, name: str, ckpt: str, *shape: int, conv1d: bool = False) -> None:
-            t = reader.get(prefix + ckpt, shape)
-            assign(module, name, t.t() if conv1d else t, device, dtype)
+        def spec(module: nn.Module, param: str, name: str, *shape: int, conv1d: bool = False) -> WeightSpec:
+            return WeightSpec(module, param, (prefix + name,), (shape,), transposed=conv1d)
 
-        load(self.wte, "weight", "wte.weight", cfg.vocab_size, h)
-        load(self.wpe, "weight", "wpe.weight", cfg.max_position_embeddings, h)
+        yield spec(self.wte, "weight", "wte.weight", cfg.vocab_size, h)
+        yield spec(self.wpe, "weight", "wpe.weight", cfg.max_position_embeddings, h)
         for i, block in enumerate(self.h):
             p = f"h.{i}."
             for ln in ("ln_1", "ln_2"):
-                load(getattr(block, ln), "weight", f"{p}{ln}.weight", h)
-                load(getattr(block, ln), "bias", f"{p}{ln}.bias", h)
+                yield spec(getattr(block, ln), "weight", f"{p}{ln}.weight", h)
+                yield spec(getattr(block, ln), "bias", f"{p}{ln}.bias", h)
             linears = ((block.c_attn, "attn.c_attn", h, 3 * h), (block.attn_proj, "attn.c_proj", h, h),
                        (block.c_fc, "mlp.c_fc", h, inner), (block.mlp_proj, "mlp.c_proj", inner, h))
             for module, name, fan_in, fan_out in linears:
-                load(module, "weight", f"{p}{name}.weight", fan_in, fan_out, conv1d=True)
-                load(module, "bias", f"{p}{name}.bias", fan_out)
-        load(self.ln_f, "weight", "ln_f.weight", h)
-        load(self.ln_f, "bias", "ln_f.bias", h)
-        if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
-            self.lm_head.weight = self.wte.weight
-        else:
-            assign(self.lm_head, "weight", reader.get("lm_head.weight", (cfg.vocab_size, h)), device, dtype)
+                yield spec(module, "weight", f"{p}{name}.weight", fan_in, fan_out, conv1d=True)
+                yield spec(module, "bias", f"{p}{name}.bias", fan_out)
+        yield spec(self.ln_f, "weight", "ln_f.weight", h)
+        yield spec(self.ln_f, "bias", "ln_f.bias", h)
+        if not cfg.tie_word_embeddings and "lm_head.weight" in reader:
+            yield WeightSpec(self.lm_head, "weight", ("lm_head.weight",), ((cfg.vocab_size, h),))
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.wte
 
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:
         """Learned positions need no tables."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -11,9 +12,10 @@ from torch import nn
 from engine.config import ModelConfig, eos_ids, parse_rope, require
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata, cached_attention
+from engine.layers.linear import make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.rotary import RotaryEmbedding, apply_rotary
-from engine.models.base import CausalLM, assign
+from engine.models.base import CausalLM, WeightSpec
 from engine.weights import CheckpointReader
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -25,8 +27,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, cfg.quantization)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, cfg.o_bias, cfg.quantization)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
@@ -44,8 +46,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
         self.act = ACTIVATIONS[cfg.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -113,43 +115,40 @@ class LlamaForCausalLM(CausalLM):
             raw=raw,
         )
 
-    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> None:
+    def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
         cfg = self.config
-        h, hd = cfg.hidden_size, cfg.head_dim
+        h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
         prefix = "model." if "model.embed_tokens.weight" in reader else ""
 
-        def get(name: str, *shape: int) -> torch.Tensor:
-            return reader.get(prefix + name, shape)
+        def spec(module: nn.Module, param: str, names: list[str], shapes: list[tuple[int, ...]]) -> WeightSpec:
+            return WeightSpec(module, param, tuple(prefix + n for n in names), tuple(shapes))
 
-        assign(self.embed_tokens, "weight", get("embed_tokens.weight", cfg.vocab_size, h), device, dtype)
+        yield spec(self.embed_tokens, "weight", ["embed_tokens.weight"], [(cfg.vocab_size, h)])
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
-            qkv_shapes = {"q_proj": q_out, "k_proj": kv_out, "v_proj": kv_out}
-            weight = torch.cat([get(f"{p}self_attn.{n}.weight", o, h) for n, o in qkv_shapes.items()])
-            assign(attn.qkv_proj, "weight", weight, device, dtype)
+            qkv = [f"{p}self_attn.{n}_proj." for n in "qkv"]
+            gate_up = [f"{p}mlp.gate_proj.", f"{p}mlp.up_proj."]
+            yield spec(attn.qkv_proj, "weight", [n + "weight" for n in qkv], [(q_out, h), (kv_out, h), (kv_out, h)])
+            yield spec(attn.o_proj, "weight", [f"{p}self_attn.o_proj.weight"], [(h, q_out)])
+            yield spec(mlp.gate_up_proj, "weight", [n + "weight" for n in gate_up], [(inter, h)] * 2)
+            yield spec(mlp.down_proj, "weight", [f"{p}mlp.down_proj.weight"], [(h, inter)])
             if cfg.qkv_bias:
-                bias = torch.cat([get(f"{p}self_attn.{n}.bias", o) for n, o in qkv_shapes.items()])
-                assign(attn.qkv_proj, "bias", bias, device, dtype)
-            assign(attn.o_proj, "weight", get(f"{p}self_attn.o_proj.weight", h, q_out), device, dtype)
+                yield spec(attn.qkv_proj, "bias", [n + "bias" for n in qkv], [(q_out,), (kv_out,), (kv_out,)])
             if cfg.o_bias:
-                assign(attn.o_proj, "bias", get(f"{p}self_attn.o_proj.bias", h), device, dtype)
-            inter = cfg.intermediate_size
-            gate_up = torch.cat([get(f"{p}mlp.{n}.weight", inter, h) for n in ("gate_proj", "up_proj")])
-            assign(mlp.gate_up_proj, "weight", gate_up, device, dtype)
-            assign(mlp.down_proj, "weight", get(f"{p}mlp.down_proj.weight", h, inter), device, dtype)
+                yield spec(attn.o_proj, "bias", [f"{p}self_attn.o_proj.bias"], [(h,)])
             if cfg.mlp_bias:
-                bias = torch.cat([get(f"{p}mlp.{n}.bias", inter) for n in ("gate_proj", "up_proj")])
-                assign(mlp.gate_up_proj, "bias", bias, device, dtype)
-                assign(mlp.down_proj, "bias", get(f"{p}mlp.down_proj.bias", h), device, dtype)
+                yield spec(mlp.gate_up_proj, "bias", [n + "bias" for n in gate_up], [(inter,)] * 2)
+                yield spec(mlp.down_proj, "bias", [f"{p}mlp.down_proj.bias"], [(h,)])
             for norm in ("input_layernorm", "post_attention_layernorm"):
-                assign(getattr(layer, norm), "weight", get(f"{p}{norm}.weight", h), device, dtype)
-        assign(self.norm, "weight", get("norm.weight", h), device, dtype)
-        if cfg.tie_word_embeddings or "lm_head.weight" not in reader:
-            self.lm_head.weight = self.embed_tokens.weight
-        else:
-            assign(self.lm_head, "weight", reader.get("lm_head.weight", (cfg.vocab_size, h)), device, dtype)
+                yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
+        yield spec(self.norm, "weight", ["norm.weight"], [(h,)])
+        if not cfg.tie_word_embeddings and "lm_head.weight" in reader:
+            yield WeightSpec(self.lm_head, "weight", ("lm_head.weight",), ((cfg.vocab_size, h),))
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
 
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:
         cfg = self.config

@@ -1,0 +1,101 @@
+"""Public entry points: pick the kernel variant for the tensors' device.
+
+- CPU tensors: the torch references (fast torch code, e.g. `F.linear` on the int8 weight cast to x's dtype);
+- CUDA, CC >= 8.0: tensor-core kernels (fp16/bf16 dots, int8 mma);
+- CUDA, CC 6.1-7.5: Pascal/Turing-safe kernels (fp32 math, dp4a); bf16 activations are upcast to fp32 around
+  them, as these GPUs have no bf16 arithmetic;
+- CUDA below 6.1, or no triton: the torch references, with one logged warning saying why.
+
+An unsupported GPU thus gets slow but correct numbers, never a kernel it cannot run.
+"""
+
+import functools
+import logging
+
+import torch
+
+from ._common import HAS_TRITON, Backend, check_linear_args
+from .quant import quantize_activation_per_token_ref, quantize_activation_per_token_triton
+from .w8a8 import w8a8_linear_ref, w8a8_linear_triton
+from .w8a16 import w8a16_linear_ref, w8a16_linear_triton
+
+log = logging.getLogger(__name__)
+
+W8A16_MAX_M = 16
+"""`int8_linear` uses W8A16 up to this many rows (decode: memory-bound, so int8 weights at DRAM speed win) and
+W8A8 above (prefill: compute-bound, so int8 tensor cores / dp4a win). Provisional: to be set from
+`benchmarks/bench_kernels.py` on real GPUs."""
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    log.warning("vramlite kernels: %s; using the torch reference kernels (slow)", reason)
+
+
+@functools.cache
+def backend_for(device: torch.device) -> Backend:
+    """The kernel variants for `device` (cached per device)."""
+    if device.type != "cuda":
+        return Backend.REFERENCE
+    if not HAS_TRITON:
+        _warn_once("triton is not installed")
+        return Backend.REFERENCE
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) >= (8, 0):
+        return Backend.TENSORCORE
+    if (major, minor) >= (6, 1):
+        return Backend.PASCAL
+    _warn_once(f"compute capability {major}.{minor} is below 6.1 (no dp4a), too old for the Triton kernels")
+    return Backend.REFERENCE
+
+
+def _rows(x: torch.Tensor, backend: Backend) -> torch.Tensor:
+    """x [..., K] as contiguous rows [M, K]; bf16 upcast to fp32 on Pascal/Turing, which lack bf16 math."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    return rows.float() if backend is Backend.PASCAL and rows.dtype == torch.bfloat16 else rows
+
+
+def w8a16_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """y = x · (qweight ∘ scale[:, None])ᵀ (+ bias) for x [..., K]: int8 weights [N, K], float activations."""
+    n, _ = check_linear_args(x, qweight, scale, bias)
+    backend = backend_for(x.device)
+    if backend is Backend.REFERENCE:
+        return w8a16_linear_ref(x, qweight, scale, bias)
+    y = w8a16_linear_triton(_rows(x, backend), qweight, scale, bias, backend=backend)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def w8a8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Like `w8a16_linear`, but x is first quantized per token to int8 and the GEMM runs in int8."""
+    n, _ = check_linear_args(x, qweight, scale, bias)
+    backend = backend_for(x.device)
+    if backend is Backend.REFERENCE:
+        return w8a8_linear_ref(x, qweight, scale, bias)
+    y = w8a8_linear_triton(_rows(x, backend), qweight, scale, bias, backend=backend)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic int8 quantization of x [..., K], one absmax scale per token: (int8 [..., K], fp32 scale [...])."""
+    backend = backend_for(x.device)
+    if backend is Backend.REFERENCE:
+        return quantize_activation_per_token_ref(x)
+    q, scale = quantize_activation_per_token_triton(_rows(x, backend))
+    return q.reshape(x.shape), scale.reshape(x.shape[:-1])
+
+
+def int8_linear(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The int8-weight linear layer: W8A16 for up to `W8A16_MAX_M` rows of x, W8A8 for more.
+
+    The reference backend always takes W8A16: on CPU it is as fast and has no activation-quantization error.
+    """
+    _, k = check_linear_args(x, qweight, scale, bias)
+    if x.numel() // k <= W8A16_MAX_M or backend_for(x.device) is Backend.REFERENCE:
+        return w8a16_linear(x, qweight, scale, bias)
+    return w8a8_linear(x, qweight, scale, bias)

@@ -1,0 +1,140 @@
+"""W8A16: y = x · (Wq ∘ s)ᵀ (+ bias) with int8 weights and float activations.
+
+Each program dequantizes [BLOCK_N, BLOCK_K] int8 weight tiles inside its K loop and applies the per-channel scale
+once, in the epilogue. Decode (M = 1..16) is memory-bound, so the goal is int8 weight bytes at DRAM speed (about
+2x fp16): split-K spreads K over SPLIT_K programs per output tile so a handful of rows still fills the GPU; each
+split writes fp32 partials that one deterministic `sum` reduces (no atomics, so tuning may rerun it freely).
+
+Two ways to multiply a tile:
+- tensor cores (`tl.dot` in fp16/bf16, fp32 accumulate) for fp16/bf16 x on CC >= 8.0;
+- fp32 multiply-and-reduce, for Pascal/Turing (fp16 math at 1/64 rate on Pascal) and for fp32 x anywhere.
+  BLOCK_M follows M down to 1 here: no wasted math on padding rows.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ._common import HAS_TRITON, Backend, check_kernel_operands, check_linear_args, jit, launch, tl, tuned_config
+
+if HAS_TRITON:
+    import triton
+
+
+@jit
+def _w8a16_kernel(
+    x_ptr, w_ptr, scale_ptr, bias_ptr, y_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ys, stride_ym,
+    HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    # This split's share of K, in whole BLOCK_K tiles; trailing splits may get nothing and then write zeros.
+    k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = pid_k * k_tiles * BLOCK_K
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kt in range(0, k_tiles):
+        offs_k = k_begin + kt * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :],
+                    mask=mask_n[:, None] & mask_k[None, :], other=0)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # |int8| <= 127 is exact in fp16 and bf16
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
+    if HAS_BIAS:  # added by split 0 only
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc += tl.where(pid_k == 0, bias, 0.0)[None, :]
+    y_ptrs = y_ptr + pid_k * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _block_m(m: int, use_dot: bool) -> int:
+    if use_dot:
+        return min(max(triton.next_power_of_2(m), 16), 64)  # tl.dot wants >= 16 rows
+    return min(triton.next_power_of_2(m), 16)
+
+
+def _configs(use_dot: bool, block_m: int) -> list["triton.Config"]:
+    """The tuning space: tensor-core tiles, or fp32 tiles sized so BLOCK_M*BLOCK_N*BLOCK_K products fit in
+    registers (~64 per thread)."""
+    if use_dot:
+        space = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+            (64, 128, 1, 4, 4),
+            (64, 128, 4, 4, 4),
+            (64, 128, 8, 4, 4),
+            (64, 256, 4, 4, 3),
+            (128, 128, 2, 4, 4),
+            (32, 256, 8, 4, 3),
+            (128, 256, 1, 8, 3),
+        ]
+    else:
+        space = [
+            (n, min(max(64 * 32 * warps // (block_m * n), 16), 256), split, warps, 2)
+            for n, split, warps in ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))
+        ]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
+        for n, k, split, warps, stages in space
+    ]
+
+
+def w8a16_linear_triton(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: Backend = Backend.TENSORCORE,
+    config: "triton.Config | None" = None,
+) -> torch.Tensor:
+    """W8A16 on x [M, K] with `backend`'s kernel variant; `config` overrides tuning (tests)."""
+    n, k = check_linear_args(x, qweight, scale, bias)
+    check_kernel_operands(x, backend, qweight=qweight, scale=scale, bias=bias)
+    m = x.shape[0]
+    use_dot = backend is Backend.TENSORCORE and x.dtype != torch.float32
+    block_m = _block_m(m, use_dot)
+
+    def run(cfg: "triton.Config") -> torch.Tensor:
+        split_k = cfg.kwargs["SPLIT_K"]
+        if split_k == 1:
+            y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+        else:
+            y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+        grid = (triton.cdiv(m, block_m), triton.cdiv(n, cfg.kwargs["BLOCK_N"]), split_k)
+        launch(
+            _w8a16_kernel, grid, cfg,
+            x, qweight, scale, scale if bias is None else bias, y,  # bias_ptr is unread without HAS_BIAS
+            m, n, k,
+            x.stride(0), qweight.stride(0), y.stride(0) if split_k > 1 else 0, y.stride(-2),
+            HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m,
+        )
+        return y if split_k == 1 else y.sum(dim=0).to(x.dtype)
+
+    if m == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    key = ("w8a16", x.device, x.dtype, use_dot, block_m, n, k)
+    return run(config or tuned_config(key, _configs(use_dot, block_m), run))
+
+
+def w8a16_linear_ref(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Torch reference, and the CPU path: `F.linear` on the int8 weight cast to x's dtype, then the scale.
+
+    fp16 computes in fp32 (Σ x·q before scaling can overflow fp16); any float dtype works (float64 for tests).
+    """
+    dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
+    y = F.linear(x.to(dtype), qweight.to(dtype)) * scale.to(dtype)
+    if bias is not None:
+        y = y + bias.to(dtype)
+    return y.to(x.dtype)
