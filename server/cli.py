@@ -1,4 +1,4 @@
-"""The `vramlite` command line: `vramlite generate ...` (more subcommands join as they land)."""
+"""The `vramlite` command line: `vramlite serve`, `vramlite generate ...` (more subcommands join as they land)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from engine import Engine
 from engine.errors import ModelLoadError, PromptTooLongError
+from server.settings import DEFAULT_PROFILE, Settings, load_settings
 from vramlite import __version__
 from vramlite import models as demo_models
 
@@ -56,11 +57,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_settings_args(p: argparse.ArgumentParser) -> None:
+    """One flag per daemon setting (`max_queue` → `--max-queue`); unset flags leave env and profile in charge."""
+    p.add_argument("--profile", default=os.environ.get("VRAMLITE_PROFILE", DEFAULT_PROFILE),
+                   help="TOML profile: a name in configs/ (default, gtx1060-6gb) or a path (env VRAMLITE_PROFILE)")
+    for name, field in Settings.model_fields.items():
+        # SUPPRESS: an unset flag must not overwrite the top-level --log-level with None.
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                       help=f"{field.description or name} (env VRAMLITE_{name.upper()})")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from server.serve import serve  # FastAPI and uvicorn load only for this subcommand
+
+    flags = {name: getattr(args, name, None) for name in Settings.model_fields}
+    settings = load_settings(flags, os.environ, args.profile)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    shown = settings.model_dump(exclude={"api_key"}) | {"api_key": "set" if settings.api_key else None}
+    logging.getLogger("vramlite.server").info("event=settings profile=%s %s", args.profile,
+                                              " ".join(f"{k}={v}" for k, v in shown.items()))
+    serve(settings)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vramlite", description="Run big language models on one small GPU.")
     parser.add_argument("--version", action="version", version=f"vramlite {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("VRAMLITE_LOG_LEVEL", "WARNING"))
+    parser.add_argument("--log-level", help="DEBUG, INFO, WARNING... (env VRAMLITE_LOG_LEVEL; default: WARNING, "
+                        "and for serve the profile's)")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="run the HTTP daemon")
+    add_settings_args(srv)
+    srv.set_defaults(func=cmd_serve)
     gen = sub.add_parser("generate", help="generate text for a prompt, streamed to stdout")
     add_model_args(gen)
     add_sampling_args(gen)
@@ -71,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+    level = args.log_level or os.environ.get("VRAMLITE_LOG_LEVEL", "WARNING")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

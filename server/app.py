@@ -1,0 +1,471 @@
+"""The FastAPI app: routes of the HTTP contract (DESIGN.md), SSE streaming, auth, request logging.
+
+Thin by design: handlers validate, tokenize, `submit` to the engine loop and format what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from engine import Engine, FinishReason, SamplingParams
+from engine.errors import PromptTooLongError
+from server.chat import chat_prompt_ids
+from server.engine_loop import EngineLoop, Generation
+from server.errors import ApiError, install_error_handlers
+from server.metrics import Metrics
+from server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    FillBlankRequest,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIFields,
+    SamplingFields,
+)
+from server.settings import Settings
+from vramlite import __version__
+from vramlite import models as demo_models
+
+log = logging.getLogger("vramlite.server")
+
+SSE_PING_S = 15
+GENERATION_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions"})
+OPENAI_FINISH = {"eos": "stop", "cancelled": "stop"}  # OpenAI knows "stop" and "length"
+MAX_REQUEST_ID_CHARS = 64
+
+
+def model_dir(settings: Settings) -> Path:
+    return Path(settings.model) if settings.model else demo_models.path()
+
+
+def served_model_name(settings: Settings) -> str:
+    return settings.served_model_name or model_dir(settings).name
+
+
+def engine_loader(settings: Settings) -> Callable[[], Engine]:
+    """What the engine thread calls to load the model the settings name."""
+    return partial(Engine.from_dir, model_dir(settings), device=settings.device, dtype=settings.dtype,
+                   max_batch_size=settings.max_batch_size, context=settings.context,
+                   max_tokens_per_step=settings.max_tokens_per_step,
+                   quantize=None if settings.quantize == "none" else settings.quantize)
+
+
+def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None) -> EngineLoop:
+    """The engine loop for `settings`; `load` replaces loading the model the settings name."""
+    return EngineLoop(load or engine_loader(settings), Metrics(), max_batch_size=settings.max_batch_size,
+                      max_queue=settings.max_queue, request_timeout=settings.request_timeout)
+
+
+class Runtime:
+    """What the routes share: settings, metrics and the engine loop."""
+
+    def __init__(self, settings: Settings, engine_loop: EngineLoop) -> None:
+        self.settings = settings
+        self.metrics = engine_loop.metrics
+        self.loop = engine_loop
+        self.model_name = served_model_name(settings)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine, or the 503 that says why there is none."""
+        self.loop.check_ready()
+        assert self.loop.engine is not None  # READY implies loaded
+        return self.loop.engine
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+# --- request id, access log and requests_total ------------------------------------------------------
+
+
+class RequestLogMiddleware:
+    """Gives each request an id (`X-Request-Id`, echoed back), counts it, and logs one line when it ends."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, start=start)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, state, status, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, total_s: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.requests.labels(route, str(status)).inc()
+        gen: Generation | None = state.get("generation")
+        if gen is not None:
+            self.metrics.request_duration.observe(total_s)
+        level = logging.INFO if route in GENERATION_ROUTES else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+
+        def since_arrival(t: float | None) -> str:
+            return "-" if gen is None or t is None else f"{t - gen.arrival:.4f}"
+
+        error = state.get("error")
+        log.log(level, "request id=%s route=%s method=%s status=%d prompt_tokens=%s completion_tokens=%s "
+                "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f", state["request_id"], route,
+                scope["method"], status, gen.num_prompt_tokens if gen else "-", gen.num_tokens if gen else "-",
+                (gen.finish_reason if gen else None) or "-", error or "-", since_arrival(gen and gen.scheduled_at),
+                since_arrival(gen and gen.first_token_at), total_s)
+
+
+class BodyLimitMiddleware:
+    """413 with our error body for a body over `max_bytes`: by Content-Length, or as its chunks arrive."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"the request body is over the server's limit of {self.max_bytes} bytes"
+        length = Headers(scope=scope).get("content-length", "")
+        if length.isdigit() and int(length) > self.max_bytes:
+            await ApiError(413, "request_too_large", message).response()(scope, receive, send)
+            return
+        received = 0
+
+        async def receive_counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                # Raised inside the route's body read: FastAPI lets HTTPException through to our handler.
+                raise HTTPException(413, message)
+            return message
+
+        await self.app(scope, receive_counted, send)
+
+
+# --- auth -------------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
+
+
+async def require_api_key(request: Request,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    key = runtime(request).settings.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "unauthorized", "this server needs the header `Authorization: Bearer <api key>`",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+# --- the generation path ----------------------------------------------------------------------------
+
+
+def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
+    """The request's sampling parameters over the model's defaults; 422 for what only the engine knows."""
+    if fields.max_tokens is not None and fields.max_tokens > engine.context:
+        raise ApiError(422, "validation_error",
+                       f"max_tokens: {fields.max_tokens} is more than the context of {engine.context} tokens")
+    try:
+        return engine.sampling_params(**fields.sampling_kwargs())
+    except ValueError as e:
+        raise ApiError(422, "validation_error", str(e)) from None
+
+
+async def start_generation(request: Request, prompt: str | list[int], fields: SamplingFields) -> Generation:
+    """Tokenize, check the prompt fits, and admit the request (429/503 are raised here, before any reply)."""
+    rt = runtime(request)
+    engine = rt.engine
+    params = sampling_params(engine, fields)
+    ids = await run_in_threadpool(engine.tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+    return submit(request, ids, params)
+
+
+def submit(request: Request, ids: list[int], params: SamplingParams) -> Generation:
+    rt = runtime(request)
+    engine = rt.engine
+    if len(ids) >= engine.context:
+        raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
+    vocab = engine.config.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, "invalid_request", f"prompt token ids must be in 0..{vocab - 1}")
+    gen = rt.loop.submit(request.state.request_id, ids, params, request.state.start)
+    request.state.generation = gen
+    return gen
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, gen: Generation) -> tuple[str, FinishReason]:
+    """The whole text of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
+
+    async def consume() -> tuple[str, FinishReason]:
+        parts, reason = [], FinishReason.CANCELLED
+        async for out in runtime(request).loop.stream(gen):
+            parts.append(out.text)
+            reason = out.finish_reason or reason
+        return "".join(parts), reason
+
+    consumer = asyncio.ensure_future(consume())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+    if consumer.cancelled():
+        raise ApiError(499, "client_disconnected", "the client closed the connection")
+    return consumer.result()
+
+
+def sse_response(request: Request, chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """`data: <json>` per chunk, then `data: [DONE]`; an error mid-stream is one `event: error` and the end."""
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for chunk in chunks:
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+        except ApiError as e:
+            request.state.error = e.type
+            yield {"event": "error", "data": json.dumps(e.body(), ensure_ascii=False)}
+            return
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), sep="\n", ping=SSE_PING_S)
+
+
+def usage(gen: Generation) -> dict[str, int]:
+    return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_tokens}
+
+
+def openai_usage(gen: Generation) -> dict[str, int]:
+    return {**usage(gen), "total_tokens": gen.num_prompt_tokens + gen.num_tokens}
+
+
+def openai_finish(reason: FinishReason) -> str:
+    return OPENAI_FINISH.get(reason.value, reason.value)
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)])
+
+
+@public.get("/health", summary="200 when the engine can serve, 503 while loading, draining or broken")
+async def health(request: Request) -> dict[str, str]:
+    runtime(request).loop.check_ready()
+    return {"status": "ok"}
+
+
+@protected.get("/info", summary="model, device, dtype, quantization, memory plan, limits, version")
+async def info(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    s = rt.settings
+    engine = rt.loop.engine
+    model: dict[str, Any] = {"name": rt.model_name, "path": str(model_dir(s))}
+    if engine is not None:
+        model.update(type=engine.config.model_type, layers=engine.config.num_layers,
+                     vocab_size=engine.config.vocab_size, context=engine.context)
+    quantization = engine.config.quantization if engine else None
+    return {
+        "version": __version__,
+        "state": rt.loop.state.value,
+        "model": model,
+        "device": str(engine.device) if engine else s.device,
+        "dtype": str(engine.dtype).removeprefix("torch.") if engine else s.dtype,
+        "quantization": {"requested": s.quantize, "active": quantization},
+        "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes, "active": False,
+                         "note": "accepted, not active yet: the engine has no offload planner yet"
+                         if s.memory_limit else None},
+        "offload": {"resident_layers": engine.config.num_layers if engine else None, "streamed_layers": 0},
+        "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
+                   "max_queue": s.max_queue, "request_timeout": s.request_timeout,
+                   "max_body_bytes": s.max_body_bytes},
+    }
+
+
+@protected.get("/metrics", summary="Prometheus exposition", response_class=Response)
+async def metrics(request: Request) -> Response:
+    rt = runtime(request)
+    engine = rt.loop.engine
+    if engine is not None:
+        rt.metrics.resident_layers.set(engine.config.num_layers)
+    rt.metrics.vram_limit.set(rt.settings.memory_limit_bytes or 0)
+    body = rt.metrics.render(engine.device if engine else None)
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@protected.post("/generate", response_model=GenerateResponse,
+                summary="continue a prompt; `stream: true` answers with server-sent events")
+async def generate(request: Request, body: GenerateRequest) -> Any:
+    gen = await start_generation(request, body.prompt, body)
+    if body.stream:
+        return sse_response(request, _generate_chunks(request, gen))
+    text, reason = await collect(request, gen)
+    return GenerateResponse(text=text, stopped=reason in (FinishReason.STOP, FinishReason.EOS),
+                            finish_reason=reason.value, usage=usage(gen))
+
+
+async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[dict[str, Any]]:
+    parts = []
+    index = 0
+    async for out in runtime(request).loop.stream(gen):
+        parts.append(out.text)
+        if out.token_id is not None:
+            yield {"index": index, "token": {"id": out.token_id, "text": out.text}}
+            index += 1
+        if out.finished:
+            yield {"finish_reason": out.finish_reason.value, "text": "".join(parts), "usage": usage(gen)}
+
+
+@protected.post("/fill_blank", summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model)")
+async def fill_blank(request: Request, body: FillBlankRequest) -> Any:
+    engine = runtime(request).engine
+    raise ApiError(400, "unsupported_task", f"the model ({engine.config.model_type}) is decoder-only without "
+                   "fill-in-the-middle tokens, so it cannot fill blanks; serve an encoder-decoder (T5, CPM-2) "
+                   "or a FIM model for /fill_blank, or use /generate")
+
+
+@protected.get("/v1/models", summary="OpenAI-compatible: the served model")
+async def list_models(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    return {"object": "list", "data": [{"id": rt.model_name, "object": "model", "owned_by": "vramlite",
+                                        "created": 0}]}
+
+
+def _check_model(request: Request, body: OpenAIFields) -> None:
+    name = runtime(request).model_name
+    if body.model is not None and body.model != name:
+        raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
+                       f"{name!r}")
+
+
+@protected.post("/v1/completions", summary="OpenAI-compatible text completion")
+async def completions(request: Request, body: CompletionRequest) -> Any:
+    _check_model(request, body)
+    gen = await start_generation(request, body.prompt, body)
+    head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": runtime(request).model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(request, _completion_chunks(request, gen, head, include_usage))
+    text, reason = await collect(request, gen)
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(reason)}],
+            "usage": openai_usage(gen)}
+
+
+async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
+                             ) -> AsyncIterator[dict[str, Any]]:
+    async for out in runtime(request).loop.stream(gen):
+        finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.text or finish:
+            yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": openai_usage(gen)}
+
+
+@protected.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (the model's chat template)")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+    _check_model(request, body)
+    engine = runtime(request).engine
+    params = sampling_params(engine, body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    ids = await run_in_threadpool(chat_prompt_ids, engine.tokenizer, messages)
+    gen = submit(request, ids, params)
+    head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": runtime(request).model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(request, _chat_chunks(request, gen, {**head, "object": "chat.completion.chunk"},
+                                                   include_usage))
+    text, reason = await collect(request, gen)
+    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": openai_finish(reason)}], "usage": openai_usage(gen)}
+
+
+async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
+                       ) -> AsyncIterator[dict[str, Any]]:
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for out in runtime(request).loop.stream(gen):
+        finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.text or finish:
+            delta = {"content": out.text} if out.text else {}
+            yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": openai_usage(gen)}
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> FastAPI:
+    """The daemon's ASGI app. The model loads on the engine thread at startup; until then routes answer 503.
+
+    `engine_loop` defaults to one that loads the model the settings name (tests pass their own).
+    """
+    engine_loop = engine_loop or make_engine_loop(settings)
+    # sse-starlette would end every stream on the first SIGTERM (a process-wide flag); our drain lets
+    # running streams finish, then ends the stragglers itself.
+    AppStatus.disable_automatic_graceful_drain()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine_loop.start(asyncio.get_running_loop())
+        yield
+        await engine_loop.stop()
+
+    app = FastAPI(title="vramlite", version=__version__, lifespan=lifespan,
+                  description="Run big language models on one small GPU. Errors always have the body "
+                              '`{"error": {"type", "message"}}`.')
+    app.state.runtime = Runtime(settings, engine_loop)
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics)  # outermost: it sees every status
+    app.include_router(public)
+    app.include_router(protected)
+    return app
+

@@ -1,0 +1,67 @@
+"""Prometheus series of DESIGN.md ("Metrics"), on a registry of their own per app.
+
+Load series are fed by the engine thread and the request middleware. VRAM series are read from
+torch's CUDA allocator at scrape time; PCIe and offload series wait for the engine's offload
+pipeline and read 0 until then, so dashboards never miss a series.
+"""
+
+from __future__ import annotations
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "vramlite"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """Every vramlite series, registered on `self.registry`."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+
+        def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
+            return Counter(name, doc, labels, namespace=PREFIX, registry=r)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, namespace=PREFIX, registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
+            return Histogram(name, doc, namespace=PREFIX, registry=r, buckets=buckets)
+
+        # PCIe and offload (the counters' names lose `_total` here: prometheus-client adds it).
+        self.pcie_h2d_bytes = counter("pcie_h2d_bytes", "Bytes copied host to device for streamed weights.")
+        self.pcie_d2h_bytes = counter("pcie_d2h_bytes", "Bytes copied device to host.")
+        self.pcie_h2d_bandwidth = gauge("pcie_h2d_bandwidth_bytes_per_second",
+                                        "Host-to-device copy bandwidth over a recent window.")
+        self.offload_stall_seconds = counter("offload_stall_seconds", "Time compute waited for streamed weights.")
+        # VRAM and KV cache.
+        self.vram_used = gauge("vram_used_bytes", "Device memory held by tensors.")
+        self.vram_reserved = gauge("vram_reserved_bytes", "Device memory reserved by the caching allocator.")
+        self.vram_total = gauge("vram_total_bytes", "Device memory of the GPU.")
+        self.vram_limit = gauge("vram_limit_bytes", "The configured VRAM budget (0 = none).")
+        self.kv_cache_usage = gauge("kv_cache_usage_ratio", "Fraction of KV-cache sequence slots in use.")
+        self.resident_layers = gauge("offload_resident_layers", "Layers whose weights stay in VRAM.")
+        self.streamed_layers = gauge("offload_streamed_layers", "Layers streamed from host memory each step.")
+        self.host_pinned = gauge("host_pinned_bytes", "Pinned host memory holding streamed layers.")
+        # Load.
+        self.requests_running = gauge("requests_running", "Requests in the running batch.")
+        self.requests_waiting = gauge("requests_waiting", "Requests admitted and waiting for a batch slot.")
+        self.requests = counter("requests", "HTTP requests by route and status.", ("route", "status"))
+        self.ttft = histogram("time_to_first_token_seconds", "Arrival to first generated token.")
+        self.itl = histogram("inter_token_latency_seconds", "Time between two tokens of one request.")
+        self.request_duration = histogram("request_duration_seconds", "Arrival to the end of a generation reply.")
+        self.queue_time = histogram("queue_time_seconds", "Arrival to joining the running batch.")
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that joined a batch.")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.batch_size = histogram("batch_size", "Sequences that got a token from the same forward pass.",
+                                    BATCH_BUCKETS)
+
+    def render(self, device: torch.device | None) -> bytes:
+        """The exposition text, after reading the device's memory figures."""
+        if device is not None and device.type == "cuda":
+            self.vram_used.set(torch.cuda.memory_allocated(device))
+            self.vram_reserved.set(torch.cuda.memory_reserved(device))
+            self.vram_total.set(torch.cuda.get_device_properties(device).total_memory)
+        return generate_latest(self.registry)

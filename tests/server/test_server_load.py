@@ -1,0 +1,175 @@
+"""The engine thread under load: batching, disconnects, admission, timeouts, faults, drain, metrics."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from httpx_sse import connect_sse
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.app import engine_loader
+from tests.server.conftest import running_server, slow_loader, slowed
+from tests.server.test_server_api import assert_error
+
+PROMPTS = ["The quick brown fox", "Hello, world!", "床前明月光", "Numbers 12345", "A fortune cookie says",
+           "白日依山尽", "Whitespace runs", "春眠不觉晓"]
+DESIGN_SERIES = [
+    "pcie_h2d_bytes_total", "pcie_d2h_bytes_total", "pcie_h2d_bandwidth_bytes_per_second",
+    "offload_stall_seconds_total", "vram_used_bytes", "vram_reserved_bytes", "vram_total_bytes",
+    "vram_limit_bytes", "kv_cache_usage_ratio", "offload_resident_layers", "offload_streamed_layers",
+    "host_pinned_bytes", "requests_running", "requests_waiting", "requests_total",
+    "time_to_first_token_seconds_count", "inter_token_latency_seconds_count", "request_duration_seconds_count",
+    "queue_time_seconds_count", "prompt_tokens_total", "generation_tokens_total",
+]
+
+
+def stream_text(url: str, prompt: str, max_tokens: int = 16) -> str:
+    with httpx.Client(base_url=url, timeout=60) as c, connect_sse(
+            c, "POST", "/generate", json={"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                          "stream": True}) as source:
+        events = [e.data for e in source.iter_sse()]
+    assert events[-1] == "[DONE]"
+    return json.loads(events[-2])["text"]
+
+
+def test_concurrent_streams_are_batched_and_never_mixed(server, client):
+    alone = {p: client.post("/generate", json={"prompt": p, "max_tokens": 16, "temperature": 0}).json()["text"]
+             for p in PROMPTS}
+    batched_before = server.metric("vramlite_batch_size_count") - server.metric("vramlite_batch_size_bucket", le="1.0")
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+        together = dict(zip(PROMPTS, pool.map(lambda p: stream_text(server.url, p), PROMPTS), strict=True))
+    assert together == alone
+    batched = server.metric("vramlite_batch_size_count") - server.metric("vramlite_batch_size_bucket", le="1.0")
+    assert batched > batched_before  # some forward passes served more than one sequence
+
+
+def test_metrics_series_present_and_rising(server, client):
+    def samples() -> dict[str, float]:
+        text = client.get("/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if not s.labels or s.name == "vramlite_requests_total"}
+
+    client.post("/generate", json={"prompt": "Hello", "max_tokens": 4})
+    before = samples()
+    assert all(f"vramlite_{name}" in before for name in DESIGN_SERIES), set(DESIGN_SERIES) - set(before)
+    assert before["vramlite_vram_used_bytes"] == 0 and before["vramlite_pcie_h2d_bytes_total"] == 0
+    assert before["vramlite_offload_resident_layers"] == 2
+    client.post("/generate", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    after = samples()
+    for name in ("prompt_tokens_total", "generation_tokens_total", "time_to_first_token_seconds_count",
+                 "queue_time_seconds_count", "request_duration_seconds_count"):
+        assert after[f"vramlite_{name}"] > before[f"vramlite_{name}"], name
+    assert server.metric("vramlite_requests_total", route="/generate", status="200") >= 2
+    assert server.metric("vramlite_requests_running") == 0
+
+
+def test_disconnect_frees_the_slot(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=slow_loader(0.02)) as srv, srv.client() as c:
+        body = {"prompt": "Hello", "max_tokens": 100, "temperature": 0, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data:"))
+            assert srv.metric("vramlite_requests_running") == 1
+        deadline = time.monotonic() + 1.0  # the full request would take 100 × 20 ms
+        while srv.metric("vramlite_requests_running") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert srv.metric("vramlite_requests_running") == 0
+        assert srv.metric("vramlite_generation_tokens_total") < 50
+
+
+def test_queue_full_is_429_with_retry_after(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=slow_loader(0.02), max_batch_size=1, max_queue=1) as srv:
+        body = {"prompt": "Hello", "max_tokens": 100, "stream": True}
+        with srv.client() as a, srv.client() as b, a.stream("POST", "/generate", json=body) as ra, \
+                b.stream("POST", "/generate", json=body) as rb:
+            assert ra.status_code == rb.status_code == 200
+            r = httpx.post(srv.url + "/generate", json={"prompt": "Hello"})
+            assert_error(r, 429, "queue_full")
+            assert int(r.headers["retry-after"]) >= 1
+        assert srv.metric("vramlite_requests_total", route="/generate", status="429") == 1
+
+
+def test_request_timeout_is_504(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=slow_loader(0.02), request_timeout=0.2) as srv, srv.client() as c:
+        assert_error(c.post("/generate", json={"prompt": "Hi", "max_tokens": 100}), 504, "timeout")
+        with connect_sse(c, "POST", "/generate", json={"prompt": "Hi", "max_tokens": 100, "stream": True}) as s:
+            last = list(s.iter_sse())[-1]
+        assert last.event == "error" and json.loads(last.data)["error"]["type"] == "timeout"
+
+
+def test_api_key(tiny_llama_dir):
+    with running_server(tiny_llama_dir, api_key="secret", quantize="int8") as srv:
+        assert httpx.get(srv.url + "/health").status_code == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            r = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 1}, headers=headers)
+            assert_error(r, 401, "unauthorized")
+            assert_error(httpx.get(srv.url + "/info", headers=headers), 401, "unauthorized")
+        authorized = {"Authorization": "Bearer secret"}
+        r = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 1}, headers=authorized)
+        assert r.status_code == 200
+        info = httpx.get(srv.url + "/info", headers=authorized).json()
+        assert info["quantization"] == {"requested": "int8", "active": "int8"}
+
+
+def test_503_while_loading(tiny_llama_dir):
+    release = threading.Event()
+
+    def gated(settings):
+        load = engine_loader(settings)
+        return lambda: release.wait(30) and load()
+
+    with running_server(tiny_llama_dir, load=gated, wait=False) as srv:
+        assert_error(httpx.get(srv.url + "/health"), 503, "loading")
+        r = httpx.post(srv.url + "/generate", json={"prompt": "x"})
+        assert_error(r, 503, "loading")
+        assert "retry-after" in r.headers
+        assert httpx.get(srv.url + "/info").json()["state"] == "loading"
+        release.set()
+        srv.wait_ready()
+        assert httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 2}).status_code == 200
+
+
+def test_engine_fault_is_500_and_unhealthy(tiny_llama_dir):
+    def broken(settings):
+        def load():
+            engine = engine_loader(settings)()
+            engine.step = lambda: 1 / 0
+            return engine
+        return load
+
+    with running_server(tiny_llama_dir, load=broken) as srv, srv.client() as c:
+        message = assert_error(c.post("/generate", json={"prompt": "x"}), 500, "internal_error")
+        assert "ZeroDivision" not in message and "request id" in message
+        assert_error(c.get("/health"), 503, "engine_failed")
+        assert_error(c.post("/generate", json={"prompt": "x"}), 503, "engine_failed")
+
+
+def test_sigterm_drains(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=slow_loader(0.01), drain_timeout=10) as srv, srv.client() as c:
+        body = {"prompt": "Hello", "max_tokens": 40, "temperature": 0, "stream": True}
+        with connect_sse(c, "POST", "/generate", json=body) as source:
+            events = source.iter_sse()
+            next(events)
+            srv.server.handle_exit(signal.SIGTERM, None)
+            time.sleep(0.05)
+            assert_error(httpx.post(srv.url + "/generate", json={"prompt": "x"}), 503, "shutting_down")
+            assert_error(httpx.get(srv.url + "/health"), 503, "shutting_down")
+            rest = [e.data for e in events]
+        assert rest[-1] == "[DONE]" and json.loads(rest[-2])["usage"]["completion_tokens"] == 40
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()
+
+
+def test_slowed_engine_keeps_outputs(tiny_llama_dir):
+    """The test helper itself: slowing steps must not change what the engine produces."""
+    from engine import Engine
+
+    fast = Engine.from_dir(tiny_llama_dir, device="cpu", context=128)
+    slow = slowed(lambda: Engine.from_dir(tiny_llama_dir, device="cpu", context=128), 0.001)()
+    assert fast.generate("Hi", max_tokens=5, temperature=0).text == slow.generate("Hi", max_tokens=5,
+                                                                                 temperature=0).text

@@ -1,0 +1,68 @@
+"""The official `openai` client against our OpenAI-compatible routes, and the chat template."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from engine.tokenizer import Tokenizer
+from server.chat import chat_prompt_ids
+from tests.server.conftest import running_server
+
+
+@pytest.fixture(scope="module")
+def chat_server(chat_llama_dir):
+    with running_server(chat_llama_dir, api_key="sk-test") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def oai(chat_server):
+    return openai.OpenAI(base_url=chat_server.url + "/v1", api_key="sk-test", max_retries=0)
+
+
+def test_models(oai):
+    assert [m.id for m in oai.models.list()] == ["model"]
+
+
+def test_completion_and_stream_agree(oai):
+    kwargs = dict(model="model", prompt="The quick brown fox", max_tokens=8, temperature=0)
+    done = oai.completions.create(**kwargs)
+    assert done.object == "text_completion" and done.choices[0].finish_reason in ("stop", "length")
+    assert done.usage.total_tokens == done.usage.prompt_tokens + done.usage.completion_tokens >= 2
+    chunks = list(oai.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == done.choices[0].text
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert chunks[-2].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_chat_and_stream_agree(oai):
+    kwargs = dict(model="model", messages=[{"role": "system", "content": "Be brief."},
+                                            {"role": "user", "content": "Hello, world!"}],
+                  max_completion_tokens=8, temperature=0, seed=1)
+    done = oai.chat.completions.create(**kwargs)
+    assert done.object == "chat.completion" and done.choices[0].message.role == "assistant"
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == done.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == done.choices[0].finish_reason
+
+
+def test_openai_errors(oai, chat_server):
+    with pytest.raises(openai.NotFoundError):
+        oai.completions.create(model="gpt-4", prompt="x", max_tokens=2)
+    with pytest.raises(openai.UnprocessableEntityError):
+        oai.completions.create(model="model", prompt="x", temperature=-1)
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=chat_server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):
+    messages = [{"role": "user", "content": "Hello"}]
+    templated = Tokenizer.from_dir(chat_llama_dir)
+    ids = chat_prompt_ids(templated, messages)
+    assert ids[0] == templated.bos_id and ids.count(templated.bos_id) == 1
+    assert templated.eos_ids[0] in ids  # the template's eos_token became the control token, not text
+    assert templated.decode(ids) == "[user] Hello[assistant]"
+    plain = Tokenizer.from_dir(tiny_llama_dir)
+    assert plain.decode(chat_prompt_ids(plain, messages)) == "user: Hello\nassistant:"
