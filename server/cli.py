@@ -1,4 +1,4 @@
-"""The `vramlite` command line: `vramlite serve`, `vramlite generate ...` (more subcommands join as they land)."""
+"""The `vramlite` command line: `serve`, `generate` and `quantize`."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cpu, cuda, cuda:N (env VRAMLITE_DEVICE; default: a GPU if present)")
     p.add_argument("--dtype", default=os.environ.get("VRAMLITE_DTYPE"), choices=["auto", "fp32", "fp16", "bf16"],
                    help="compute dtype (env VRAMLITE_DTYPE; default: the best for the device)")
+    p.add_argument("--quantize", default=os.environ.get("VRAMLITE_QUANTIZE"), choices=["int8"],
+                   help="quantize the decoder layers at load (env VRAMLITE_QUANTIZE)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +45,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_pen
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
-                             max_batch_size=1)
+                             max_batch_size=1, quantize=args.quantize)
     params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
     out = sys.stdout
     out.write(args.prompt)
@@ -54,6 +56,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         reason = step.finish_reason
     out.write("\n")
     logging.getLogger("vramlite").info("finish_reason=%s", reason.value if reason else None)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from engine.quantize import quantize_checkpoint
+
+    out = quantize_checkpoint(args.in_dir, args.out_dir)
+    print(f"wrote the int8 checkpoint {out}")
     return 0
 
 
@@ -94,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
+    qnt = sub.add_parser("quantize", help="write an int8 copy of an HF-format checkpoint (loads without re-quantizing)")
+    qnt.add_argument("in_dir", help="HF-format model directory")
+    qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")
+    qnt.set_defaults(func=cmd_quantize)
     return parser
 
 

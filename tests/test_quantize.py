@@ -81,3 +81,12 @@ def test_quantize_refuses_bad_input(model_dir, tmp_path):
         quantize_checkpoint(out, tmp_path / "again")
     with pytest.raises(ValueError, match="quantize 'int4'"):
         load_model(model_dir, CPU, torch.float32, quantize="int4")
+
+
+def test_cli_quantize_then_generate(model_dir, tmp_path, capsys):
+    from server.cli import main
+
+    assert main(["quantize", str(model_dir), str(tmp_path / "q")]) == 0
+    assert main(["generate", "--model", str(tmp_path / "q"), "--temperature", "0", "--max-tokens", "4", "Hi"]) == 0
+    assert capsys.readouterr().out.startswith("wrote the int8 checkpoint")
+    assert main(["generate", "--model", str(model_dir), "--quantize", "int8", "--max-tokens", "4", "Hi"]) == 0
