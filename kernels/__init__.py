@@ -9,6 +9,7 @@ probes for; it must never define a `__version__` that transformers would take fo
 tests/kernels/test_import_hazard.py).
 """
 
+from ._common import Backend
 from .dispatch import (
     W8A16_MAX_M,
     backend_for,
@@ -21,6 +22,7 @@ from .quant import dequantize_weight, quantize_weight
 
 __all__ = [
     "W8A16_MAX_M",
+    "Backend",
     "backend_for",
     "dequantize_weight",
     "int8_linear",

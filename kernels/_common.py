@@ -42,9 +42,15 @@ def jit(fn: Callable) -> Any:
     return triton.jit(fn) if HAS_TRITON else fn
 
 
+# Fused multiply-adds, pinned: Triton 3.10 turns them off by default (3.9 warns about it), and the fp32 dot
+# products want the one rounding.
+FP_FUSION = True
+
+
 def launch(kernel: Any, grid: tuple[int, ...], config: "triton.Config", *args: Any, **kwargs: Any) -> None:
     """Launch `kernel[grid]` with a config's meta-parameters, warps and stages."""
-    kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages, **kwargs)
+    kernel[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages,
+                 enable_fp_fusion=FP_FUSION, **kwargs)
 
 
 _tuned: dict[tuple, "triton.Config"] = {}

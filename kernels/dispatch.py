@@ -1,6 +1,7 @@
 """Public entry points: pick the kernel variant for the tensors' device.
 
-- CPU tensors: the torch references (fast torch code, e.g. `F.linear` on the int8 weight cast to x's dtype);
+- CPU tensors: the torch references (`F.linear` on the int8 weight cast to x's dtype), or for a few rows
+  torch's own int8-weight CPU kernel;
 - CUDA, CC >= 8.0: tensor-core kernels (fp16/bf16 dots, int8 mma);
 - CUDA, CC 6.1-7.5: Pascal/Turing-safe kernels (fp32 math, dp4a); bf16 activations are upcast to fp32 around
   them, as these GPUs have no bf16 arithmetic;
@@ -25,6 +26,13 @@ W8A16_MAX_M = 16
 """`int8_linear` uses W8A16 up to this many rows (decode: memory-bound, so int8 weights at DRAM speed win) and
 W8A8 above (prefill: compute-bound, so int8 tensor cores / dp4a win). Provisional: to be set from
 `benchmarks/bench_kernels.py` on real GPUs."""
+
+
+# torch._weight_int8pack_mm (private, CPU) beats casting the weight for this many rows at most, measured at
+# 4096x4096 on 2 cores: 2-4x for bf16 up to 32 rows, 2-3x for fp32 at 1-2 rows, slower beyond. Not for fp16:
+# it takes the scales in x's dtype, and small ones underflow fp16. It returns garbage or crashes for bf16 when
+# K is not a multiple of 16 (torch 2.13): it only gets K % 64 == 0.
+_INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 2}
 
 
 @functools.cache
@@ -55,6 +63,21 @@ def _rows(x: torch.Tensor, backend: Backend) -> torch.Tensor:
     return rows.float() if backend is Backend.PASCAL and rows.dtype == torch.bfloat16 else rows
 
 
+def _w8a16_reference(
+    x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The reference, or torch's int8-weight CPU kernel where that is faster and safe."""
+    k = x.shape[-1]
+    rows = x.numel() // k
+    int8pack = getattr(torch, "_weight_int8pack_mm", None)
+    if x.device.type != "cpu" or int8pack is None or k % 64 or not 0 < rows <= _INT8PACK_MAX_ROWS.get(x.dtype, 0):
+        return w8a16_linear_ref(x, qweight, scale, bias)
+    y = int8pack(x.reshape(rows, k).contiguous(), qweight.contiguous(), scale.to(x.dtype))
+    if bias is not None:
+        y = y + bias.to(x.dtype)
+    return y.reshape(*x.shape[:-1], qweight.shape[0])
+
+
 def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -62,7 +85,7 @@ def w8a16_linear(
     n, _ = check_linear_args(x, qweight, scale, bias)
     backend = backend_for(x.device)
     if backend is Backend.REFERENCE:
-        return w8a16_linear_ref(x, qweight, scale, bias)
+        return _w8a16_reference(x, qweight, scale, bias)
     y = w8a16_linear_triton(_rows(x, backend), qweight, scale, bias, backend=backend)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 

@@ -1,7 +1,8 @@
 """Symmetric int8 quantization: per-output-channel weights (torch) and per-token activations (Triton + ref).
 
-Both use one rule, `_quantize_rows`: scale = absmax/127 per row (1.0 for an all-zero row, so nothing divides by
-zero), q = x/scale clamped to ±127 and rounded half away from zero, the rounding the kernel can match exactly.
+Both use one rule, `_quantize_rows`: scale = absmax/127 per row (1.0 for an all-zero row, so nothing divides
+by zero), q = x/scale in fp32, clamped to ±127 and rounded half away from zero (which the kernel matches
+exactly).
 """
 
 import torch
@@ -13,13 +14,14 @@ if HAS_TRITON:
 
 
 def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes [..., K] and fp32 scales [...] of x [..., K], one scale per row (last dim)."""
-    x = x.float()
-    absmax = x.abs().amax(dim=-1)
+    """int8 codes [..., K] and fp32 scales [...] of x [..., K], one scale per row (last dim).
+
+    Temporaries stay at two fp32 copies of x: weights are quantized while loading big models."""
+    absmax = torch.maximum(x.amax(dim=-1), -x.amin(dim=-1)).float()
     scale = torch.where(absmax > 0, absmax / 127.0, 1.0)
-    v = (x / scale.unsqueeze(-1)).clamp(-127.0, 127.0)
-    q = torch.where(v >= 0, v + 0.5, v - 0.5).trunc().to(torch.int8)
-    return q, scale
+    v = x.to(torch.float32, copy=True).div_(scale.unsqueeze(-1)).clamp_(-127.0, 127.0)
+    v += torch.sign(v).mul_(0.5)
+    return v.trunc_().to(torch.int8), scale
 
 
 def quantize_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,7 +38,8 @@ def _w8a16_kernel(
     # This split's share of K, in whole BLOCK_K tiles; trailing splits may get nothing and then write zeros.
     k_tiles = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_begin = pid_k * k_tiles * BLOCK_K
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # The fp32 path accumulates products elementwise and reduces over K once, after the loop.
+    acc = tl.zeros((BLOCK_M, BLOCK_N) if USE_DOT else (BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
     for kt in range(0, k_tiles):
         offs_k = k_begin + kt * BLOCK_K + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
@@ -49,7 +50,9 @@ def _w8a16_kernel(
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)  # |int8| <= 127 is exact in fp16 and bf16
         else:
-            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+            acc += x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc, axis=2)
     acc = acc * tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[None, :]
     if HAS_BIAS:  # added by split 0 only
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -65,8 +68,8 @@ def _block_m(m: int, use_dot: bool) -> int:
 
 
 def _configs(use_dot: bool, block_m: int) -> list["triton.Config"]:
-    """The tuning space: tensor-core tiles, or fp32 tiles sized so BLOCK_M*BLOCK_N*BLOCK_K products fit in
-    registers (~64 per thread)."""
+    """The tuning space: tensor-core tiles, or fp32 tiles of 8192 products: 32 KiB of shared memory to reduce
+    (GTX 1060: 48 KiB per block), 64 or 32 accumulators per thread."""
     if use_dot:
         space = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
             (64, 128, 1, 4, 4),
@@ -77,11 +80,9 @@ def _configs(use_dot: bool, block_m: int) -> list["triton.Config"]:
             (32, 256, 8, 4, 3),
             (128, 256, 1, 8, 3),
         ]
-    else:
-        space = [
-            (n, min(max(64 * 32 * warps // (block_m * n), 16), 256), split, warps, 2)
-            for n, split, warps in ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))
-        ]
+    else:  # the K reduction after the loop stages the BLOCK_M*BLOCK_N*BLOCK_K products in shared memory
+        space = [(n, min(8192 // (block_m * n), 256), split, warps, 2)
+                 for n, split, warps in ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
         for n, k, split, warps, stages in space

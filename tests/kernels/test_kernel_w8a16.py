@@ -1,0 +1,50 @@
+"""The W8A16 Triton kernel against its torch reference."""
+
+import pytest
+import torch
+from kernel_testing import BACKENDS, HAS_CUDA, ROWS, SHAPES, VARIANTS, assert_close_to, linear_operands, skip_unrunnable
+
+from kernels._common import Backend
+from kernels.w8a16 import _block_m, _configs, w8a16_linear_ref, w8a16_linear_triton
+
+triton = pytest.importorskip("triton")
+
+# Small tiles so the odd shapes take several N tiles, K tiles and splits, all with ragged edges.
+SMALL = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "SPLIT_K": 2}, num_warps=4)
+
+
+def _skip_interpreter_bf16_dot(backend: Backend, dtype: torch.dtype) -> None:
+    if not HAS_CUDA and backend is Backend.TENSORCORE and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter multiplies bf16 tl.dot operands as raw int16 bits (GPU tests cover it)")
+
+
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("backend,dtype", VARIANTS)
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("m", ROWS)
+def test_matches_ref(
+    m: int, n: int, k: int, dtype: torch.dtype, backend: Backend, with_bias: bool, device: str
+) -> None:
+    skip_unrunnable(backend)
+    _skip_interpreter_bf16_dot(backend, dtype)
+    x, qweight, scale, bias, _ = linear_operands(m, n, k, dtype, device, with_bias)
+    y = w8a16_linear_triton(x, qweight, scale, bias, backend=backend, config=SMALL)
+    expected = w8a16_linear_ref(x.double(), qweight, scale.double(), None if bias is None else bias.double())
+    assert_close_to(y, expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS, ids=lambda b: b.value)
+@pytest.mark.parametrize("m", [1, 17])
+def test_every_config_matches_ref(m: int, backend: Backend, device: str) -> None:
+    skip_unrunnable(backend)
+    x, qweight, scale, bias, _ = linear_operands(m, 70, 130, torch.float16, device, with_bias=True)
+    expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
+    use_dot = backend is Backend.TENSORCORE
+    for config in _configs(use_dot, _block_m(m, use_dot)):
+        y = w8a16_linear_triton(x, qweight, scale, bias, backend=backend, config=config)
+        assert_close_to(y, expected, torch.float16)
+
+
+def test_no_rows(device: str) -> None:
+    x, qweight, scale, _, _ = linear_operands(0, 37, 45, torch.float32, device, with_bias=False)
+    assert w8a16_linear_triton(x, qweight, scale, backend=Backend.PASCAL).shape == (0, 37)
