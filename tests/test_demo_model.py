@@ -1,0 +1,96 @@
+"""The shipped demo model: it loads, reads its corpus well, and `vramlite generate` prints its kind of text."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from engine import Engine, SamplingParams
+from engine.runner import Chunk
+from server.cli import main as cli_main
+from vramlite import models as demo_models
+
+DEMO = demo_models.path()
+# Measured 54.76 on the shipped weights (fp32, CPU, the first 120 held-out fortunes, 2026-11-23); the
+# build script reports 62.5 over all held-out fortunes. int8: +0.01% perplexity, 255/256 top-1 agreement.
+PERPLEXITY_BOUND = 60.0
+HELD_OUT_DOCS = 120
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return Engine.from_dir(DEMO, device="cpu", dtype="fp32", max_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def int8_engine():
+    return Engine.from_dir(DEMO, device="cpu", dtype="fp32", max_batch_size=1, quantize="int8")
+
+
+def held_out_documents() -> list[str]:
+    text = (DEMO / "heldout.txt").read_text(encoding="utf-8")
+    return [d.strip("\n") for d in re.split(r"^%$", text, flags=re.M) if d.strip()]
+
+
+def test_demo_fits_the_size_budget():
+    assert sum(f.stat().st_size for f in DEMO.iterdir()) <= 25 * 2**20
+    assert {"config.json", "model.safetensors", "tokenizer.model", "README.md"} <= {f.name for f in DEMO.iterdir()}
+
+
+def perplexity(engine: Engine) -> float:
+    nll, count = 0.0, 0
+    for doc in held_out_documents()[:HELD_OUT_DOCS]:
+        ids = [*engine.tokenizer.encode(doc), *engine.eos_ids[:1]][: engine.context]
+        logits = engine.runner.forward_all([Chunk(0, ids, 0)])[0]
+        nll += torch.nn.functional.cross_entropy(logits[:-1], torch.tensor(ids[1:]), reduction="sum").item()
+        count += len(ids) - 1
+    return math.exp(nll / count)
+
+
+def test_held_out_perplexity(engine):
+    ppl = perplexity(engine)
+    print(f"held-out perplexity {ppl:.2f}")
+    assert ppl < PERPLEXITY_BOUND
+
+
+def test_int8_perplexity_rises_less_than_2_percent(engine, int8_engine):
+    fp32, int8 = perplexity(engine), perplexity(int8_engine)
+    print(f"held-out perplexity fp32 {fp32:.3f} int8 {int8:.3f} (+{100 * (int8 / fp32 - 1):.2f}%)")
+    assert int8 < 1.02 * fp32
+
+
+def test_int8_agrees_with_fp32_on_greedy_tokens(engine, int8_engine):
+    """Teacher-forced top-1 agreement over 64 greedy fp32 tokens from each of four prompts."""
+    agree, total = 0, 0
+    for prompt in ("床前明月光，", "春眠不觉晓，", "A fortune cookie says", "The best way to"):
+        out = engine.generate(prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+        ids = engine.tokenizer.encode(prompt) + out.token_ids
+        n = len(out.token_ids)
+        predicted = int8_engine.runner.forward_all([Chunk(0, ids[:-1], 0)])[0][-n:].argmax(-1)
+        agree += (predicted == torch.tensor(out.token_ids)).sum().item()
+        total += n
+    print(f"int8 top-1 agreement {agree}/{total} = {agree / total:.3f}")
+    assert agree / total >= 0.9
+
+
+def test_tokenizer_round_trips_chinese_and_english(engine):
+    for text in ("床前明月光，疑是地上霜。", "A fortune cookie says: you will write tests.\n  -- Anonymous"):
+        assert engine.tokenizer.decode(engine.tokenizer.encode(text)) == text
+
+
+def test_cli_generate_prints_poetry(capsys):
+    assert cli_main(["generate", "--temperature", "0", "--max-tokens", "24", "床前明月光，"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("床前明月光，")
+    continuation = out[len("床前明月光，"):]
+    cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in continuation)
+    assert cjk >= 8, continuation
+    assert re.search("[，。]", continuation), continuation
+
+
+def test_cli_reports_bad_model_dir(tmp_path, capsys):
+    assert cli_main(["generate", "--model", str(tmp_path / "nope"), "hi"]) == 2
+    assert "does not exist" in capsys.readouterr().err
