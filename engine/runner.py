@@ -9,6 +9,7 @@ import torch
 
 from engine.kv_cache import KVCache
 from engine.layers.attention import AttentionMetadata, PrefillChunk
+from engine.layers.linear import prefer_cpu_layout
 from engine.models.base import CausalLM
 
 
@@ -27,6 +28,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, num_slots: int,
                  context: int) -> None:
         cfg = model.config
+        prefer_cpu_layout(model)
         self.model = model
         self.device = device
         self.dtype = dtype

@@ -38,3 +38,24 @@ def make_linear(in_features: int, out_features: int, bias: bool, quantization: s
     if quantization == "int8":
         return QuantizedLinear(in_features, out_features, bias)
     raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+
+
+def prefer_cpu_layout(model: nn.Module) -> int:
+    """Store fp32 CPU weights of wide linear layers (out > in) column-major; returns how many changed.
+
+    `F.linear(x, w)` multiplies by wᵀ; with w column-major, wᵀ is a plain
+    row-major [in, out] matrix, which MKL's fp32 GEMM streams 1.3-2.9x faster
+    at M = 1 than the transposed case when the weights come from DRAM
+    (measured on the 2-core AVX-512 CI machine: qkv, gate/up and LM-head
+    shapes; tall layers such as down_proj are slower that way and stay as
+    they are). The parameter keeps its [out, in] shape, so nothing else changes;
+    a tied embedding reads the same storage, which row lookups do not mind.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" \
+                and module.weight.dtype == torch.float32 and module.out_features > module.in_features \
+                and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
+            changed += 1
+    return changed
