@@ -4,7 +4,8 @@
 
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
-batch 1 and batch 8, greedy, EOS ignored, 16-token prompts. Decode time is
+batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
+bf16, and int8 weights with bf16 activations. Decode time is
 the time to produce N tokens minus the time to produce 1 (prefill + first
 token), best of `--repeats`. Prints a table; writes benchmarks/results/decode_cpu.json.
 """
@@ -27,6 +28,8 @@ from engine import Engine, SamplingParams
 from vramlite import models as demo_models
 
 PROMPT_LEN = 16
+OURS = (("vramlite fp32", "fp32", None), ("vramlite bf16", "bf16", None),
+        ("vramlite int8 w / bf16 act", "bf16", "int8"))
 
 
 def random_llama_130m(out: Path) -> Path:
@@ -67,14 +70,15 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
         hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **params)
 
     timings = {"transformers fp32": best_decode_seconds(run_hf, tokens, repeats)}
-    for dtype in ("fp32", "bf16"):
-        engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256)
+    for label, dtype, quantize in OURS:
+        engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
+                                 quantize=quantize)
         ids = prompts.tolist()
 
         def run_ours(n: int, engine: Engine = engine, ids: list[list[int]] = ids) -> None:
             engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-        timings[f"vramlite {dtype}"] = best_decode_seconds(run_ours, tokens, repeats)
+        timings[label] = best_decode_seconds(run_ours, tokens, repeats)
     base = timings["transformers fp32"]
     return [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
@@ -96,7 +100,7 @@ def main() -> None:
         for name, model_dir in targets.items():
             for batch in args.batches:
                 rows += bench_model(name, model_dir, batch, args.tokens, args.repeats)
-                print_table(rows[-3:], ["model", "batch", "impl", "tok_per_s", "ms_per_step",
+                print_table(rows[-1 - len(OURS):], ["model", "batch", "impl", "tok_per_s", "ms_per_step",
                                         "vs_transformers_fp32"])
     print()
     print_table(rows, ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32"])
