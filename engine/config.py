@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,3 +116,23 @@ def parse_rope(raw: dict[str, Any]) -> RopeConfig:
     if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in kwargs:
         kwargs["original_max_position_embeddings"] = raw.get("max_position_embeddings")
     return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in a size such as `5GiB`, `512MiB`, `6GB`, `1024` or an int; ValueError if it is none."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        number, unit = size, "B"
+    else:
+        match = _SIZE.fullmatch(size) if isinstance(size, str) else None
+        if match is None:
+            raise ValueError(f"{size!r} is not a size; write a number with B, KB, MB, GB, KiB, MiB or GiB")
+        number, unit = float(match.group(1)), (match.group(2) or "B").upper()
+    nbytes = int(number * _SIZE_UNITS[unit])
+    if nbytes <= 0:
+        raise ValueError(f"size {size!r} must be more than 0 bytes")
+    return nbytes

@@ -17,6 +17,7 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.device import pick_device, pick_dtype
 from engine.errors import PromptTooLongError
 from engine.loader import load_model
+from engine.offload import WeightStore
 from engine.runner import Chunk, ModelRunner
 from engine.sampler import Sampler, SamplerState, SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
@@ -66,7 +67,8 @@ class Engine:
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
-                 max_tokens_per_step: int = 512, quantize: str | None = None) -> Engine:
+                 max_tokens_per_step: int = 512, quantize: str | None = None,
+                 memory_limit: int | str | None = None, prefetch_depth: int = 1) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -74,13 +76,18 @@ class Engine:
         context: KV-cache positions per sequence (default: the model's maximum).
         quantize: "int8" to quantize the decoder blocks' linear layers at load
         (an int8 checkpoint from `vramlite quantize` loads as int8 anyway).
+        memory_limit: a device-memory budget in bytes or as "5GiB", "512MiB"
+        (default: none); layers that do not fit are streamed from host memory,
+        `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
+        the transfer accounting.
         """
         start = time.perf_counter()
         model_dir = Path(path)
         dev = pick_device(device)
         dt = pick_dtype(dev, dtype)
         scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
-        model, context = load_model(model_dir, dev, dt, context, quantize)
+        model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
+                                    max_tokens_per_step, prefetch_depth)
         tokenizer = Tokenizer.from_dir(model_dir)
         runner = ModelRunner(model, dev, dt, max_batch_size, context)
         defaults = cls._generation_defaults(model_dir)
@@ -106,6 +113,11 @@ class Engine:
     @property
     def dtype(self) -> torch.dtype:
         return self.runner.dtype
+
+    @property
+    def offload(self) -> WeightStore | None:
+        """The memory plan and its accounting (`.plan`, `.stats`) when loaded with a memory_limit."""
+        return self.runner.model.offload
 
     def sampling_params(self, **kwargs: Any) -> SamplingParams:
         """SamplingParams from keyword arguments over the model's generation_config.json defaults."""

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import torch
 
-from engine.config import ModelConfig, read_json
+from engine.config import ModelConfig, parse_size, read_json
 from engine.errors import ModelLoadError
 from engine.layers.linear import QUANTIZATIONS
 from engine.models import family
-from engine.models.base import CausalLM
+from engine.models.base import CausalLM, keep
+from engine.offload import WeightStore, format_bytes, layer_sizes, min_budget, plan_offload, tensor_bytes
 from engine.weights import CheckpointReader
 
 log = logging.getLogger(__name__)
@@ -21,13 +22,21 @@ INT8_METHOD = "vramlite-int8"  # config.json quantization_config.quant_method of
 
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, context: int | None = None,
-               quantize: str | None = None) -> tuple[CausalLM, int]:
+               quantize: str | None = None, memory_limit: int | str | None = None, max_batch_size: int = 1,
+               max_tokens_per_step: int = 512, prefetch_depth: int = 1) -> tuple[CausalLM, int]:
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
     maximum; a sliding-window model is capped at its window). `quantize="int8"`
     quantizes the decoder blocks' linear layers as they load; an int8
     checkpoint (written by `vramlite quantize`) loads as int8 whatever it says.
+
+    `memory_limit` (bytes, or a size such as "5GiB") caps the device memory of
+    the weights, a KV cache of `max_batch_size` × context and the activations of
+    `max_tokens_per_step` tokens: the layers that do not fit are loaded into
+    host memory and streamed, `prefetch_depth` layers ahead (`model.offload`
+    holds the plan and its accounting). ValueError if even streaming every
+    layer does not fit. None: everything on the device, no offload machinery.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -53,11 +62,19 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     with torch.device("meta"):
         model = cls(cfg)
     with CheckpointReader(model_dir) as reader:
-        model.load_weights(reader, device, dtype)
+        place = keep
+        if memory_limit is not None:
+            model.offload = weight_store(model, reader, device, dtype, parse_size(memory_limit), max_batch_size,
+                                         context, max_tokens_per_step, prefetch_depth)
+            place = model.offload.place
+        model.load_weights(reader, device, dtype, place)
+    loaded_bytes = weight_bytes(model)  # before streamed layers share their slots' memory
+    if model.offload is not None:
+        model.offload.start()
     model.setup(context, device, dtype)
     model.eval()
     log.info("loaded %s (%s, %d layers, %.1f MiB of weights%s) on %s in %s, context %d", model_dir.name,
-             cfg.model_type, cfg.num_layers, weight_bytes(model) / 2**20, ", int8" if quantize else "", device,
+             cfg.model_type, cfg.num_layers, loaded_bytes / 2**20, ", int8" if quantize else "", device,
              str(dtype).removeprefix("torch."), context)
     return model, context
 
@@ -66,3 +83,45 @@ def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers (int8 weights and their scales included), shared ones once."""
     tensors = {t.data_ptr(): t for t in (*model.parameters(), *model.buffers())}
     return sum(t.nbytes for t in tensors.values())
+
+
+def weight_store(model: CausalLM, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+                 memory_limit: int, max_batch_size: int, context: int, max_tokens_per_step: int,
+                 prefetch_depth: int) -> WeightStore:
+    """Plan `model` (still on `meta`) into `memory_limit` and make the store its weights will load into."""
+    cfg = model.config
+    layers = model.blocks()
+    tied = not any(spec.module is model.lm_head for spec in model.weight_specs(reader))
+    fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if tied else layers)
+    sizes = layer_sizes(layers, dtype)
+
+    def activations(batch: int) -> tuple[int, int]:
+        return (kv_cache_bytes(cfg, batch, context, dtype),
+                workspace_bytes(cfg, batch, context, max_tokens_per_step, dtype))
+
+    try:
+        plan = plan_offload(sizes, fixed, *activations(max_batch_size), memory_limit, prefetch_depth)
+    except ValueError as e:
+        if max_batch_size == 1:
+            raise
+        one = min_budget(sizes, fixed, *activations(1), prefetch_depth)
+        raise ValueError(f"{e} (with max_batch_size=1 it takes {format_bytes(one)})") from None
+    return WeightStore(layers, plan, dtype, device)
+
+
+def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype) -> int:
+    """What `KVCache` allocates for `max_batch_size` sequences of `context` positions."""
+    return 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
+
+
+def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tokens_per_step: int,
+                    dtype: torch.dtype) -> int:
+    """An upper estimate of one step's activations: per-token tensors of a layer (residual, norm, attention
+    and MLP outputs, qkv, gate/up and the activation), a prefill chunk's fp32 attention scores when attention
+    is not fused, and the fp32 logits of the batch."""
+    tokens = max_tokens_per_step
+    per_token = 4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim \
+        + 3 * cfg.intermediate_size
+    scores = 4 * cfg.num_heads * min(tokens, context) * context
+    logits = 2 * 4 * max_batch_size * cfg.vocab_size
+    return tokens * per_token * dtype.itemsize + scores + logits

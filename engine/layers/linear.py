@@ -50,12 +50,15 @@ def prefer_cpu_layout(model: nn.Module) -> int:
     shapes; tall layers such as down_proj are slower that way and stay as
     they are). The parameter keeps its [out, in] shape, so nothing else changes;
     a tied embedding reads the same storage, which row lookups do not mind.
+    Weights that are views into a larger buffer (an offload slot) keep their place.
     """
     changed = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear) and module.weight.device.type == "cpu" \
-                and module.weight.dtype == torch.float32 and module.out_features > module.in_features \
-                and module.weight.is_contiguous():
-            module.weight.data = module.weight.data.t().contiguous().t()
+        if not isinstance(module, nn.Linear) or module.out_features <= module.in_features:
+            continue
+        w = module.weight.data
+        if w.device.type == "cpu" and w.dtype == torch.float32 and w.is_contiguous() \
+                and w.untyped_storage().nbytes() == w.nbytes:
+            module.weight.data = w.t().contiguous().t()
             changed += 1
     return changed

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -15,6 +16,16 @@ from engine.layers.attention import AttentionMetadata
 from engine.layers.linear import QuantizedLinear
 from engine.weights import CheckpointReader
 from kernels import quantize_weight
+
+if TYPE_CHECKING:
+    from engine.offload import WeightStore
+
+Place = Callable[[nn.Module, str, torch.Tensor], torch.Tensor]  # (module, attribute, loaded tensor) → what to bind
+
+
+def keep(module: nn.Module, name: str, tensor: torch.Tensor) -> torch.Tensor:
+    """The default `Place`: a loaded tensor stays where it was loaded."""
+    return tensor
 
 SCALE_SUFFIX = "_scale"  # int8 checkpoints store `name` as int8 and `name + SCALE_SUFFIX` as fp32 [out]
 
@@ -44,6 +55,7 @@ class CausalLM(nn.Module, ABC):
 
     config: ModelConfig
     lm_head: nn.Linear
+    offload: WeightStore | None = None  # set by the loader under a memory limit
 
     @staticmethod
     @abstractmethod
@@ -52,7 +64,11 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
-        """Every parameter to read (HF checkpoint names), layer by layer."""
+        """Every parameter to read (HF checkpoint names), layer by layer; the LM head is the base's."""
+
+    @abstractmethod
+    def blocks(self) -> nn.ModuleList:
+        """The decoder layers, in forward order."""
 
     @abstractmethod
     def input_embeddings(self) -> nn.Embedding:
@@ -71,19 +87,46 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [B, hidden] → [B, vocab]."""
 
-    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype) -> None:
-        """Read every parameter from the checkpoint, checking shapes; quantize int8 layers as they come."""
-        for spec in self.weight_specs(reader):
+    def decoder_layers(self) -> Iterator[tuple[int, nn.Module]]:
+        """(index, layer) of `blocks()` in forward order, for the family's forward loop.
+
+        Under offload, a streamed layer's weights are in its device slot while
+        the loop body runs, and its slot is handed back when the next item is asked for.
+        """
+        streamer = self.offload.streamer if self.offload is not None else None
+        if streamer is None:
+            yield from enumerate(self.blocks())
+            return
+        for i, layer in enumerate(self.blocks()):
+            streamer.before(i)
+            yield i, layer
+            streamer.after(i)
+
+    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
+                     place: Place = keep) -> None:
+        """Read every parameter from the checkpoint, checking shapes; quantize int8 layers as they come.
+
+        `place` decides where each loaded tensor ends up (the offload's host
+        arena for a streamed layer); by default it stays on `device`.
+        """
+        for spec in itertools.chain(self.weight_specs(reader), self._head_spec(reader)):
             if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
-                load_int8(spec, reader, device)
+                q, scale = load_int8(spec, reader, device)
+                spec.module.set_weight(place(spec.module, "qweight", q), place(spec.module, "scale", scale))
                 continue
             parts = [read(reader, name, shape, spec.transposed) for name, shape in zip(spec.sources, spec.shapes,
                                                                                          strict=True)]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-            setattr(spec.module, spec.param,
-                    nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=False))
+            tensor = place(spec.module, spec.param, tensor.to(device=device, dtype=dtype))
+            setattr(spec.module, spec.param, nn.Parameter(tensor, requires_grad=False))
         if self.lm_head.weight.is_meta:  # tied, or the checkpoint has no head of its own
             self.lm_head.weight = self.input_embeddings().weight
+
+    def _head_spec(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
+        """The LM head's own weight, when it is not tied to the embedding and the checkpoint has one."""
+        if not self.config.tie_word_embeddings and "lm_head.weight" in reader:
+            shape = (self.config.vocab_size, self.config.hidden_size)
+            yield WeightSpec(self.lm_head, "weight", ("lm_head.weight",), (shape,))
 
 
 def read(reader: CheckpointReader, name: str, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
@@ -95,8 +138,9 @@ def read(reader: CheckpointReader, name: str, shape: tuple[int, ...], transposed
     return tensor.t() if transposed else tensor
 
 
-def load_int8(spec: WeightSpec, reader: CheckpointReader, device: torch.device) -> None:
-    """Fill a QuantizedLinear: int8 tensors of an int8 checkpoint as they are, float ones quantized on `device`."""
+def load_int8(spec: WeightSpec, reader: CheckpointReader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A QuantizedLinear's (qweight, fp32 scale): int8 tensors of an int8 checkpoint as they are, float ones
+    quantized on `device`."""
     qweights, scales = [], []
     for name, shape in zip(spec.sources, spec.shapes, strict=True):
         tensor = reader.get(name, shape)
@@ -109,4 +153,4 @@ def load_int8(spec: WeightSpec, reader: CheckpointReader, device: torch.device) 
             q, s = quantize_weight(tensor.t() if spec.transposed else tensor)
         qweights.append(q)
         scales.append(s)
-    spec.module.set_weight(torch.cat(qweights), torch.cat(scales))
+    return torch.cat(qweights), torch.cat(scales).float()

@@ -110,8 +110,9 @@ class GPT2LMHeadModel(CausalLM):
                 yield spec(module, "bias", f"{p}{name}.bias", fan_out)
         yield spec(self.ln_f, "weight", "ln_f.weight", h)
         yield spec(self.ln_f, "bias", "ln_f.bias", h)
-        if not cfg.tie_word_embeddings and "lm_head.weight" in reader:
-            yield WeightSpec(self.lm_head, "weight", ("lm_head.weight",), ((cfg.vocab_size, h),))
+
+    def blocks(self) -> nn.ModuleList:
+        return self.h
 
     def input_embeddings(self) -> nn.Embedding:
         return self.wte
@@ -123,7 +124,7 @@ class GPT2LMHeadModel(CausalLM):
                 cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(meta.positions)
         cache_k, cache_v = cache
-        for i, block in enumerate(self.h):
+        for i, block in self.decoder_layers():
             x = block(x, meta, cache_k[i], cache_v[i])
         return x
 

@@ -144,8 +144,9 @@ class LlamaForCausalLM(CausalLM):
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
         yield spec(self.norm, "weight", ["norm.weight"], [(h,)])
-        if not cfg.tie_word_embeddings and "lm_head.weight" in reader:
-            yield WeightSpec(self.lm_head, "weight", ("lm_head.weight",), ((cfg.vocab_size, h),))
+
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
 
     def input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -159,7 +160,7 @@ class LlamaForCausalLM(CausalLM):
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(meta.positions)
         cache_k, cache_v = cache
-        for i, layer in enumerate(self.layers):
+        for i, layer in self.decoder_layers():
             x = layer(x, rope, meta, cache_k[i], cache_v[i])
         return x
 
