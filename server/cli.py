@@ -24,6 +24,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="compute dtype (env VRAMLITE_DTYPE; default: the best for the device)")
     p.add_argument("--quantize", default=os.environ.get("VRAMLITE_QUANTIZE"), choices=["int8"],
                    help="quantize the decoder layers at load (env VRAMLITE_QUANTIZE)")
+    p.add_argument("--memory-limit", default=os.environ.get("VRAMLITE_MEMORY_LIMIT"),
+                   help="device memory budget such as 5GiB; layers beyond it are streamed (env VRAMLITE_MEMORY_LIMIT)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -45,7 +47,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_pen
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
-                             max_batch_size=1, quantize=args.quantize)
+                             max_batch_size=1, quantize=args.quantize, memory_limit=args.memory_limit)
     params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
     out = sys.stdout
     out.write(args.prompt)

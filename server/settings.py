@@ -6,13 +6,14 @@ A setting `max_queue` is the TOML key `max_queue`, the env variable `VRAMLITE_MA
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.config import parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,19 +23,6 @@ else:
 CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
 ENV_PREFIX = "VRAMLITE_"
 DEFAULT_PROFILE = "default"
-
-_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", re.IGNORECASE)
-_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """Bytes in a size such as `5GiB`, `512MiB`, `6GB` or `1024`."""
-    match = _SIZE.fullmatch(text)
-    if match is None:
-        raise ValueError(f"{text!r} is not a size; write a number with B, KB, MB, GB, KiB, MiB or GiB")
-    number, unit = match.groups()
-    return int(float(number) * _SIZE_UNITS[(unit or "B").upper()])
-
 
 class SettingsError(ValueError):
     """A profile, env variable or flag has a bad value: names the setting and where it came from."""
@@ -59,7 +47,8 @@ class Settings(BaseModel):
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
     max_body_bytes: int = Field(1 << 20, ge=1024)
     api_key: str | None = Field(None, min_length=1, description="require `Authorization: Bearer <key>`")
-    memory_limit: str | None = Field(None, description="VRAM budget such as 5GiB (not active yet)")
+    memory_limit: str | None = Field(None, description="VRAM budget such as 5GiB; layers beyond it are streamed")
+    prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     log_level: str = "INFO"
 
