@@ -36,6 +36,7 @@ from server.metrics import Metrics
 from server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    ErrorBody,
     FillBlankRequest,
     GenerateRequest,
     GenerateResponse,
@@ -291,11 +292,43 @@ def openai_finish(reason: FinishReason) -> str:
 
 # --- routes -----------------------------------------------------------------------------------------
 
+ERROR_STATUSES = {
+    400: "bad request: the prompt does not fit the context, a token id is out of the vocabulary, the model "
+         "cannot do this task",
+    401: "the server has an API key and the request lacks `Authorization: Bearer <api key>`",
+    404: "`model` names a model this server does not serve",
+    413: "the body is over the server's limit",
+    422: "validation error: a field is missing, of the wrong type or out of its bounds",
+    429: "the queue is full; retry after `Retry-After` seconds",
+    500: "internal error; the server log has the details under the request id",
+    503: "not ready: the model is loading, the server is draining or the engine failed",
+    504: "the request took longer than the server's request timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error `statuses`, each with the contract's error body."""
+    return {status: {"model": ErrorBody, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+def text_response(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI 200 entry for a reply that is text of `media_type`, its format told by `description`."""
+    return {200: {"description": description, "content": {media_type: {}}}}
+
+
+GENERATION_RESPONSES = {
+    **text_response("text/event-stream", "JSON, or with `stream: true` server-sent events ending with "
+                                         "`data: [DONE]`"),
+    **error_responses(400, 413, 422, 429, 500, 503, 504),
+}
+OPENAI_RESPONSES = {**GENERATION_RESPONSES, **error_responses(404)}
+
 public = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_api_key)])
+protected = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(401))
 
 
-@public.get("/health", summary="200 when the engine can serve, 503 while loading, draining or broken")
+@public.get("/health", summary="200 when the engine can serve, 503 while loading, draining or broken",
+            responses=error_responses(503))
 async def health(request: Request) -> dict[str, str]:
     runtime(request).loop.check_ready()
     return {"status": "ok"}
@@ -328,7 +361,8 @@ async def info(request: Request) -> dict[str, Any]:
     }
 
 
-@protected.get("/metrics", summary="Prometheus exposition", response_class=Response)
+@protected.get("/metrics", summary="Prometheus exposition", response_class=Response,
+               responses=text_response("text/plain", "Prometheus text exposition format 0.0.4"))
 async def metrics(request: Request) -> Response:
     rt = runtime(request)
     engine = rt.loop.engine
@@ -339,7 +373,7 @@ async def metrics(request: Request) -> Response:
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-@protected.post("/generate", response_model=GenerateResponse,
+@protected.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES,
                 summary="continue a prompt; `stream: true` answers with server-sent events")
 async def generate(request: Request, body: GenerateRequest) -> Any:
     gen = await start_generation(request, body.prompt, body)
@@ -362,7 +396,8 @@ async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[d
             yield {"finish_reason": out.finish_reason.value, "text": "".join(parts), "usage": usage(gen)}
 
 
-@protected.post("/fill_blank", summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model)")
+@protected.post("/fill_blank", responses=GENERATION_RESPONSES,
+                summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model)")
 async def fill_blank(request: Request, body: FillBlankRequest) -> Any:
     engine = runtime(request).engine
     raise ApiError(400, "unsupported_task", f"the model ({engine.config.model_type}) is decoder-only without "
@@ -384,7 +419,7 @@ def _check_model(request: Request, body: OpenAIFields) -> None:
                        f"{name!r}")
 
 
-@protected.post("/v1/completions", summary="OpenAI-compatible text completion")
+@protected.post("/v1/completions", responses=OPENAI_RESPONSES, summary="OpenAI-compatible text completion")
 async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_model(request, body)
     gen = await start_generation(request, body.prompt, body)
@@ -408,7 +443,8 @@ async def _completion_chunks(request: Request, gen: Generation, head: dict[str, 
         yield {**head, "choices": [], "usage": openai_usage(gen)}
 
 
-@protected.post("/v1/chat/completions", summary="OpenAI-compatible chat completion (the model's chat template)")
+@protected.post("/v1/chat/completions", responses=OPENAI_RESPONSES,
+                summary="OpenAI-compatible chat completion (the model's chat template)")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
     _check_model(request, body)
     engine = runtime(request).engine

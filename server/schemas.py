@@ -4,28 +4,49 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
+MAX_MODEL_NAME_CHARS = 256
 MAX_BLANKS = 16
 SPAN = "<span>"
 
+
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An int type with `bounds` (ge, le, lt) that takes 2.0 as 2, as JSON Schema's integer does (strict
+    pydantic does not); "2" and true stay refused."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
+
+
 StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
-Seed = Annotated[int, Field(ge=-(2**63), lt=2**63)]
+Seed = json_int(ge=-(2**63), lt=2**63)
+MaxTokens = json_int(ge=0, le=MAX_TOKENS_BOUND)
+TopK = json_int(ge=0, le=1 << 20)
+TokenId = json_int()
+ChoiceCount = json_int(ge=1, le=1)
 
 
-class SamplingFields(BaseModel):
+class Body(BaseModel):
+    """A request body, strict: a value must have its schema's JSON type (`"stream": 0` is a 422, not false)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class SamplingFields(Body):
     """BMInf's sampling parameters; a field left out (or null) takes the model's generation_config default."""
 
-    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_BOUND,
-                                   description="tokens to generate at most (default 128); ≤ the context")
+    max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most (default 128); ≤ the context")
     temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (default 0.9)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1.0)")
-    top_k: int | None = Field(None, ge=0, le=1 << 20, validation_alias=AliasChoices("top_k", "top_n"),
-                              description="0 = off (default); `top_n` is an alias")
+    top_k: TopK | None = Field(None, validation_alias=AliasChoices("top_k", "top_n"),
+                               description="0 = off (default); `top_n` is an alias")
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
@@ -63,6 +84,21 @@ class FillBlankRequest(SamplingFields):
         return prompt
 
 
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="snake_case kind, such as queue_full")
+    message: str = Field(description="what to fix")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error reply, whatever its status (DESIGN.md, "HTTP contract")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
@@ -78,11 +114,11 @@ class GenerateResponse(BaseModel):
 # --- OpenAI-compatible bodies: unknown fields are ignored, as clients send many optional ones ----------
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class ContentPart(BaseModel):
+class ContentPart(Body):
     type: Literal["text"]
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
@@ -90,9 +126,10 @@ class ContentPart(BaseModel):
 class OpenAIFields(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
-    model: str | None = Field(None, max_length=256, description="must name the served model when given")
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
+                              description="must name the served model when given")
     stop: StopString | list[StopString] | None = Field(None)
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    n: ChoiceCount = Field(1, description="one choice per request")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -109,10 +146,10 @@ class CompletionRequest(OpenAIFields):
     """`POST /v1/completions`."""
 
     prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
-        list[int], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(Body):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -126,6 +163,5 @@ class ChatCompletionRequest(OpenAIFields):
     """`POST /v1/chat/completions`; `max_completion_tokens` is the newer name of `max_tokens`."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
-    max_tokens: int | None = Field(None, ge=0, le=MAX_TOKENS_BOUND,
-                                   validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
+    max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
 
