@@ -68,7 +68,8 @@ def engine_loader(settings: Settings) -> Callable[[], Engine]:
     return partial(Engine.from_dir, model_dir(settings), device=settings.device, dtype=settings.dtype,
                    max_batch_size=settings.max_batch_size, context=settings.context,
                    max_tokens_per_step=settings.max_tokens_per_step,
-                   quantize=None if settings.quantize == "none" else settings.quantize)
+                   quantize=None if settings.quantize == "none" else settings.quantize,
+                   memory_limit=settings.memory_limit, prefetch_depth=settings.prefetch_depth)
 
 
 def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None) -> EngineLoop:
@@ -351,14 +352,24 @@ async def info(request: Request) -> dict[str, Any]:
         "device": str(engine.device) if engine else s.device,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else s.dtype,
         "quantization": {"requested": s.quantize, "active": quantization},
-        "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes, "active": False,
-                         "note": "accepted, not active yet: the engine has no offload planner yet"
-                         if s.memory_limit else None},
-        "offload": {"resident_layers": engine.config.num_layers if engine else None, "streamed_layers": 0},
+        "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
+                         "active": bool(engine and engine.offload)},
+        "offload": offload_info(engine),
         "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
                    "max_queue": s.max_queue, "request_timeout": s.request_timeout,
                    "max_body_bytes": s.max_body_bytes},
     }
+
+
+def offload_info(engine: Engine | None) -> dict[str, Any] | None:
+    """The memory plan for /info: resident and streamed layers, slots, KV cache, host arena."""
+    if engine is None:
+        return None
+    store = engine.offload
+    if store is None:
+        return {"resident_layers": list(range(engine.config.num_layers)), "streamed_layers": []}
+    snap = store.stats.snapshot()
+    return {**store.plan.as_dict(), "host_bytes": snap.host_bytes, "host_pinned_bytes": snap.pinned_bytes}
 
 
 @protected.get("/metrics", summary="Prometheus exposition", response_class=Response,
@@ -366,9 +377,10 @@ async def info(request: Request) -> dict[str, Any]:
 async def metrics(request: Request) -> Response:
     rt = runtime(request)
     engine = rt.loop.engine
-    if engine is not None:
-        rt.metrics.resident_layers.set(engine.config.num_layers)
     rt.metrics.vram_limit.set(rt.settings.memory_limit_bytes or 0)
+    if engine is not None:
+        store = engine.offload
+        rt.metrics.read_offload(store.stats.snapshot() if store else None, engine.config.num_layers)
     body = rt.metrics.render(engine.device if engine else None)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

@@ -1,14 +1,16 @@
 """Prometheus series of DESIGN.md ("Metrics"), on a registry of their own per app.
 
 Load series are fed by the engine thread and the request middleware. VRAM series are read from
-torch's CUDA allocator at scrape time; PCIe and offload series wait for the engine's offload
-pipeline and read 0 until then, so dashboards never miss a series.
+torch's CUDA allocator at scrape time, PCIe and offload series from the engine's offload stats
+(they read 0 without a memory limit or a GPU, so dashboards never miss a series).
 """
 
 from __future__ import annotations
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from engine.offload import StatsSnapshot
 
 PREFIX = "vramlite"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -55,8 +57,23 @@ class Metrics:
         self.queue_time = histogram("queue_time_seconds", "Arrival to joining the running batch.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that joined a batch.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self._last_offload: StatsSnapshot | None = None
         self.batch_size = histogram("batch_size", "Sequences that got a token from the same forward pass.",
                                     BATCH_BUCKETS)
+
+    def read_offload(self, snap: StatsSnapshot | None, num_layers: int) -> None:
+        """Offload and PCIe series from the engine's stats (counters advance by what changed since last time)."""
+        if snap is None:
+            self.resident_layers.set(num_layers)
+            return
+        self.resident_layers.set(snap.resident_layers)
+        self.streamed_layers.set(snap.streamed_layers)
+        self.host_pinned.set(snap.pinned_bytes)
+        self.pcie_h2d_bandwidth.set(snap.h2d_bandwidth)
+        last = self._last_offload
+        self.pcie_h2d_bytes.inc(snap.h2d_bytes - (last.h2d_bytes if last else 0))
+        self.offload_stall_seconds.inc(snap.stall_seconds - (last.stall_seconds if last else 0.0))
+        self._last_offload = snap
 
     def render(self, device: torch.device | None) -> bytes:
         """The exposition text, after reading the device's memory figures."""
