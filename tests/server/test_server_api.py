@@ -34,7 +34,7 @@ def test_health_and_info(client):
     assert info["state"] == "ready"
     assert info["model"]["type"] == "llama" and info["model"]["layers"] == 2 and info["model"]["context"] == 128
     assert info["device"] == "cpu" and info["dtype"] == "float32"
-    assert info["offload"] == {"resident_layers": 2, "streamed_layers": 0}
+    assert info["offload"] == {"resident_layers": [0, 1], "streamed_layers": []}
     assert info["quantization"] == {"requested": None, "active": None}
     assert {"memory_limit", "version", "limits"} <= set(info)
     assert client.get("/docs").status_code == 200
