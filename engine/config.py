@@ -88,6 +88,12 @@ def eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """The ModelConfig fields every family reads the same way from config.json."""
+    return {"bos_token_id": raw.get("bos_token_id"), "eos_token_ids": eos_ids(raw.get("eos_token_id")),
+            "torch_dtype": raw.get("torch_dtype") or raw.get("dtype"), "raw": raw}
+
+
 def require(raw: dict[str, Any], *keys: str, source: str = "config.json") -> Any:
     """First present key among `keys` (HF's aliases), or ModelLoadError naming them."""
     for key in keys:

@@ -12,6 +12,7 @@ An unsupported GPU thus gets slow but correct numbers, never a kernel it cannot 
 
 import functools
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -78,28 +79,29 @@ def _w8a16_reference(
     return y.reshape(*x.shape[:-1], qweight.shape[0])
 
 
+def _linear(reference: Callable[..., torch.Tensor], kernel: Callable[..., torch.Tensor], x: torch.Tensor,
+            qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Check the operands, then run `reference` on the CPU / old GPUs or the device's `kernel` variant."""
+    n, _ = check_linear_args(x, qweight, scale, bias)
+    backend = backend_for(x.device)
+    if backend is Backend.REFERENCE:
+        return reference(x, qweight, scale, bias)
+    y = kernel(_rows(x, backend), qweight, scale, bias, backend=backend)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
 def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = x · (qweight ∘ scale[:, None])ᵀ (+ bias) for x [..., K]: int8 weights [N, K], float activations."""
-    n, _ = check_linear_args(x, qweight, scale, bias)
-    backend = backend_for(x.device)
-    if backend is Backend.REFERENCE:
-        return _w8a16_reference(x, qweight, scale, bias)
-    y = w8a16_linear_triton(_rows(x, backend), qweight, scale, bias, backend=backend)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _linear(_w8a16_reference, w8a16_linear_triton, x, qweight, scale, bias)
 
 
 def w8a8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Like `w8a16_linear`, but x is first quantized per token to int8 and the GEMM runs in int8."""
-    n, _ = check_linear_args(x, qweight, scale, bias)
-    backend = backend_for(x.device)
-    if backend is Backend.REFERENCE:
-        return w8a8_linear_ref(x, qweight, scale, bias)
-    y = w8a8_linear_triton(_rows(x, backend), qweight, scale, bias, backend=backend)
-    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return _linear(w8a8_linear_ref, w8a8_linear_triton, x, qweight, scale, bias)
 
 
 def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

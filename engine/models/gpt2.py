@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig, eos_ids, require
+from engine.config import ModelConfig, common_fields, require
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata, cached_attention
 from engine.layers.linear import make_linear
@@ -82,10 +82,7 @@ class GPT2LMHeadModel(CausalLM):
             norm_eps=raw.get("layer_norm_epsilon", 1e-5),
             hidden_act=act,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", True)),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids(raw.get("eos_token_id")),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
-            raw=raw,
+            **common_fields(raw),
         )
 
     def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:

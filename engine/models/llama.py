@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig, eos_ids, parse_rope, require
+from engine.config import ModelConfig, common_fields, parse_rope, require
 from engine.errors import ModelLoadError
 from engine.layers.attention import AttentionMetadata, cached_attention
 from engine.layers.linear import make_linear
@@ -109,10 +109,7 @@ class LlamaForCausalLM(CausalLM):
             mlp_bias=bool(raw.get("mlp_bias", False)),
             sliding_window=sliding,
             rope=parse_rope(raw),
-            bos_token_id=raw.get("bos_token_id"),
-            eos_token_ids=eos_ids(raw.get("eos_token_id")),
-            torch_dtype=raw.get("torch_dtype") or raw.get("dtype"),
-            raw=raw,
+            **common_fields(raw),
         )
 
     def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
