@@ -130,11 +130,8 @@ class CausalLM(nn.Module, ABC):
 
 
 def read(reader: CheckpointReader, name: str, shape: tuple[int, ...], transposed: bool) -> torch.Tensor:
-    """A float tensor, in [out, in] layout; an int8 one from an int8 checkpoint is dequantized."""
+    """A float tensor in [out, in] layout (int8 tensors only ever go to a QuantizedLinear, via `load_int8`)."""
     tensor = reader.get(name, shape)
-    if tensor.dtype == torch.int8 and name + SCALE_SUFFIX in reader:
-        scale = reader.get(name + SCALE_SUFFIX, (shape[1] if transposed else shape[0],))
-        tensor = tensor.float() * (scale if transposed else scale[:, None])
     return tensor.t() if transposed else tensor
 
 
