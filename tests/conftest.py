@@ -48,6 +48,18 @@ def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     return d
 
 
+TINY_LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256)
+
+
+def save_tiny_llama(out_dir, tokenizer_dir, **config):
+    """A random LLaMA (TINY_LLAMA with `config` over it, seed 0) saved with the test tokenizer in HF format."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    return save_tiny_model(tf.LlamaForCausalLM(tf.LlamaConfig(**{**TINY_LLAMA, **config})), out_dir, tokenizer_dir)
+
+
 def save_tiny_model(model, out_dir, tokenizer_dir, **save_kwargs):
     """Save an HF model next to a copy of the tokenizer files: a complete HF-format directory."""
     import shutil

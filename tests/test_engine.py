@@ -5,20 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-import transformers as tf
 
 from engine import Engine, FinishReason, SamplingParams
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, spm_tokenizer_dir):
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=128, bos_token_id=1, eos_token_id=2))
-    return save_tiny_model(hf, tmp_path_factory.mktemp("llama"), spm_tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), spm_tokenizer_dir, max_position_embeddings=128,
+                           bos_token_id=1, eos_token_id=2)
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,15 @@ from engine import Engine
 from engine.config import parse_rope
 from engine.errors import ModelLoadError, PromptTooLongError
 from engine.loader import load_model
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_llama, save_tiny_model
 
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory, spm_tokenizer_dir):
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=64))
-    return save_tiny_model(hf, tmp_path_factory.mktemp("llama"), spm_tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("llama"), spm_tokenizer_dir, hidden_size=32,
+                           intermediate_size=64, max_position_embeddings=64)
 
 
 def copy(src, tmp_path):

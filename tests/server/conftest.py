@@ -14,14 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from engine import Engine
 from server.app import engine_loader, make_engine_loop
 from server.engine_loop import EngineLoop
 from server.serve import DrainingServer, build_server
 from server.settings import Settings
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_llama
 
 CONTEXT = 128
 
@@ -29,13 +28,7 @@ CONTEXT = 128
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, spm_tokenizer_dir: Path) -> Path:
     """A 2-layer random LLaMA with the 512-piece test tokenizer, in HF format."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=256))
-    return save_tiny_model(hf, tmp_path_factory.mktemp("tiny-llama"), spm_tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), spm_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

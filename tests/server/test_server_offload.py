@@ -7,20 +7,13 @@ import re
 import pytest
 
 from engine import Engine
-from tests.conftest import save_tiny_model
+from tests.conftest import save_tiny_llama
 from tests.server.conftest import CONTEXT, running_server
 
 
 @pytest.fixture(scope="module")
 def four_layer_dir(tmp_path_factory, spm_tokenizer_dir):
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    hf = tf.LlamaForCausalLM(tf.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96,
-                                            num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-                                            max_position_embeddings=256))
-    return save_tiny_model(hf, tmp_path_factory.mktemp("four-layers"), spm_tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("four-layers"), spm_tokenizer_dir, num_hidden_layers=4)
 
 
 def smallest_budget(model_dir) -> int:
