@@ -6,7 +6,7 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -161,29 +161,71 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[StepOutput]:
-        """Run one forward pass over the scheduled batch; returns what each sequence produced."""
+        """Run one forward pass over the scheduled batch; returns what each sequence produced.
+
+        A sequence whose forward pass fails (an exception, CUDA out of memory) ends with
+        `FinishReason.ERROR` and frees its slot; the rest of the batch goes on.
+        """
         outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
                    if seq.params.max_tokens == 0]
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed)
-                  for seq, n in batch]
-        logits = self.runner.forward(chunks)
-        rows, ready = [], []
-        for row, (seq, n) in enumerate(batch):
+        try:
+            tokens = self._compute(batch)
+        except Exception as error:
+            batch, tokens, failed = self._isolate(batch, error)
+            outputs += failed
+        for (seq, n), token in zip(batch, tokens, strict=True):
             seq.num_computed += n
-            if seq.num_pending == 0:
-                rows.append(row)
-                ready.append(seq)
-        if ready:
-            tokens = self.sampler(logits[rows], [s.sampler for s in ready]).tolist()
-            for seq, token in zip(ready, tokens, strict=True):
+            if token is not None:
                 out = seq.append(token, self.context)
                 if out.finished:
                     self._release(seq)
                 outputs.append(out)
         return outputs
+
+    def _compute(self, batch: list[tuple[Seq, int]]) -> list[int | None]:
+        """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
+        the cache, None for a prefill still under way. Changes no sequence, so a failure can be retried."""
+        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed)
+                  for seq, n in batch]
+        logits = self.runner.forward(chunks)
+        rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
+        tokens: list[int | None] = [None] * len(batch)
+        if rows:
+            sampled = self.sampler(logits[rows], [batch[row][0].sampler for row in rows]).tolist()
+            for row, token in zip(rows, sampled, strict=True):
+                tokens[row] = token
+        return tokens
+
+    def _isolate(self, batch: list[tuple[Seq, int]], error: Exception
+                 ) -> tuple[list[tuple[Seq, int]], list[int | None], list[StepOutput]]:
+        """After a failed batch, run each sequence alone: those that fail again end with ERROR.
+
+        The retry is exact: the failed pass advanced no sequence, and the cache rows it may have
+        written are rewritten with the same values.
+        """
+        log.error("event=step_failed seq_ids=%s error=%r; retrying each sequence alone",
+                  ",".join(str(seq.seq_id) for seq, _ in batch), error, exc_info=error)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory may pass once the failed pass's blocks are gone
+        kept: list[tuple[Seq, int]] = []
+        tokens: list[int | None] = []
+        failed: list[StepOutput] = []
+        for seq, n in batch:
+            cause = error
+            if len(batch) > 1:
+                try:
+                    tokens += self._compute([(seq, n)])
+                    kept.append((seq, n))
+                    continue
+                except Exception as e:
+                    cause = e
+            log.error("event=sequence_failed seq_id=%d error=%r", seq.seq_id, cause)
+            out = self._finish(seq, FinishReason.ERROR)
+            failed.append(replace(out, error=f"{type(cause).__name__}: {cause}"))
+        return kept, tokens, failed
 
     def _finish(self, seq: Seq, reason: FinishReason) -> StepOutput:
         out = seq.finish(reason)

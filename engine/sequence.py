@@ -16,6 +16,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached, or the context is full
     EOS = "eos"  # the model ended the text
     CANCELLED = "cancelled"  # aborted by the caller
+    ERROR = "error"  # the forward pass failed for this sequence (`StepOutput.error` says how)
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class StepOutput:
     token_id: int | None
     text: str
     finish_reason: FinishReason | None = None
+    error: str | None = None
 
     @property
     def finished(self) -> bool:

@@ -328,10 +328,10 @@ public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(401))
 
 
-@public.get("/health", summary="200 when the engine can serve, 503 while loading, draining or broken",
-            responses=error_responses(503))
+@public.get("/health", summary="200 when the engine can serve; 503 while loading, draining, broken, or "
+            "degraded for a while after a request failed in the engine", responses=error_responses(503))
 async def health(request: Request) -> dict[str, str]:
-    runtime(request).loop.check_ready()
+    runtime(request).loop.check_healthy()
     return {"status": "ok"}
 
 

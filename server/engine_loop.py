@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from engine import Engine, SamplingParams, StepOutput
+from engine import Engine, FinishReason, SamplingParams, StepOutput
 from server.errors import ApiError
 from server.metrics import Metrics
 
@@ -25,6 +25,8 @@ log = logging.getLogger("vramlite.server")
 
 LOADING_RETRY_AFTER_S = 5
 QUEUE_FULL_RETRY_AFTER_S = 1
+RECOVERY_S = 10.0  # /health reports degraded this long after a request failed in the engine
+MAX_FAILED_STEPS = 8  # consecutive steps in which every sequence failed: the engine is broken, not a request
 
 
 class State(str, enum.Enum):
@@ -64,7 +66,7 @@ class EngineLoop:
     """Loads the engine on its own thread, then runs it; the asyncio side talks to it through `submit`."""
 
     def __init__(self, load: Callable[[], Engine], metrics: Metrics, *, max_batch_size: int, max_queue: int,
-                 request_timeout: float) -> None:
+                 request_timeout: float, recovery_s: float = RECOVERY_S) -> None:
         self._load = load
         self.metrics = metrics
         self.max_batch_size = max_batch_size
@@ -73,6 +75,8 @@ class EngineLoop:
         self.engine: Engine | None = None
         self.state = State.LOADING
         self.fault: str | None = None
+        self.recovery_s = recovery_s
+        self._degraded_until = 0.0  # perf_counter time
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="vramlite-engine", daemon=True)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -82,6 +86,7 @@ class EngineLoop:
         self._tasks: set[asyncio.Task[None]] = set()
         # Owned by the engine thread.
         self._by_seq: dict[int, Generation] = {}
+        self._failed_steps = 0
 
     # --- asyncio side -----------------------------------------------------------------------------
 
@@ -100,6 +105,15 @@ class EngineLoop:
         if self.state is State.FAILED:
             raise ApiError(503, "engine_failed", f"the engine is out of service: {self.fault}")
         raise ApiError(503, "shutting_down", "the server is shutting down and accepts no new requests")
+
+    def check_healthy(self) -> None:
+        """`check_ready`, and the 503 that says the engine is recovering from a failed request."""
+        self.check_ready()
+        left = self._degraded_until - time.perf_counter()
+        if left > 0:
+            raise ApiError(503, "degraded", f"a request failed in the engine ({self.fault}); the engine freed it and "
+                           f"serves the others; healthy again in {left:.0f} s if nothing else fails",
+                           {"Retry-After": str(max(1, round(left)))})
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float) -> Generation:
         """Admit a request, or raise 503 (not ready) / 429 (running batch and queue full)."""
@@ -260,7 +274,7 @@ class EngineLoop:
         for seq in engine.scheduler.running:
             self._mark_scheduled(self._by_seq[seq.seq_id], started)
         events: list[tuple[Generation, StepOutput | ApiError]] = []
-        sampled = 0
+        sampled = failed = 0
         for out in outputs:
             gen = self._by_seq.get(out.seq_id)
             if gen is None:
@@ -272,12 +286,29 @@ class EngineLoop:
             if out.finished:
                 gen.finish_reason = out.finish_reason.value
                 del self._by_seq[out.seq_id]
-            events.append((gen, out))
+            if out.finish_reason is FinishReason.ERROR:
+                failed += 1
+                events.append((gen, self._request_failed(gen, out.error)))
+            else:
+                events.append((gen, out))
         if sampled:
             self.metrics.batch_size.observe(sampled)
         self._post(events)
         self._update_gauges(engine)
+        self._failed_steps = self._failed_steps + 1 if failed and not sampled else 0
+        if self._failed_steps >= MAX_FAILED_STEPS:
+            self._fail(RuntimeError(f"{MAX_FAILED_STEPS} steps in a row failed for every request in them"))
+            return False
         return True
+
+    def _request_failed(self, gen: Generation, error: str | None) -> ApiError:
+        """The engine ended `gen` with an error and freed its slot: the engine is degraded for a while."""
+        log.error("event=request_failed request_id=%s error=%s", gen.request_id, error)
+        self.metrics.engine_faults.inc()
+        self.fault = error
+        self._degraded_until = time.perf_counter() + self.recovery_s
+        return ApiError(500, "internal_error", f"the engine failed on this request ({error}); the server log has "
+                        f"the details under request id {gen.request_id}")
 
     def _mark_scheduled(self, gen: Generation, at: float) -> None:
         if gen.scheduled_at is None:

@@ -57,6 +57,7 @@ class Metrics:
         self.queue_time = histogram("queue_time_seconds", "Arrival to joining the running batch.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that joined a batch.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+        self.engine_faults = counter("engine_faults", "Requests ended by an error in the engine's forward pass.")
         self._last_offload: StatsSnapshot | None = None
         self.batch_size = histogram("batch_size", "Sequences that got a token from the same forward pass.",
                                     BATCH_BUCKETS)
