@@ -12,10 +12,10 @@ from typing import Any
 
 import torch
 
-from engine.config import read_json
+from engine.config import parse_size, read_json
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import pick_device, pick_dtype
-from engine.errors import PromptTooLongError
+from engine.errors import LoadOutOfMemoryError, PromptTooLongError
 from engine.loader import load_model
 from engine.offload import WeightStore
 from engine.runner import Chunk, ModelRunner
@@ -86,10 +86,15 @@ class Engine:
         dev = pick_device(device)
         dt = pick_dtype(dev, dtype)
         scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
-        model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
-                                    max_tokens_per_step, prefetch_depth)
+        free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (None, None)
+        try:
+            model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
+                                        max_tokens_per_step, prefetch_depth)
+            runner = ModelRunner(model, dev, dt, max_batch_size, context)
+        except torch.cuda.OutOfMemoryError as e:
+            limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
+            raise LoadOutOfMemoryError(model_dir, e, free, total, limit) from None
         tokenizer = Tokenizer.from_dir(model_dir)
-        runner = ModelRunner(model, dev, dt, max_batch_size, context)
         defaults = cls._generation_defaults(model_dir)
         log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
                  time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)

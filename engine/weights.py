@@ -6,6 +6,8 @@ when asked for, so loading a model never holds a second copy of it in memory.
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -60,7 +62,7 @@ class CheckpointReader:
         try:
             handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
         except (SafetensorError, OSError) as e:
-            raise ModelLoadError(f"{path} is not a readable safetensors file: {e}") from None
+            raise ModelLoadError(f"{path} is not a readable safetensors file: {e}{_cut_off(path)}") from None
         self._handles[path] = handle
         return handle
 
@@ -95,3 +97,20 @@ class CheckpointReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _cut_off(path: Path) -> str:
+    """For a truncated file whose header still reads: which tensors lie past its end ('' if none or unreadable)."""
+    try:
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+        size = path.stat().st_size - 8 - length
+        lost = sorted((entry["data_offsets"][0], name) for name, entry in header.items()
+                      if name != "__metadata__" and entry["data_offsets"][1] > size)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return ""
+    if not lost:
+        return ""
+    return (f" (the file is truncated to {path.stat().st_size} bytes: {len(lost)} tensors end past it, "
+            f"the first {lost[0][1]!r})")

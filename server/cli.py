@@ -88,8 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = settings.model_dump(exclude={"api_key"}) | {"api_key": "set" if settings.api_key else None}
     logging.getLogger("vramlite.server").info("event=settings profile=%s %s", args.profile,
                                               " ".join(f"{k}={v}" for k, v in shown.items()))
-    serve(settings)
-    return 0
+    return serve(settings)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from engine import Engine, FinishReason, SamplingParams, StepOutput
+from engine.errors import ModelLoadError
 from server.errors import ApiError
 from server.metrics import Metrics
 
@@ -75,6 +76,8 @@ class EngineLoop:
         self.engine: Engine | None = None
         self.state = State.LOADING
         self.fault: str | None = None
+        self.load_error: str | None = None
+        self.on_load_failed: Callable[[], None] | None = None  # called on the engine thread
         self.recovery_s = recovery_s
         self._degraded_until = 0.0  # perf_counter time
         self._inbox: queue.SimpleQueue[_Command] = queue.SimpleQueue()
@@ -218,9 +221,14 @@ class EngineLoop:
         try:
             engine = self._load()
         except Exception as e:
-            log.exception("event=load_failed")
-            self.fault = f"the model failed to load: {e}"
+            if isinstance(e, ModelLoadError):  # the message says what to fix; a traceback would bury it
+                log.error("event=load_failed error=%s", e)
+            else:
+                log.exception("event=load_failed")
+            self.fault = self.load_error = f"the model failed to load: {e}"
             self.state = State.FAILED
+            if self.on_load_failed is not None:
+                self.on_load_failed()
             return
         self.engine = engine
         if self.state is State.LOADING:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from functools import partial
 from types import FrameType
 
@@ -26,6 +28,13 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout = drain_timeout
         self.draining = False
 
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # A drained stop is a clean exit (status 0): uvicorn would re-raise the signal and die by it.
+            self._captured_signals.clear()
+
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         stop = partial(super().handle_exit, sig, frame)
         if self.draining:
@@ -37,13 +46,20 @@ class DrainingServer(uvicorn.Server):
 
 
 def build_server(settings: Settings, engine_loop: EngineLoop | None = None) -> DrainingServer:
-    """The app and its uvicorn server for `settings`, not started."""
+    """The app and its uvicorn server for `settings`, not started. It stops if the model fails to load."""
     app = create_app(settings, engine_loop)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
                             log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout)
-    return DrainingServer(config, app.state.runtime.loop, settings.drain_timeout)
+    server = DrainingServer(config, app.state.runtime.loop, settings.drain_timeout)
+    server.engine_loop.on_load_failed = partial(setattr, server, "should_exit", True)
+    return server
 
 
-def serve(settings: Settings, sock: socket.socket | None = None) -> None:
-    """Run the daemon until SIGTERM/SIGINT."""
-    build_server(settings).run(sockets=[sock] if sock else None)
+def serve(settings: Settings, sock: socket.socket | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT (exit status 0) or a model that fails to load (1)."""
+    server = build_server(settings)
+    server.run(sockets=[sock] if sock else None)
+    if server.engine_loop.load_error is not None:
+        log.error("event=exit status=1 reason=%s", server.engine_loop.load_error)
+        return 1
+    return 0
