@@ -47,6 +47,8 @@ class Metrics:
         self.resident_layers = gauge("offload_resident_layers", "Layers whose weights stay in VRAM.")
         self.streamed_layers = gauge("offload_streamed_layers", "Layers streamed from host memory each step.")
         self.host_pinned = gauge("host_pinned_bytes", "Pinned host memory holding streamed layers.")
+        self.host_pinned_fallback = gauge("host_pinned_fallback", "1 when pinning was refused and the streamed "
+                                          "layers are copied from pageable host memory (slower).")
         # Load.
         self.requests_running = gauge("requests_running", "Requests in the running batch.")
         self.requests_waiting = gauge("requests_waiting", "Requests admitted and waiting for a batch slot.")
@@ -70,6 +72,7 @@ class Metrics:
         self.resident_layers.set(snap.resident_layers)
         self.streamed_layers.set(snap.streamed_layers)
         self.host_pinned.set(snap.pinned_bytes)
+        self.host_pinned_fallback.set(snap.pin_refused)
         self.pcie_h2d_bandwidth.set(snap.h2d_bandwidth)
         last = self._last_offload
         self.pcie_h2d_bytes.inc(snap.h2d_bytes - (last.h2d_bytes if last else 0))

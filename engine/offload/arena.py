@@ -32,6 +32,11 @@ def cuda_host_register(ptr: int, nbytes: int) -> int:
     return err
 
 
+def host_register(device: torch.device) -> Register | None:
+    """How to pin host memory for copies to `device`: None (stay pageable) when it is not a GPU."""
+    return cuda_host_register if device.type == "cuda" else None
+
+
 def _clear_cuda_error() -> None:
     # A failed runtime call also sets the thread's "last error", which the next kernel launch check would
     # report as its own; torch binds no cudaGetLastError, so reset it through the loaded libcudart.
@@ -57,9 +62,11 @@ class HostArena:
         self.nbytes = total
         self.buffer = torch.empty(total, dtype=torch.uint8)
         self.pinned = False
+        self.pin_refused = False  # pinning was asked for and failed: the buffer is pageable
         if register is not None and total:
             err = register(self.buffer.data_ptr(), total)
             self.pinned = err == 0
+            self.pin_refused = not self.pinned
             if not self.pinned:
                 log.warning("could not pin %s of host memory for the streamed layers (CUDA error %d): "
                             "using pageable memory, host-to-device copies will be slower", format_bytes(total), err)

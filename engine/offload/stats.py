@@ -17,6 +17,7 @@ class StatsSnapshot:
     streamed_layers: int
     host_bytes: int
     pinned_bytes: int
+    pin_refused: bool  # the host memory could not be pinned: copies come from pageable memory
     h2d_bytes: int
     num_copies: int
     copy_seconds: float
@@ -32,11 +33,13 @@ class OffloadStats:
     clock for the synchronous copies of a CPU device.
     """
 
-    def __init__(self, resident_layers: int, streamed_layers: int, host_bytes: int = 0, pinned: bool = False) -> None:
+    def __init__(self, resident_layers: int, streamed_layers: int, host_bytes: int = 0, pinned: bool = False,
+                 pin_refused: bool = False) -> None:
         self.resident_layers = resident_layers
         self.streamed_layers = streamed_layers
         self.host_bytes = host_bytes
         self.pinned = pinned
+        self.pin_refused = pin_refused
         self._lock = threading.Lock()
         self._h2d_bytes = 0
         self._num_copies = 0
@@ -66,5 +69,5 @@ class OffloadStats:
             window_seconds = sum(s for _, s in self._window)
             bandwidth = sum(b for b, _ in self._window) / window_seconds if window_seconds > 0 else 0.0
             return StatsSnapshot(self.resident_layers, self.streamed_layers, self.host_bytes,
-                                 self.host_bytes if self.pinned else 0, self._h2d_bytes, self._num_copies,
-                                 self._copy_seconds, self._stall_seconds, bandwidth)
+                                 self.host_bytes if self.pinned else 0, self.pin_refused, self._h2d_bytes,
+                                 self._num_copies, self._copy_seconds, self._stall_seconds, bandwidth)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from engine.offload.arena import HostArena, cuda_host_register
+from engine.offload.arena import HostArena, host_register
 from engine.offload.copies import CudaCopies, SyncCopies
 from engine.offload.layout import LayerLayout
 from engine.offload.planner import OffloadPlan
@@ -51,10 +51,11 @@ class WeightStore:
         self.arena: HostArena | None = None
         if plan.streamed:
             layouts = [LayerLayout.of(layers[i], dtype) for i in plan.streamed]
-            self.arena = HostArena(layouts, cuda_host_register if device.type == "cuda" else None)
+            self.arena = HostArena(layouts, host_register(device))
         arena_bytes = self.arena.nbytes if self.arena else 0
         self.stats = OffloadStats(len(plan.resident), len(plan.streamed), arena_bytes,
-                                  pinned=self.arena is not None and self.arena.pinned)
+                                  pinned=self.arena is not None and self.arena.pinned,
+                                  pin_refused=self.arena is not None and self.arena.pin_refused)
         self._owner = {id(module): (j, path) for j, i in enumerate(plan.streamed)
                        for path, module in layers[i].named_modules()}
         for line in plan.describe():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import re
 
 import pytest
 
+import engine.offload.weight_store
 from engine import Engine
 from tests.conftest import save_tiny_llama
 from tests.server.conftest import CONTEXT, running_server
@@ -39,3 +41,20 @@ def test_offloaded_server_streams_layers_and_answers_the_same(four_layer_dir):
         assert moved > 0
         c.post("/generate", json=body)
         assert server.metric("vramlite_pcie_h2d_bytes_total") > moved
+
+
+def test_refused_pinning_falls_back_to_pageable_with_a_warning_and_a_metric(four_layer_dir, monkeypatch, caplog):
+    body = {"prompt": "床前明月光", "max_tokens": 12, "temperature": 0}
+    budget = smallest_budget(four_layer_dir)
+    with running_server(four_layer_dir, memory_limit=str(budget)) as server, server.client() as c:
+        pinned_answer = c.post("/generate", json=body).json()
+        assert server.metric("vramlite_host_pinned_fallback") == 0
+    # cudaHostRegister answering cudaErrorMemoryAllocation, as on a host short of lockable memory.
+    monkeypatch.setattr(engine.offload.weight_store, "host_register", lambda device: lambda ptr, nbytes: 2)
+    with caplog.at_level(logging.WARNING, logger="engine.offload"), \
+            running_server(four_layer_dir, memory_limit=str(budget)) as server, server.client() as c:
+        assert c.post("/generate", json=body).json() == pinned_answer
+        assert server.metric("vramlite_host_pinned_fallback") == 1
+        assert server.metric("vramlite_host_pinned_bytes") == 0
+        assert server.metric("vramlite_pcie_h2d_bytes_total") > 0
+    assert "could not pin" in caplog.text and "pageable" in caplog.text
