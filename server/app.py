@@ -24,7 +24,6 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import Engine, FinishReason, SamplingParams
@@ -32,6 +31,7 @@ from engine.errors import PromptTooLongError
 from server.chat import chat_prompt_ids
 from server.engine_loop import EngineLoop, Generation
 from server.errors import ApiError, install_error_handlers
+from server.guards import RequestLimitsMiddleware
 from server.metrics import Metrics
 from server.schemas import (
     ChatCompletionRequest,
@@ -153,36 +153,6 @@ class RequestLogMiddleware:
                 since_arrival(gen and gen.first_token_at), total_s)
 
 
-class BodyLimitMiddleware:
-    """413 with our error body for a body over `max_bytes`: by Content-Length, or as its chunks arrive."""
-
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        message = f"the request body is over the server's limit of {self.max_bytes} bytes"
-        length = Headers(scope=scope).get("content-length", "")
-        if length.isdigit() and int(length) > self.max_bytes:
-            await ApiError(413, "request_too_large", message).response()(scope, receive, send)
-            return
-        received = 0
-
-        async def receive_counted() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.max_bytes:
-                # Raised inside the route's body read: FastAPI lets HTTPException through to our handler.
-                raise HTTPException(413, message)
-            return message
-
-        await self.app(scope, receive_counted, send)
-
-
 # --- auth -------------------------------------------------------------------------------------------
 
 _bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
@@ -218,7 +188,11 @@ async def start_generation(request: Request, prompt: str | list[int], fields: Sa
     rt = runtime(request)
     engine = rt.engine
     params = sampling_params(engine, fields)
-    ids = await run_in_threadpool(engine.tokenizer.encode, prompt) if isinstance(prompt, str) else prompt
+    if isinstance(prompt, str):
+        special = rt.settings.allow_special_tokens  # off: "</s>" in a prompt is text, not the end of it
+        ids = await run_in_threadpool(partial(engine.tokenizer.encode, prompt, parse_special=special))
+    else:
+        ids = prompt
     return submit(request, ids, params)
 
 
@@ -298,9 +272,11 @@ ERROR_STATUSES = {
          "cannot do this task",
     401: "the server has an API key and the request lacks `Authorization: Bearer <api key>`",
     404: "`model` names a model this server does not serve",
+    408: "the body did not arrive within the server's body timeout",
     413: "the body is over the server's limit",
     422: "validation error: a field is missing, of the wrong type or out of its bounds",
     429: "the queue is full; retry after `Retry-After` seconds",
+    431: "the request headers are over the server's limit",
     500: "internal error; the server log has the details under the request id",
     503: "not ready: the model is loading, the server is draining or the engine failed",
     504: "the request took longer than the server's request timeout",
@@ -320,7 +296,7 @@ def text_response(media_type: str, description: str) -> dict[int | str, dict[str
 GENERATION_RESPONSES = {
     **text_response("text/event-stream", "JSON, or with `stream: true` server-sent events ending with "
                                          "`data: [DONE]`"),
-    **error_responses(400, 413, 422, 429, 500, 503, 504),
+    **error_responses(400, 408, 413, 422, 429, 431, 500, 503, 504),
 }
 OPENAI_RESPONSES = {**GENERATION_RESPONSES, **error_responses(404)}
 
@@ -511,7 +487,8 @@ def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> Fas
                               '`{"error": {"type", "message"}}`.')
     app.state.runtime = Runtime(settings, engine_loop)
     install_error_handlers(app)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestLimitsMiddleware, max_header_bytes=settings.max_header_bytes,
+                       max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
     app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics)  # outermost: it sees every status
     app.include_router(public)
     app.include_router(protected)

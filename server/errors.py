@@ -13,7 +13,7 @@ log = logging.getLogger("vramlite.server")
 
 # Types for the statuses Starlette raises by itself (unknown route, wrong method, body too large...).
 HTTP_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
-                    413: "request_too_large", 415: "unsupported_media_type"}
+                    408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type"}
 
 
 class ApiError(Exception):

@@ -13,6 +13,7 @@ import uvicorn
 
 from server.app import create_app
 from server.engine_loop import EngineLoop
+from server.guards import header_timeout_protocol
 from server.settings import Settings
 
 log = logging.getLogger("vramlite.server")
@@ -49,7 +50,8 @@ def build_server(settings: Settings, engine_loop: EngineLoop | None = None) -> D
     """The app and its uvicorn server for `settings`, not started. It stops if the model fails to load."""
     app = create_app(settings, engine_loop)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None,
-                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout)
+                            log_level=settings.log_level.lower(), timeout_graceful_shutdown=settings.drain_timeout,
+                            http=header_timeout_protocol(settings.header_timeout))
     server = DrainingServer(config, app.state.runtime.loop, settings.drain_timeout)
     server.engine_loop.on_load_failed = partial(setattr, server, "should_exit", True)
     return server

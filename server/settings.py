@@ -46,10 +46,15 @@ class Settings(BaseModel):
     request_timeout: float = Field(600.0, gt=0, description="seconds from arrival to the last token")
     drain_timeout: float = Field(30.0, ge=0, description="seconds SIGTERM waits for running requests")
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_header_bytes: int = Field(16 << 10, ge=1024, description="request headers over this → 431")
+    header_timeout: float = Field(10.0, gt=0, description="seconds a client may take to send a request's headers")
+    body_timeout: float = Field(30.0, gt=0, description="seconds a client may take to send a request's body")
     api_key: str | None = Field(None, min_length=1, description="require `Authorization: Bearer <key>`")
     memory_limit: str | None = Field(None, description="VRAM budget such as 5GiB; layers beyond it are streamed")
     prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
+    allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
+                                       "text as those tokens (default: as plain text)")
     log_level: str = "INFO"
 
     @field_validator("memory_limit")
