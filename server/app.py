@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sse_starlette import EventSourceResponse
@@ -105,9 +106,10 @@ def runtime(request: Request) -> Runtime:
 class RequestLogMiddleware:
     """Gives each request an id (`X-Request-Id`, echoed back), counts it, and logs one line when it ends."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_prompts: bool) -> None:
         self.app = app
         self.metrics = metrics
+        self.log_prompts = log_prompts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -146,11 +148,15 @@ class RequestLogMiddleware:
             return "-" if gen is None or t is None else f"{t - gen.arrival:.4f}"
 
         error = state.get("error")
+        texts = ""
+        if self.log_prompts and gen is not None:
+            engine = scope["app"].state.runtime.loop.engine
+            texts = f" prompt={engine.tokenizer.decode(gen.prompt_ids)!r} output={''.join(gen.output)!r}"
         log.log(level, "request id=%s route=%s method=%s status=%d prompt_tokens=%s completion_tokens=%s "
-                "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f", state["request_id"], route,
+                "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f%s", state["request_id"], route,
                 scope["method"], status, gen.num_prompt_tokens if gen else "-", gen.num_tokens if gen else "-",
                 (gen.finish_reason if gen else None) or "-", error or "-", since_arrival(gen and gen.scheduled_at),
-                since_arrival(gen and gen.first_token_at), total_s)
+                since_arrival(gen and gen.first_token_at), total_s, texts)
 
 
 # --- auth -------------------------------------------------------------------------------------------
@@ -489,7 +495,12 @@ def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> Fas
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, max_header_bytes=settings.max_header_bytes,
                        max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
-    app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics)  # outermost: it sees every status
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
+    app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics,  # outermost: it sees every status
+                       log_prompts=settings.log_prompts)
     app.include_router(public)
     app.include_router(protected)
     return app

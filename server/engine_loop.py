@@ -54,6 +54,7 @@ class Generation:
     last_token_at: float | None = None
     num_tokens: int = 0
     finish_reason: str | None = None
+    output: list[str] = field(default_factory=list)  # the text delivered so far, piece by piece
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -199,6 +200,8 @@ class EngineLoop:
             if gen not in self._active:
                 continue  # already ended (cancelled by drain): nobody reads it any more
             gen.events.put_nowait(event)
+            if isinstance(event, StepOutput) and event.text:
+                gen.output.append(event.text)
             if isinstance(event, ApiError) or event.finished:
                 self._active.discard(gen)
         if not self._active:

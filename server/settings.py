@@ -55,6 +55,8 @@ class Settings(BaseModel):
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
                                        "text as those tokens (default: as plain text)")
+    log_prompts: bool = Field(False, description="put prompt and output text in the request log lines")
+    cors_origins: list[str] = Field([], description="origins allowed by CORS, comma-separated (default: none)")
     log_level: str = "INFO"
 
     @field_validator("memory_limit")
@@ -63,6 +65,11 @@ class Settings(BaseModel):
         if value is not None:
             parse_size(value)
         return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
 
     @property
     def memory_limit_bytes(self) -> int | None:

@@ -57,7 +57,7 @@ def test_cli_serve_starts_and_stops_on_sigterm(tiny_llama_dir):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "VRAMLITE_PORT": str(port), "VRAMLITE_DEVICE": "cpu"}
+    env = {**os.environ, "VRAMLITE_PORT": str(port), "VRAMLITE_DEVICE": "cpu", "VRAMLITE_API_KEY": "sk-cli-canary"}
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_llama_dir),
                              "--context", "64", "--log-level", "INFO"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, text=True)
@@ -71,7 +71,8 @@ def test_cli_serve_starts_and_stops_on_sigterm(tiny_llama_dir):
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "Hi", "max_tokens": 3}, timeout=30)
+        r = httpx.post(f"http://127.0.0.1:{port}/generate", json={"prompt": "Hi", "max_tokens": 3}, timeout=30,
+                       headers={"Authorization": "Bearer sk-cli-canary"})
         assert r.status_code == 200
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
@@ -80,4 +81,5 @@ def test_cli_serve_starts_and_stops_on_sigterm(tiny_llama_dir):
     log = proc.stderr.read()
     assert "event=model_loaded" in log and "context=64" in log and "event=drain_start" in log
     assert "Traceback" not in log
+    assert "api_key=set" in log and "sk-cli-canary" not in log
     assert f"request id={r.headers['x-request-id']} route=/generate method=POST status=200" in log
