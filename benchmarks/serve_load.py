@@ -18,17 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import socket
-import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -36,9 +29,9 @@ import numpy as np
 from httpx_sse import aconnect_sse
 
 from benchmarks.common import print_table, write_results
+from benchmarks.daemon import daemon
 from vramlite import models as demo_models
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPTS = [
     "The best way to predict the future is", "A fortune cookie says:", "Never trust a man who",
     "床前明月光，", "白日依山尽，", "春眠不觉晓，", "Q: Why did the chicken cross the road?\nA:",
@@ -47,7 +40,6 @@ PROMPTS = [
     "Today is the first day of", "海内存知己，", "Beware of the", "When in doubt,", "千里之行，",
     "Love is", "There are two kinds of people:", "He who laughs last", "天下大势，", "A penny saved",
 ]
-READY_TIMEOUT_S = 120
 COLUMNS = ["mode", "max_batch_size", "clients", "requests", "errors", "tokens", "wall_s", "client_cpu_s",
            "tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms", "speedup"]
 
@@ -59,42 +51,6 @@ class RequestResult:
     sent: float
     token_times: list[float] = field(default_factory=list)
     error: str | None = None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def daemon(max_batch_size: int, device: str, max_queue: int) -> Iterator[str]:
-    """`vramlite serve` on the demo model in a subprocess; yields its base URL once /health says ready."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(demo_models.path()), "--device", device,
-           "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-queue", str(max_queue),
-           "--log-level", "WARNING"]
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not _ready(url):
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    raise RuntimeError(f"the daemon did not become ready:\n{log.read()}")
-                time.sleep(0.2)
-            yield url
-        finally:
-            proc.terminate()
-            proc.wait(60)
-
-
-def _ready(url: str) -> bool:
-    try:
-        return httpx.get(url + "/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def stream_request(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> RequestResult:
@@ -173,8 +129,8 @@ def main() -> None:
 
     rows = []
     for mode, max_batch_size in (("continuous batching", args.batch), ("one at a time", 1)):
-        with daemon(max_batch_size, args.device, max_queue=args.clients) as url:
-            load = asyncio.run(drive(url, args.clients, args.requests, args.max_tokens))
+        with daemon(device=args.device, max_batch_size=max_batch_size, max_queue=args.clients) as served:
+            load = asyncio.run(drive(served.url, args.clients, args.requests, args.max_tokens))
         rows.append(summarize(mode, max_batch_size, args.clients, *load))
     batched, single = rows
     batched["speedup"] = round(batched["tokens_per_s"] / single["tokens_per_s"], 2)
