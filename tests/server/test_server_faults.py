@@ -4,6 +4,7 @@ point of a stream. The daemon keeps serving, answers every admitted request, and
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 from httpx_sse import connect_sse
@@ -103,3 +104,20 @@ def test_a_disconnect_at_any_point_of_a_stream_frees_the_request(tiny_llama_dir)
         wait_until(idle, timeout=2 * step + 1)
         assert engine.runner.cache.num_free_slots == 1
         assert c.post("/generate", json={"prompt": "Hi", "max_tokens": 3}).status_code == 200
+
+
+def test_sigterm_ends_streams_that_outlast_the_drain_with_a_final_error_event(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=lambda s: slowed(engine_loader(s), 0.05), drain_timeout=0.3) as srv, \
+            srv.client() as c:
+        body = {"prompt": "Hello", "max_tokens": 100, "temperature": 0, "stream": True}
+        with connect_sse(c, "POST", "/generate", json=body) as source:
+            events = source.iter_sse()
+            next(events)
+            started = time.monotonic()
+            srv.server.handle_exit(signal.SIGTERM, None)
+            rest = list(events)
+        assert time.monotonic() - started < 3
+        assert rest[-1].event == "error"
+        assert json.loads(rest[-1].data)["error"]["type"] == "shutting_down"
+        srv.thread.join(10)
+        assert not srv.thread.is_alive()
