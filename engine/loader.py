@@ -61,13 +61,13 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
         raise ValueError(f"context {context} exceeds the model's limit of {limit} positions")
     with torch.device("meta"):
         model = cls(cfg)
-    with CheckpointReader(model_dir) as reader:
-        place = keep
-        if memory_limit is not None:
-            model.offload = weight_store(model, reader, device, dtype, parse_size(memory_limit), max_batch_size,
-                                         context, max_tokens_per_step, prefetch_depth)
-            place = model.offload.place
-        model.load_weights(reader, device, dtype, place)
+    reader = CheckpointReader(model_dir)
+    place = keep
+    if memory_limit is not None:
+        model.offload = weight_store(model, reader, device, dtype, parse_size(memory_limit), max_batch_size,
+                                     context, max_tokens_per_step, prefetch_depth)
+        place = model.offload.place
+    model.load_weights(reader, device, dtype, place)
     loaded_bytes = weight_bytes(model)  # before streamed layers share their slots' memory
     if model.offload is not None:
         model.offload.start()

@@ -49,20 +49,20 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, shard_bytes: in
         model = cls(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, shard_bytes)
-    with CheckpointReader(in_dir) as reader:
-        int8_sources: dict[str, bool] = {}  # checkpoint name → stored [in, out] (Conv1D)
-        for spec in model.weight_specs(reader):
-            if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
-                int8_sources.update(dict.fromkeys(spec.sources, spec.transposed))
-        for name in reader.names():
-            tensor = reader.get(name)
-            if name in int8_sources:
-                transposed = int8_sources[name]
-                q, scale = quantize_weight(tensor.t() if transposed else tensor)
-                writer.add(name, q.t().contiguous() if transposed else q)
-                writer.add(name + SCALE_SUFFIX, scale)
-            else:
-                writer.add(name, tensor)
+    reader = CheckpointReader(in_dir)
+    int8_sources: dict[str, bool] = {}  # checkpoint name → stored [in, out] (Conv1D)
+    for spec in model.weight_specs(reader):
+        if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
+            int8_sources.update(dict.fromkeys(spec.sources, spec.transposed))
+    for name in reader.names():
+        tensor = reader.get(name)
+        if name in int8_sources:
+            transposed = int8_sources[name]
+            q, scale = quantize_weight(tensor.t() if transposed else tensor)
+            writer.add(name, q.t().contiguous() if transposed else q)
+            writer.add(name + SCALE_SUFFIX, scale)
+        else:
+            writer.add(name, tensor)
     writer.close()
     for f in in_dir.iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", INDEX_FILE):

@@ -1,7 +1,10 @@
 """Lazy access to the tensors of an HF-format checkpoint (single or sharded safetensors).
 
-Files are opened with safetensors' mmap reader; a tensor is read from disk only
+Files are read with safetensors' mmap reader; a tensor is read from disk only
 when asked for, so loading a model never holds a second copy of it in memory.
+Each read maps the file anew and unmaps it after: pages of a kept mapping would
+stay in the process's resident set, adding the checkpoint's whole size to the
+peak RSS of a load that quantizes (measured in benchmarks/load_memory.py).
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +30,11 @@ class CheckpointReader:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self._files = self._find_files(model_dir)
-        self._stack = ExitStack()
-        self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         for path in sorted(set(self._files.values()) if self._files else self._single(model_dir)):
-            handle = self._open(path)
-            for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                self._where[name] = path
+            with self._open(path) as handle:
+                for name in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                    self._where[name] = path
 
     @staticmethod
     def _find_files(model_dir: Path) -> dict[str, Path]:
@@ -58,13 +58,12 @@ class CheckpointReader:
                                  f"or shards listed in {INDEX_FILE})")
         return files
 
-    def _open(self, path: Path) -> Any:
+    @staticmethod
+    def _open(path: Path) -> Any:
         try:
-            handle = self._stack.enter_context(safe_open(str(path), framework="pt"))
+            return safe_open(str(path), framework="pt")
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"{path} is not a readable safetensors file: {e}{_cut_off(path)}") from None
-        self._handles[path] = handle
-        return handle
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -78,7 +77,8 @@ class CheckpointReader:
         if path is None:
             raise ModelLoadError(f"tensor {name!r} is missing from the checkpoint in {self.model_dir}")
         try:
-            tensor = self._handles[path].get_tensor(name)
+            with self._open(path) as handle:
+                tensor = handle.get_tensor(name)
         except (SafetensorError, OSError) as e:
             raise ModelLoadError(f"tensor {name!r} in {path} cannot be read: {e}") from None
         if shape is not None and tuple(tensor.shape) != tuple(shape):
@@ -87,16 +87,6 @@ class CheckpointReader:
                 f"from config.json"
             )
         return tensor
-
-    def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
-
-    def __enter__(self) -> CheckpointReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _cut_off(path: Path) -> str:
