@@ -150,9 +150,9 @@ def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
         ("host pinned", plan.host_bytes, "one arena holding the streamed layers"),
     ]
     width = max(len(name) for name, _, _ in rows)
-    lines = [f"{name:<{width}}  {format_bytes(nbytes):>10}  {detail}" for name, nbytes, detail in rows]
+    lines = [f"{name:<{width}}  {format_bytes(nbytes):>11}  {detail}" for name, nbytes, detail in rows]
     if plan.h2d_bytes_per_second > 0:
-        lines.append(f"{'host→device':<{width}}  {plan.h2d_bytes_per_second / 1e9:>6.2f} GB/s")
+        lines.append(f"{'host→device':<{width}}  {plan.h2d_bytes_per_second / 1e9:>7.2f} GB/s")
     if seconds is None:
         bound = "unknown: no host-to-device bandwidth (measure on a GPU, or give one)"
     elif seconds == 0:

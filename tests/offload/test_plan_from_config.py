@@ -72,3 +72,12 @@ def test_plan_command_with_the_gtx1060_profile_fits_a_7b(capsys):
 def test_plan_command_needs_a_memory_limit(capsys):
     assert main(["plan", "--model", str(LLAMA_7B)]) == 2
     assert "--memory-limit" in capsys.readouterr().err
+
+
+def test_readme_shows_the_real_plan_output(capsys, monkeypatch):
+    readme = (LLAMA_7B.parents[2] / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```console\n\$ vramlite (plan [^\n]*)\n(.*?)```", readme, re.S)
+    assert block, "README lost its `vramlite plan` example"
+    monkeypatch.chdir(LLAMA_7B.parents[2])
+    assert main(block.group(1).split()) == 0
+    assert capsys.readouterr().out == block.group(2)
