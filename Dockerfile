@@ -52,9 +52,10 @@ RUN groupadd --gid 10001 vramlite \
     && mkdir /models && chown 10001:10001 /models
 USER 10001:10001
 WORKDIR /home/vramlite
-# VRAMLITE_HOST: inside a container the daemon must listen on every interface for `-p 8000:8000` to reach
-# it (the environment outranks any profile's host; flags still win).
+# HOME: Triton caches its compiled kernels under it. VRAMLITE_HOST: inside a container the daemon must listen
+# on every interface for `-p 8000:8000` to reach it (the environment outranks any profile's host; flags win).
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/home/vramlite \
     VRAMLITE_HOST=0.0.0.0 \
     VRAMLITE_PORT=8000
 VOLUME ["/models"]
