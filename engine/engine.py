@@ -16,6 +16,7 @@ from engine.config import parse_size, read_json
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import pick_device, pick_dtype
 from engine.errors import LoadOutOfMemoryError, PromptTooLongError
+from engine.gpu_probe import GpuProbe, probe_device
 from engine.loader import load_model
 from engine.offload import WeightStore
 from engine.runner import Chunk, ModelRunner
@@ -51,8 +52,9 @@ class Engine:
     """
 
     def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
-                 scheduler_config: SchedulerConfig, defaults: dict[str, Any]) -> None:
+                 scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None) -> None:
         self.model_dir = model_dir
+        self.probe = probe or GpuProbe.cpu()  # what the device reported at start (name, PCIe, bandwidth)
         self.runner = runner
         self.tokenizer = tokenizer
         self.config = runner.model.config
@@ -85,11 +87,13 @@ class Engine:
         model_dir = Path(path)
         dev = pick_device(device)
         dt = pick_dtype(dev, dtype)
+        probe = probe_device(dev)  # raises for a GPU too old to use, before any weight is read
+        log.info("%s", probe.log_line())
         scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
         free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (None, None)
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
-                                        max_tokens_per_step, prefetch_depth)
+                                        max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second)
             runner = ModelRunner(model, dev, dt, max_batch_size, context)
         except torch.cuda.OutOfMemoryError as e:
             limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
@@ -98,7 +102,7 @@ class Engine:
         defaults = cls._generation_defaults(model_dir)
         log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
                  time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
-        return cls(model_dir, runner, tokenizer, scheduler_config, defaults)
+        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe)
 
     @staticmethod
     def _generation_defaults(model_dir: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,7 +14,15 @@ from engine.errors import ModelLoadError
 from engine.layers.linear import QUANTIZATIONS
 from engine.models import family
 from engine.models.base import CausalLM, keep
-from engine.offload import WeightStore, format_bytes, layer_sizes, min_budget, plan_offload, tensor_bytes
+from engine.offload import (
+    OffloadPlan,
+    WeightStore,
+    format_bytes,
+    layer_sizes,
+    min_budget,
+    plan_offload,
+    tensor_bytes,
+)
 from engine.weights import CheckpointReader
 
 log = logging.getLogger(__name__)
@@ -23,7 +32,8 @@ INT8_METHOD = "vramlite-int8"  # config.json quantization_config.quant_method of
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, context: int | None = None,
                quantize: str | None = None, memory_limit: int | str | None = None, max_batch_size: int = 1,
-               max_tokens_per_step: int = 512, prefetch_depth: int = 1) -> tuple[CausalLM, int]:
+               max_tokens_per_step: int = 512, prefetch_depth: int = 1, h2d_bandwidth: float = 0.0
+               ) -> tuple[CausalLM, int]:
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
@@ -35,37 +45,23 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     the weights, a KV cache of `max_batch_size` × context and the activations of
     `max_tokens_per_step` tokens: the layers that do not fit are loaded into
     host memory and streamed, `prefetch_depth` layers ahead (`model.offload`
-    holds the plan and its accounting). ValueError if even streaming every
-    layer does not fit. None: everything on the device, no offload machinery.
+    holds the plan and its accounting; `h2d_bandwidth`, the probed host-to-device
+    bytes/s, gives the plan's expected decode time). ValueError if even
+    streaming every layer does not fit. None: everything on the device, no
+    offload machinery.
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
-    raw = read_json(model_dir / "config.json")
-    cls = family(raw.get("model_type"))
-    cfg: ModelConfig = cls.parse_config(raw)
-    if quantize not in (None, *QUANTIZATIONS):
-        raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)} or None")
-    stored = (raw.get("quantization_config") or {}).get("quant_method")
-    if stored == INT8_METHOD:
-        quantize = "int8"
-    elif stored is not None:
-        raise ModelLoadError(f"config.json: quantization {stored!r} is not supported (only {INT8_METHOD!r})")
-    cfg = dataclasses.replace(cfg, quantization=quantize)
-    limit = cfg.max_position_embeddings
-    if cfg.sliding_window:
-        limit = min(limit, cfg.sliding_window)
-    if context is None:
-        context = limit
-    elif context > limit:
-        raise ValueError(f"context {context} exceeds the model's limit of {limit} positions")
-    with torch.device("meta"):
-        model = cls(cfg)
+    model, context = meta_model(read_json(model_dir / "config.json"), quantize, context)
+    quantize = model.config.quantization
+    cfg = model.config
     reader = CheckpointReader(model_dir)
     place = keep
     if memory_limit is not None:
-        model.offload = weight_store(model, reader, device, dtype, parse_size(memory_limit), max_batch_size,
-                                     context, max_tokens_per_step, prefetch_depth)
+        plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
+                          prefetch_depth, model.head_is_tied(reader), h2d_bandwidth)
+        model.offload = WeightStore(model.blocks(), plan, dtype, device)
         place = model.offload.place
     model.load_weights(reader, device, dtype, place)
     loaded_bytes = weight_bytes(model)  # before streamed layers share their slots' memory
@@ -85,13 +81,51 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(t.nbytes for t in tensors.values())
 
 
-def weight_store(model: CausalLM, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
-                 memory_limit: int, max_batch_size: int, context: int, max_tokens_per_step: int,
-                 prefetch_depth: int) -> WeightStore:
-    """Plan `model` (still on `meta`) into `memory_limit` and make the store its weights will load into."""
+def meta_model(raw: dict[str, Any], quantize: str | None = None, context: int | None = None
+               ) -> tuple[CausalLM, int]:
+    """The model a parsed config.json describes, built on `meta` (no memory), and its context length (see
+    `load_model` for `quantize` and `context`)."""
+    cls = family(raw.get("model_type"))
+    cfg: ModelConfig = cls.parse_config(raw)
+    if quantize not in (None, *QUANTIZATIONS):
+        raise ValueError(f"quantize {quantize!r} is not one of {', '.join(QUANTIZATIONS)} or None")
+    stored = (raw.get("quantization_config") or {}).get("quant_method")
+    if stored == INT8_METHOD:
+        quantize = "int8"
+    elif stored is not None:
+        raise ModelLoadError(f"config.json: quantization {stored!r} is not supported (only {INT8_METHOD!r})")
+    cfg = dataclasses.replace(cfg, quantization=quantize)
+    limit = cfg.max_position_embeddings
+    if cfg.sliding_window:
+        limit = min(limit, cfg.sliding_window)
+    if context is None:
+        context = limit
+    elif context > limit:
+        raise ValueError(f"context {context} exceeds the model's limit of {limit} positions")
+    with torch.device("meta"):
+        return cls(cfg), context
+
+
+def plan_from_config(config: str | Path, dtype: torch.dtype, memory_limit: int | str, quantize: str | None = None,
+                     max_batch_size: int = 1, context: int | None = None, max_tokens_per_step: int = 512,
+                     prefetch_depth: int = 1, h2d_bandwidth: float = 0.0) -> tuple[OffloadPlan, ModelConfig, int]:
+    """The memory plan `load_model` would make, from a model's config.json alone (a file, or the directory
+    holding it): sizes come from the shapes, so no weights are needed. Returns the plan, the parsed config and
+    the context. The LM head counts as tied when config.json says so (a checkpoint is not there to ask)."""
+    path = Path(config)
+    model, context = meta_model(read_json(path / "config.json" if path.is_dir() else path), quantize, context)
+    plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
+                      prefetch_depth, model.config.tie_word_embeddings, h2d_bandwidth)
+    return plan, model.config, context
+
+
+def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
+               max_tokens_per_step: int, prefetch_depth: int, tied: bool, h2d_bandwidth: float = 0.0
+               ) -> OffloadPlan:
+    """Plan `model` (on `meta`) into `memory_limit`: weights, a KV cache of `max_batch_size` × `context`, the
+    activations of `max_tokens_per_step` tokens; `tied`: the LM head shares the embedding's weight."""
     cfg = model.config
     layers = model.blocks()
-    tied = not any(spec.module is model.lm_head for spec in model.weight_specs(reader))
     fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if tied else layers)
     sizes = layer_sizes(layers, dtype)
 
@@ -100,13 +134,12 @@ def weight_store(model: CausalLM, reader: CheckpointReader, device: torch.device
                 workspace_bytes(cfg, batch, context, max_tokens_per_step, dtype))
 
     try:
-        plan = plan_offload(sizes, fixed, *activations(max_batch_size), memory_limit, prefetch_depth)
+        return plan_offload(sizes, fixed, *activations(max_batch_size), memory_limit, prefetch_depth, h2d_bandwidth)
     except ValueError as e:
         if max_batch_size == 1:
             raise
         one = min_budget(sizes, fixed, *activations(1), prefetch_depth)
         raise ValueError(f"{e} (with max_batch_size=1 it takes {format_bytes(one)})") from None
-    return WeightStore(layers, plan, dtype, device)
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype) -> int:

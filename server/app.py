@@ -332,6 +332,7 @@ async def info(request: Request) -> dict[str, Any]:
         "state": rt.loop.state.value,
         "model": model,
         "device": str(engine.device) if engine else s.device,
+        "gpu": engine.probe.as_dict() if engine else None,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else s.dtype,
         "quantization": {"requested": s.quantize, "active": quantization},
         "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
@@ -363,6 +364,7 @@ async def metrics(request: Request) -> Response:
     if engine is not None:
         store = engine.offload
         rt.metrics.read_offload(store.stats.snapshot() if store else None, engine.config.num_layers)
+        rt.metrics.read_probe(engine.probe)
     body = rt.metrics.render(engine.device if engine else None)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

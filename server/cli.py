@@ -1,4 +1,4 @@
-"""The `vramlite` command line: `serve`, `generate` and `quantize`."""
+"""The `vramlite` command line: `serve`, `generate`, `quantize` and `plan`."""
 
 from __future__ import annotations
 
@@ -69,6 +69,44 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+PLAN_SETTINGS = ("model", "dtype", "quantize", "memory_limit", "max_batch_size", "context", "max_tokens_per_step",
+                 "prefetch_depth")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import torch
+
+    from engine.device import pick_dtype
+    from engine.gpu_probe import probe_device
+    from engine.loader import plan_from_config
+    from engine.offload.planner import plan_table
+
+    flags = {name: getattr(args, name, None) for name in PLAN_SETTINGS}
+    s = load_settings(flags, os.environ, args.profile)
+    if s.memory_limit is None:
+        raise ValueError("plan needs a memory limit: --memory-limit 5GiB, or a profile that sets one")
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    default = None if gpu is not None else "fp16"  # the GPU's own choice (fp32 on Pascal), or fp16 for one elsewhere
+    dtype = pick_dtype(gpu or torch.device("cpu"), s.dtype if s.dtype not in (None, "auto") else default)
+    if args.pcie_gbps is not None:
+        bandwidth, source = args.pcie_gbps * 1e9, "given by --pcie-gbps"
+    elif gpu is not None:
+        probe = probe_device(gpu)
+        bandwidth, source = probe.h2d_bytes_per_second, f"measured on {probe.name}"
+    else:
+        bandwidth, source = 0.0, "unknown (no GPU here: give --pcie-gbps)"
+    model = s.model or demo_models.path()
+    plan, cfg, context = plan_from_config(model, dtype, s.memory_limit, None if s.quantize == "none" else s.quantize,
+                                          s.max_batch_size, s.context, s.max_tokens_per_step, s.prefetch_depth,
+                                          bandwidth)
+    print(f"model {model}: {cfg.model_type}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
+          f"{'int8' if cfg.quantization else str(dtype).removeprefix('torch.')} weights, "
+          f"{str(dtype).removeprefix('torch.')} compute, context {context}, batch {s.max_batch_size}")
+    print(f"host→device bandwidth: {source}")
+    print("\n".join(plan_table(plan, s.max_batch_size)))
+    return 0
+
+
 def add_settings_args(p: argparse.ArgumentParser) -> None:
     """One flag per daemon setting (`max_queue` → `--max-queue`); unset flags leave env and profile in charge."""
     p.add_argument("--profile", default=os.environ.get("VRAMLITE_PROFILE", DEFAULT_PROFILE),
@@ -109,6 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     qnt.add_argument("in_dir", help="HF-format model directory")
     qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")
     qnt.set_defaults(func=cmd_quantize)
+    pln = sub.add_parser("plan", help="print the VRAM plan for a model from its config.json alone (no weights)",
+                         description="Resident vs streamed layers, KV cache, swap slots, workspace, host memory and "
+                         "the decode speed the host-to-device copies allow. Settings as for serve: flags > env "
+                         "VRAMLITE_* > --profile.")
+    pln.add_argument("--profile", default=os.environ.get("VRAMLITE_PROFILE", DEFAULT_PROFILE),
+                     help="TOML profile whose settings to plan with (env VRAMLITE_PROFILE)")
+    for name in PLAN_SETTINGS:
+        field = Settings.model_fields[name]
+        pln.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
+                         help=f"{field.description or name} (env VRAMLITE_{name.upper()})")
+    pln.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s to assume (default: measured on the GPU "
+                     "here, if any); PCIe 3.0 x16 gives about 12 pinned")
+    pln.set_defaults(func=cmd_plan)
     return parser
 
 

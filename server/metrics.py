@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from engine.gpu_probe import GpuProbe
 from engine.offload import StatsSnapshot
 
 PREFIX = "vramlite"
@@ -26,8 +27,8 @@ class Metrics:
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, doc, labels, namespace=PREFIX, registry=r)
 
-        def gauge(name: str, doc: str) -> Gauge:
-            return Gauge(name, doc, namespace=PREFIX, registry=r)
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(name, doc, labels, namespace=PREFIX, registry=r)
 
         def histogram(name: str, doc: str, buckets: tuple[float, ...] = LATENCY_BUCKETS) -> Histogram:
             return Histogram(name, doc, namespace=PREFIX, registry=r, buckets=buckets)
@@ -38,6 +39,13 @@ class Metrics:
         self.pcie_h2d_bandwidth = gauge("pcie_h2d_bandwidth_bytes_per_second",
                                         "Host-to-device copy bandwidth over a recent window.")
         self.offload_stall_seconds = counter("offload_stall_seconds", "Time compute waited for streamed weights.")
+        # The device as probed at engine start (0 on a CPU).
+        self.gpu_info = gauge("gpu_info", "1 for the GPU the engine runs on (0 for a CPU), by name and capability.",
+                              ("name", "compute_capability"))
+        self.pcie_link_generation = gauge("pcie_link_generation", "PCIe generation the GPU and host can link at.")
+        self.pcie_link_width = gauge("pcie_link_width", "PCIe lanes the GPU and host can link with.")
+        self.pcie_h2d_probe = gauge("pcie_h2d_probe_bytes_per_second",
+                                    "Pinned host-to-device bandwidth measured at engine start.")
         # VRAM and KV cache.
         self.vram_used = gauge("vram_used_bytes", "Device memory held by tensors.")
         self.vram_reserved = gauge("vram_reserved_bytes", "Device memory reserved by the caching allocator.")
@@ -78,6 +86,13 @@ class Metrics:
         self.pcie_h2d_bytes.inc(snap.h2d_bytes - (last.h2d_bytes if last else 0))
         self.offload_stall_seconds.inc(snap.stall_seconds - (last.stall_seconds if last else 0.0))
         self._last_offload = snap
+
+    def read_probe(self, probe: GpuProbe) -> None:
+        """The GPU series from the engine's start-up probe."""
+        self.gpu_info.labels(probe.name, probe.capability).set(0 if probe.compute_capability is None else 1)
+        self.pcie_link_generation.set(probe.pcie.max_generation if probe.pcie else 0)
+        self.pcie_link_width.set(probe.pcie.max_width if probe.pcie else 0)
+        self.pcie_h2d_probe.set(probe.h2d_bytes_per_second)
 
     def render(self, device: torch.device | None) -> bytes:
         """The exposition text, after reading the device's memory figures."""

@@ -20,7 +20,9 @@ if sys.version_info >= (3, 11):
 else:
     import tomli as tomllib
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The profiles of configs/, through the link vramlite/configs → ../configs, which puts them in the wheel as
+# package data: the same path works in a source tree and in an installed package (the Docker image).
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "vramlite" / "configs"
 ENV_PREFIX = "VRAMLITE_"
 DEFAULT_PROFILE = "default"
 

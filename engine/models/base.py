@@ -122,6 +122,10 @@ class CausalLM(nn.Module, ABC):
         if self.lm_head.weight.is_meta:  # tied, or the checkpoint has no head of its own
             self.lm_head.weight = self.input_embeddings().weight
 
+    def head_is_tied(self, reader: CheckpointReader) -> bool:
+        """Whether the LM head will share the embedding's weight (tied, or the checkpoint has no head)."""
+        return not any(self._head_spec(reader))
+
     def _head_spec(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
         """The LM head's own weight, when it is not tied to the embedding and the checkpoint has one."""
         if not self.config.tie_word_embeddings and "lm_head.weight" in reader:

@@ -55,6 +55,7 @@ class OffloadPlan:
     streamed: tuple[int, ...]
     num_slots: int
     slot_bytes: int
+    h2d_bytes_per_second: float = 0.0  # the measured (or assumed) pinned host-to-device bandwidth; 0 = unknown
 
     @property
     def num_layers(self) -> int:
@@ -75,6 +76,21 @@ class OffloadPlan:
         return sum(self.layer_bytes[i] for i in self.streamed)
 
     @property
+    def host_bytes(self) -> int:
+        """The host arena: every streamed layer, laid out as in its slot."""
+        return self.streamed_bytes
+
+    @property
+    def decode_seconds(self) -> float | None:
+        """Lower bound on a decode step: the streamed bytes at the host-to-device bandwidth (None if unknown).
+
+        One step gives every running sequence a token, so the bound on tokens/s is batch / decode_seconds.
+        """
+        if not self.streamed:
+            return 0.0
+        return self.streamed_bytes / self.h2d_bytes_per_second if self.h2d_bytes_per_second > 0 else None
+
+    @property
     def device_bytes(self) -> int:
         """The planned VRAM total, ≤ memory_limit."""
         return (self.fixed_bytes + self.kv_bytes + self.workspace_bytes + self.resident_bytes
@@ -91,7 +107,17 @@ class OffloadPlan:
                          f" per step): {', '.join(map(str, self.streamed))}")
             lines.append(f"{self.num_slots} swap slots of {format_bytes(self.slot_bytes)}, "
                          f"prefetch depth {self.prefetch_depth}")
+            lines.append(self.describe_decode_bound())
         return lines
+
+    def describe_decode_bound(self) -> str:
+        """The expected decode time per token from the streamed bytes and the host-to-device bandwidth."""
+        seconds = self.decode_seconds
+        if seconds is None:
+            return "expected decode time per token: unknown (no host-to-device bandwidth measured)"
+        return (f"expected decode time per token ≥ {seconds * 1e3:.1f} ms = {format_bytes(self.streamed_bytes)} "
+                f"streamed / {self.h2d_bytes_per_second / 1e9:.2f} GB/s host to device "
+                f"(≤ {1 / seconds:.2f} tokens/s per sequence; a batch shares each copy)")
 
     def as_dict(self) -> dict[str, Any]:
         """The plan for `/info`."""
@@ -100,12 +126,48 @@ class OffloadPlan:
                 "workspace_bytes": self.workspace_bytes, "resident_layers": list(self.resident),
                 "streamed_layers": list(self.streamed), "resident_bytes": self.resident_bytes,
                 "streamed_bytes_per_step": self.streamed_bytes, "num_slots": self.num_slots,
-                "slot_bytes": self.slot_bytes, "prefetch_depth": self.prefetch_depth}
+                "slot_bytes": self.slot_bytes, "prefetch_depth": self.prefetch_depth,
+                "h2d_bytes_per_second": self.h2d_bytes_per_second, "decode_seconds_bound": self.decode_seconds}
+
+
+def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
+    """The plan as an aligned table: what takes VRAM, what lives in host memory, and the decode bound of the
+    host-to-device copies (`max_batch_size` sequences share each step's copies)."""
+    def layers(indices: Sequence[int]) -> str:
+        return ", ".join(map(str, indices)) if indices else "-"
+
+    seconds = plan.decode_seconds
+    rows = [
+        ("VRAM budget", plan.memory_limit, f"planned {format_bytes(plan.device_bytes)}"),
+        ("weights outside the layers", plan.fixed_bytes, "embeddings, final norm, LM head"),
+        ("KV cache", plan.kv_bytes, f"for a batch of {max_batch_size}"),
+        ("workspace", plan.workspace_bytes, "activations of one step"),
+        ("resident layers", plan.resident_bytes, f"{len(plan.resident)} of {plan.num_layers}: {layers(plan.resident)}"),
+        ("swap slots", plan.num_slots * plan.slot_bytes,
+         f"{plan.num_slots} × {format_bytes(plan.slot_bytes)}, prefetch depth {plan.prefetch_depth}"),
+        ("streamed layers", plan.streamed_bytes,
+         f"{len(plan.streamed)} of {plan.num_layers}, copied every step: {layers(plan.streamed)}"),
+        ("host pinned", plan.host_bytes, "one arena holding the streamed layers"),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"{name:<{width}}  {format_bytes(nbytes):>11}  {detail}" for name, nbytes, detail in rows]
+    if plan.h2d_bytes_per_second > 0:
+        lines.append(f"{'host→device':<{width}}  {plan.h2d_bytes_per_second / 1e9:>7.2f} GB/s")
+    if seconds is None:
+        bound = "unknown: no host-to-device bandwidth (measure on a GPU, or give one)"
+    elif seconds == 0:
+        bound = "not bound by copies: nothing is streamed"
+    else:
+        bound = (f"{seconds * 1e3:.1f} ms per step = {1 / seconds:.2f} tokens/s per sequence, "
+                 f"{max_batch_size / seconds:.2f} tokens/s for a batch of {max_batch_size}")
+    lines.append(f"{'decode bound':<{width}}  {bound}")
+    return lines
 
 
 def plan_offload(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspace_bytes: int,
-                 memory_limit: int, prefetch_depth: int = 1) -> OffloadPlan:
-    """The plan keeping the most layers resident within `memory_limit`.
+                 memory_limit: int, prefetch_depth: int = 1, h2d_bytes_per_second: float = 0.0) -> OffloadPlan:
+    """The plan keeping the most layers resident within `memory_limit`; `h2d_bytes_per_second` (the probed
+    pinned bandwidth, 0 = unknown) gives its expected decode time per token.
 
     Raises ValueError naming the smallest budget that works when none does.
     The resident count is monotone in the budget: each count has one fixed
@@ -117,8 +179,8 @@ def plan_offload(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, wo
         raise ValueError(f"prefetch_depth must be ≥ 1, got {prefetch_depth}")
     if min(layer_bytes) < 0 or min(fixed_bytes, kv_bytes, workspace_bytes) < 0:
         raise ValueError("byte sizes must be ≥ 0")
-    plans = [_layout(layer_bytes, fixed_bytes, kv_bytes, workspace_bytes, memory_limit, prefetch_depth, n)
-             for n in range(len(layer_bytes) + 1)]
+    plans = [_layout(layer_bytes, fixed_bytes, kv_bytes, workspace_bytes, memory_limit, prefetch_depth, n,
+                     h2d_bytes_per_second) for n in range(len(layer_bytes) + 1)]
     for plan in plans:  # fewest streamed layers first
         if plan.device_bytes <= memory_limit:
             return plan
@@ -140,7 +202,7 @@ def min_budget(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, work
 
 
 def _layout(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspace_bytes: int, memory_limit: int,
-            prefetch_depth: int, num_streamed: int) -> OffloadPlan:
+            prefetch_depth: int, num_streamed: int, h2d_bytes_per_second: float = 0.0) -> OffloadPlan:
     streamed = spread(len(layer_bytes), num_streamed)
     return OffloadPlan(
         memory_limit=memory_limit, layer_bytes=tuple(layer_bytes), fixed_bytes=fixed_bytes, kv_bytes=kv_bytes,
@@ -148,4 +210,5 @@ def _layout(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspa
         # one slot per layer in flight: the computing one and `prefetch_depth` ahead (never more than streamed)
         num_slots=min(prefetch_depth + 1, num_streamed),
         slot_bytes=max((layer_bytes[i] for i in streamed), default=0),
+        h2d_bytes_per_second=h2d_bytes_per_second,
     )
