@@ -149,7 +149,7 @@ function showError(err) {
     : `Error · ${err.name || "network"}`;
   const message = document.createElement("span");
   message.textContent = err.message || String(err);
-  box.append(head, " ", message);
+  box.append(head, message);
   box.hidden = false;
 }
 
@@ -407,7 +407,8 @@ class Chart {
       this.points[i].push(Number.isFinite(v) ? v : 0);
       if (this.points[i].length > CHART_POINTS) this.points[i].shift();
     });
-    const top = Math.max(...this.points.flat()) || 1;
+    const peak = Math.max(...this.points.flat());
+    const top = peak || 1;
     this.lines.forEach((line, i) => {
       const pts = this.points[i];
       const x0 = CHART_POINTS - pts.length;
@@ -415,7 +416,7 @@ class Chart {
     });
     const text = values.map((v, i) => `${this.series[i].name} ${this.format(v)}`).join(", ");
     this.figure.querySelector(".value").textContent = text;
-    this.scale.textContent = `max ${this.format(top)}`;
+    this.scale.textContent = `max ${this.format(peak)}`;
     this.svg.setAttribute("aria-label", `${text}; the last ${this.points[0].length} samples`);
     this.samples += 1;
     this.figure.dataset.samples = String(this.samples);

@@ -3,6 +3,7 @@ engine panel and its live charts, and the layout at desktop and phone widths (sc
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -167,6 +168,24 @@ def test_fill_blank_shows_the_servers_error(page: Any, daemon: Running, artifact
     assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"], "the page scrolls sideways"
 
 
+def test_fill_blank_stream_fills_each_blank_in_place(page: Any, artifacts: Path):
+    """The page against the contract's fill_blank stream (DESIGN.md), replayed by the browser since the demo
+    daemon cannot fill: a completed-blank event per blank, the final reply, then [DONE]."""
+    events = [{"index": 1, "position": 9, "text": "一起去公园"}, {"index": 0, "position": 2, "text": "天气很好"},
+              {"blanks": [{"index": 0, "position": 2, "text": "天气很好"}, {"index": 1, "position": 9,
+                                                                        "text": "一起去公园"}],
+               "text": "今天天气很好，我们一起去公园。"}]
+    body = "".join(f"data: {json.dumps(e, ensure_ascii=False)}\n\n" for e in events) + "data: [DONE]\n\n"
+    page.route("**/fill_blank", lambda route: route.fulfill(status=200, content_type="text/event-stream",
+                                                            body=body))
+    fill_two_blanks(page)
+    wait_status(page, "Done: 2 blanks filled")
+    filled = page.locator("#output mark.blank.filled")
+    assert filled.all_text_contents() == ["天气很好", "一起去公园"]
+    assert page.locator("#output").text_content() == "今天天气很好，我们一起去公园。"
+    page.screenshot(path=artifacts / "fill-stream-desktop.png", full_page=True)
+
+
 @pytest.mark.skipif("fill_model" not in Settings.model_fields,
                     reason="the default profile serves no fill-blank model yet (the fill_model setting is pending)")
 def test_fill_blank_fills_each_blank_in_place(page: Any, daemon: Running, artifacts: Path):
@@ -182,7 +201,7 @@ def test_fill_blank_fills_each_blank_in_place(page: Any, daemon: Running, artifa
 
 
 def test_phone_width_layout(browser: Any, daemon: Running, artifacts: Path):
-    context = browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True, has_touch=True)
+    context = browser.new_context(viewport=PHONE, is_mobile=True, has_touch=True)
     page = context.new_page()
     try:
         page.goto(daemon.url + "/")
