@@ -344,8 +344,7 @@ function renderPlan(offload) {
   bar.setAttribute("aria-label", offload ? summary : "no memory plan yet");
   $("plan-summary").textContent = offload ? summary + "." : "";
   const bytes = offload && offload.planned_bytes !== undefined ? [
-    ["memory limit", formatBytes(offload.memory_limit_bytes)],
-    ["planned", formatBytes(offload.planned_bytes)],
+    ["planned", `${formatBytes(offload.planned_bytes)} of ${formatBytes(offload.memory_limit_bytes)}`],
     ["resident layers", formatBytes(offload.resident_bytes)],
     ["KV cache", formatBytes(offload.kv_cache_bytes)],
     ["swap slots", `${offload.num_slots} × ${formatBytes(offload.slot_bytes)}`],
@@ -356,11 +355,9 @@ function renderPlan(offload) {
   fillList($("plan-bytes"), bytes);
 }
 
-let device = "";
-
 function renderInfo(info) {
   const m = info.model;
-  device = info.device || "";
+  const device = info.device || "";
   const limit = info.memory_limit;
   fillList($("facts"), [
     ["model", m.name],
@@ -374,7 +371,7 @@ function renderInfo(info) {
     ["version", info.version],
   ]);
   renderPlan(info.offload);
-  $("live-note").textContent = device.startsWith("cuda") ? "" : "(VRAM and PCIe read 0 off a GPU)";
+  $("live-note").textContent = device.startsWith("cuda") ? "" : "(VRAM reads 0 off a GPU)";
 }
 
 /** A hand-drawn SVG line chart of the last CHART_POINTS samples of one or more series. */
@@ -475,7 +472,7 @@ async function refreshStats() {
   if (stats.state !== infoState) await refreshInfo();
   const vramTop = m.vram_limit_bytes || m.vram_total_bytes;
   charts.pcie.add([perSecond(stats, lastStats, "pcie_h2d_bytes_total") / 1e9]);
-  charts.vram.add([m.vram_used_bytes / 2 ** 30, vramTop / 2 ** 30]);
+  charts.vram.add([m.vram_used_bytes, vramTop]);
   charts.tokens.add([perSecond(stats, lastStats, "generation_tokens_total")]);
   charts.queue.add([m.requests_running, m.requests_waiting]);
   lastStats = stats;
@@ -493,10 +490,9 @@ async function pollStats() {
 
 function setupEngine() {
   const gbps = (v) => `${v.toFixed(2)} GB/s`;
-  const gib = (v) => `${v.toFixed(2)} GiB`;
   charts.pcie = new Chart($("chart-pcie"), [{ name: "", className: "s1" }], gbps);
   charts.vram = new Chart($("chart-vram"), [{ name: "used", className: "s1" }, { name: "limit", className: "s2" }],
-                          gib);
+                          formatBytes);
   charts.tokens = new Chart($("chart-tokens"), [{ name: "", className: "s1" }], (v) => v.toFixed(1));
   charts.queue = new Chart($("chart-queue"),
                            [{ name: "running", className: "s1" }, { name: "waiting", className: "s2" }],

@@ -49,8 +49,10 @@ def browser() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[Running]:
     """The default profile's daemon on the demo model, paced, with one batch slot and no queue (so a second
-    request gets a 429)."""
-    flags = {"device": "cpu", "context": 128, "max_batch_size": 1, "max_queue": 0, "log_level": "WARNING"}
+    request gets a 429), under a memory limit that keeps some of its 6 layers resident and streams the others
+    (the smallest budget that works is ≈21.6 MiB, each layer ≈2.8 MiB)."""
+    flags = {"device": "cpu", "context": 128, "max_batch_size": 1, "max_queue": 0, "memory_limit": "29MiB",
+             "log_level": "WARNING"}
     settings = load_settings(flags, env={})
     with running_server(demo_models.path(), load=slow_loader(STEP_DELAY_S),
                         **settings.model_dump(exclude={"host", "port", "model"})) as running:

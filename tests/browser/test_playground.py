@@ -61,11 +61,15 @@ def test_page_is_public_with_a_strict_csp(daemon: Running):
     assert stats["state"] == "ready" and "generation_tokens_total" in stats["metrics"]
 
 
-def test_engine_panel_shows_the_plan_and_live_charts(page: Any, artifacts: Path):
+def test_engine_panel_shows_the_plan_and_live_charts(page: Any, daemon: Running, artifacts: Path):
+    plan = httpx.get(daemon.url + "/info").json()["offload"]
+    resident, streamed = len(plan["resident_layers"]), len(plan["streamed_layers"])
+    assert resident and streamed and resident + streamed == 6
     page.wait_for_selector("#plan-bar .layer")
-    assert page.locator("#plan-bar .layer.resident").count() == 6  # the demo model's layers, none streamed
-    assert page.locator("#plan-bar .layer.streamed").count() == 0
-    assert "6 resident" in page.locator("#plan-bar").get_attribute("aria-label")
+    assert page.locator("#plan-bar .layer.resident").count() == resident
+    assert page.locator("#plan-bar .layer.streamed").count() == streamed
+    assert f"{resident} resident in VRAM, {streamed} streamed" in page.locator("#plan-bar").get_attribute("aria-label")
+    assert "29.0 MiB" in page.locator("#plan-bytes").text_content()
     facts = page.locator("#facts").text_content()
     assert "demo-llama" in facts and "llama" in facts and "cpu" in facts and "float32" in facts
     assert page.locator("#server-state").text_content() == "ready"
@@ -90,9 +94,11 @@ def test_generate_streams_then_matches_the_json_reply(page: Any, daemon: Running
                        timeout=30).json()
     assert generated(page) == reply["text"]
     assert f"{reply['usage']['completion_tokens']} generated tokens" in page.locator("#meter").text_content()
-    # The tokens/s chart drew the generation: some point sits above its baseline (y = 100).
-    page.wait_for_function("""() => document.querySelector('#chart-tokens polyline').getAttribute('points')
-                                      .split(' ').some(p => Number(p.split(',')[1]) < 100)""")
+    # The tokens/s and PCIe charts drew the generation (streamed layers are copied each step): some point of
+    # each sits above its baseline (y = 100).
+    for chart in ("tokens", "pcie"):
+        page.wait_for_function("""id => document.querySelector(`#${id} polyline`).getAttribute('points')
+                                          .split(' ').some(p => Number(p.split(',')[1]) < 100)""", arg=f"chart-{chart}")
     page.screenshot(path=artifacts / "generate-desktop.png", full_page=True)
 
 
