@@ -120,7 +120,8 @@ async function* sseJson(response) {
         if (!ev) continue;
         if (ev.data === "[DONE]") return;
         const payload = JSON.parse(ev.data);
-        if (ev.event === "error") throw new HttpError(response.status, payload.error.type, payload.error.message);
+        // The reply began as a 200: an error after that has no status of its own.
+        if (ev.event === "error") throw new HttpError(0, payload.error.type, payload.error.message);
         yield payload;
       }
     }

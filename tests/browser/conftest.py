@@ -32,8 +32,10 @@ def _unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
+    """Chromium, closed with its module: while Playwright's sync API runs, this thread has a running asyncio
+    loop, which would break later tests that call asyncio.run."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
@@ -46,7 +48,7 @@ def browser() -> Iterator[Any]:
         browser.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def daemon() -> Iterator[Running]:
     """The default profile's daemon on the demo model, paced, with one batch slot and no queue (so a second
     request gets a 429), under a memory limit that keeps some of its 6 layers resident and streams the others

@@ -121,6 +121,20 @@ def test_stop_cancels_the_request(page: Any, daemon: Running):
     assert page.locator("#error").is_hidden()
 
 
+def test_error_after_the_stream_began_is_shown(page: Any):
+    """An `event: error` mid-stream (here the contract's 504, replayed by the browser) keeps the text so far."""
+    error = {"error": {"type": "timeout", "message": "the request took longer than request_timeout=1 s"}}
+    body = (f"data: {json.dumps({'index': 0, 'token': {'id': 7, 'text': ' jumps'}})}\n\n"
+            f"event: error\ndata: {json.dumps(error)}\n\n")
+    page.route("**/generate", lambda route: route.fulfill(status=200, content_type="text/event-stream", body=body))
+    page.click("#send")
+    page.locator("#error").wait_for(state="visible")
+    assert page.locator("#error strong").text_content() == "Error · timeout"
+    assert error["error"]["message"] in page.locator("#error").text_content()
+    assert generated(page) == " jumps"
+    assert_ready(page)
+
+
 def test_busy_server_is_retried_after_retry_after(page: Any, daemon: Running):
     """One batch slot, no queue: while another client generates, the page says it is busy, then retries."""
     other = threading.Thread(target=httpx.post, args=(daemon.url + "/generate",),
