@@ -34,6 +34,7 @@ from server.engine_loop import EngineLoop, Generation
 from server.errors import ApiError, install_error_handlers
 from server.guards import RequestLimitsMiddleware
 from server.metrics import Metrics
+from server.playground import install_playground
 from server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -43,6 +44,7 @@ from server.schemas import (
     GenerateResponse,
     OpenAIFields,
     SamplingFields,
+    Stats,
 )
 from server.settings import Settings
 from vramlite import __version__
@@ -358,15 +360,26 @@ def offload_info(engine: Engine | None) -> dict[str, Any] | None:
 @protected.get("/metrics", summary="Prometheus exposition", response_class=Response,
                responses=text_response("text/plain", "Prometheus text exposition format 0.0.4"))
 async def metrics(request: Request) -> Response:
+    body = read_engine_metrics(runtime(request)).render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@protected.get("/stats", response_model=Stats, summary="the gauges and counters of /metrics as JSON")
+async def stats(request: Request) -> Stats:
     rt = runtime(request)
+    return Stats(time=time.time(), state=rt.loop.state.value, metrics=read_engine_metrics(rt).values())
+
+
+def read_engine_metrics(rt: Runtime) -> Metrics:
+    """The metrics with the series read at scrape time (VRAM, offload, PCIe) brought up to date."""
     engine = rt.loop.engine
     rt.metrics.vram_limit.set(rt.settings.memory_limit_bytes or 0)
     if engine is not None:
         store = engine.offload
         rt.metrics.read_offload(store.stats.snapshot() if store else None, engine.config.num_layers)
         rt.metrics.read_probe(engine.probe)
-    body = rt.metrics.render(engine.device if engine else None)
-    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+        rt.metrics.read_device(engine.device)
+    return rt.metrics
 
 
 @protected.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES,
@@ -505,5 +518,6 @@ def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> Fas
                        log_prompts=settings.log_prompts)
     app.include_router(public)
     app.include_router(protected)
+    install_playground(app)
     return app
 

@@ -94,10 +94,23 @@ class Metrics:
         self.pcie_link_width.set(probe.pcie.max_width if probe.pcie else 0)
         self.pcie_h2d_probe.set(probe.h2d_bytes_per_second)
 
-    def render(self, device: torch.device | None) -> bytes:
-        """The exposition text, after reading the device's memory figures."""
+    def read_device(self, device: torch.device | None) -> None:
+        """The VRAM series from torch's CUDA allocator (they stay 0 off a GPU)."""
         if device is not None and device.type == "cuda":
             self.vram_used.set(torch.cuda.memory_allocated(device))
             self.vram_reserved.set(torch.cuda.memory_reserved(device))
             self.vram_total.set(torch.cuda.get_device_properties(device).total_memory)
+
+    def render(self) -> bytes:
+        """The exposition text."""
         return generate_latest(self.registry)
+
+    def values(self) -> dict[str, float]:
+        """Each unlabelled gauge and counter by its exposition name less the prefix (`generation_tokens_total`)."""
+        values = {}
+        for family in self.registry.collect():
+            if family.type in ("gauge", "counter"):
+                for sample in family.samples:
+                    if not sample.labels and not sample.name.endswith("_created"):
+                        values[sample.name.removeprefix(f"{PREFIX}_")] = sample.value
+        return values

@@ -111,6 +111,15 @@ class GenerateResponse(BaseModel):
     usage: Usage
 
 
+class Stats(BaseModel):
+    """`GET /stats`: what /metrics exposes, as JSON for the playground's charts."""
+
+    time: float = Field(description="the server's clock, Unix seconds; a rate is the difference of two readings")
+    state: Literal["loading", "ready", "draining", "failed", "stopped"]
+    metrics: dict[str, float] = Field(description="each unlabelled gauge and counter of /metrics by name, less the "
+                                                  "`vramlite_` prefix, such as `generation_tokens_total`")
+
+
 # --- OpenAI-compatible bodies: unknown fields are ignored, as clients send many optional ones ----------
 
 
