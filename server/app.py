@@ -66,36 +66,55 @@ def served_model_name(settings: Settings) -> str:
     return settings.served_model_name or model_dir(settings).name
 
 
-def engine_loader(settings: Settings) -> Callable[[], Engine]:
-    """What the engine thread calls to load the model the settings name."""
-    return partial(Engine.from_dir, model_dir(settings), device=settings.device, dtype=settings.dtype,
-                   max_batch_size=settings.max_batch_size, context=settings.context,
+def fill_model_dir(settings: Settings) -> Path | None:
+    """The model that answers /fill_blank when it is not the served one (see the `fill_model` setting)."""
+    if settings.fill_model == "none":
+        return None
+    if settings.fill_model:
+        return Path(settings.fill_model)
+    demo = demo_models.path(demo_models.FILL_BLANK)
+    return demo if settings.model is None and demo.is_dir() else None
+
+
+def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], Engine]:
+    """What the engine thread calls to load the model the settings name, or the model at `path` (the fill
+    model: same device, dtype and quantization, no memory limit of its own)."""
+    return partial(Engine.from_dir, path or model_dir(settings), device=settings.device, dtype=settings.dtype,
+                   max_batch_size=settings.max_batch_size, context=None if path else settings.context,
                    max_tokens_per_step=settings.max_tokens_per_step,
                    quantize=None if settings.quantize == "none" else settings.quantize,
-                   memory_limit=settings.memory_limit, prefetch_depth=settings.prefetch_depth)
+                   memory_limit=None if path else settings.memory_limit, prefetch_depth=settings.prefetch_depth)
 
 
-def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None) -> EngineLoop:
+def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None,
+                     metrics: Metrics | None = None) -> EngineLoop:
     """The engine loop for `settings`; `load` replaces loading the model the settings name."""
-    return EngineLoop(load or engine_loader(settings), Metrics(), max_batch_size=settings.max_batch_size,
+    return EngineLoop(load or engine_loader(settings), metrics or Metrics(), max_batch_size=settings.max_batch_size,
                       max_queue=settings.max_queue, request_timeout=settings.request_timeout)
 
 
 class Runtime:
-    """What the routes share: settings, metrics and the engine loop."""
+    """What the routes share: settings, metrics, the engine loop, and the fill model's loop if there is one."""
 
-    def __init__(self, settings: Settings, engine_loop: EngineLoop) -> None:
+    def __init__(self, settings: Settings, engine_loop: EngineLoop, fill_loop: EngineLoop | None = None) -> None:
         self.settings = settings
         self.metrics = engine_loop.metrics
         self.loop = engine_loop
+        self.fill_loop = fill_loop
+        self.loops = [engine_loop] if fill_loop is None else [engine_loop, fill_loop]
         self.model_name = served_model_name(settings)
 
     @property
     def engine(self) -> Engine:
         """The loaded engine, or the 503 that says why there is none."""
-        self.loop.check_ready()
-        assert self.loop.engine is not None  # READY implies loaded
-        return self.loop.engine
+        return loaded(self.loop)
+
+
+def loaded(loop: EngineLoop) -> Engine:
+    """The engine `loop` runs, or the 503 that says why there is none."""
+    loop.check_ready()
+    assert loop.engine is not None  # READY implies loaded
+    return loop.engine
 
 
 def runtime(request: Request) -> Runtime:
@@ -315,7 +334,8 @@ protected = APIRouter(dependencies=[Depends(require_api_key)], responses=error_r
 @public.get("/health", summary="200 when the engine can serve; 503 while loading, draining, broken, or "
             "degraded for a while after a request failed in the engine", responses=error_responses(503))
 async def health(request: Request) -> dict[str, str]:
-    runtime(request).loop.check_healthy()
+    for loop in runtime(request).loops:
+        loop.check_healthy()
     return {"status": "ok"}
 
 
@@ -340,10 +360,20 @@ async def info(request: Request) -> dict[str, Any]:
         "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
                          "active": bool(engine and engine.offload)},
         "offload": offload_info(engine),
+        "fill_model": fill_info(rt.fill_loop, fill_model_dir(s)),
         "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
                    "max_queue": s.max_queue, "request_timeout": s.request_timeout,
                    "max_body_bytes": s.max_body_bytes},
     }
+
+
+def fill_info(loop: EngineLoop | None, path: Path | None) -> dict[str, Any] | None:
+    """The model answering /fill_blank when it is not the served one."""
+    if loop is None or path is None:
+        return None
+    engine = loop.engine
+    return {"name": path.name, "path": str(path), "state": loop.state.value,
+            "type": engine.config.model_type if engine else None}
 
 
 def offload_info(engine: Engine | None) -> dict[str, Any] | None:
@@ -488,25 +518,32 @@ async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], 
 
 
 def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> FastAPI:
-    """The daemon's ASGI app. The model loads on the engine thread at startup; until then routes answer 503.
+    """The daemon's ASGI app. The models load on engine threads at startup; until then routes answer 503.
 
-    `engine_loop` defaults to one that loads the model the settings name (tests pass their own).
+    `engine_loop` defaults to one that loads the model the settings name (tests pass their own); a second
+    loop serves /fill_blank when the settings name a fill model.
     """
     engine_loop = engine_loop or make_engine_loop(settings)
+    fill_dir = fill_model_dir(settings)
+    fill_loop = None if fill_dir is None else make_engine_loop(settings, engine_loader(settings, fill_dir),
+                                                               engine_loop.metrics)
+    rt = Runtime(settings, engine_loop, fill_loop)
+    engine_loop.metrics.watch(rt.loops)
     # sse-starlette would end every stream on the first SIGTERM (a process-wide flag); our drain lets
     # running streams finish, then ends the stragglers itself.
     AppStatus.disable_automatic_graceful_drain()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        engine_loop.start(asyncio.get_running_loop())
+        for loop in rt.loops:
+            loop.start(asyncio.get_running_loop())
         yield
-        await engine_loop.stop()
+        await asyncio.gather(*(loop.stop() for loop in rt.loops))
 
     app = FastAPI(title="vramlite", version=__version__, lifespan=lifespan,
                   description="Run big language models on one small GPU. Errors always have the body "
                               '`{"error": {"type", "message"}}`.')
-    app.state.runtime = Runtime(settings, engine_loop)
+    app.state.runtime = rt
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, max_header_bytes=settings.max_header_bytes,
                        max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)

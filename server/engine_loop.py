@@ -91,6 +91,8 @@ class EngineLoop:
         # Owned by the engine thread.
         self._by_seq: dict[int, Generation] = {}
         self._failed_steps = 0
+        self.num_running = 0
+        self.num_waiting = 0
 
     # --- asyncio side -----------------------------------------------------------------------------
 
@@ -338,10 +340,9 @@ class EngineLoop:
         self.metrics.generation_tokens.inc()
 
     def _update_gauges(self, engine: Engine) -> None:
-        running = len(engine.scheduler.running)
-        self.metrics.requests_running.set(running)
-        self.metrics.requests_waiting.set(len(engine.scheduler.waiting) + self._inbox.qsize())
-        self.metrics.kv_cache_usage.set(running / self.max_batch_size)
+        """The load figures `Metrics.watch` reads at scrape time."""
+        self.num_running = len(engine.scheduler.running)
+        self.num_waiting = len(engine.scheduler.waiting) + self._inbox.qsize()
 
     def _fail(self, error: Exception) -> None:
         """The engine raised mid-step: every request in it gets a 500, and the engine is out of service."""

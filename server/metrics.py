@@ -1,17 +1,23 @@
 """Prometheus series of DESIGN.md ("Metrics"), on a registry of their own per app.
 
-Load series are fed by the engine thread and the request middleware. VRAM series are read from
+Load series are fed by the engine threads and the request middleware. VRAM series are read from
 torch's CUDA allocator at scrape time, PCIe and offload series from the engine's offload stats
 (they read 0 without a memory limit or a GPU, so dashboards never miss a series).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from engine.gpu_probe import GpuProbe
 from engine.offload import StatsSnapshot
+
+if TYPE_CHECKING:
+    from server.engine_loop import EngineLoop
 
 PREFIX = "vramlite"
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
@@ -71,6 +77,13 @@ class Metrics:
         self._last_offload: StatsSnapshot | None = None
         self.batch_size = histogram("batch_size", "Sequences that got a token from the same forward pass.",
                                     BATCH_BUCKETS)
+
+    def watch(self, loops: Sequence[EngineLoop]) -> None:
+        """Read the load gauges from the engine loops serving, summed, at each scrape."""
+        self.requests_running.set_function(lambda: sum(loop.num_running for loop in loops))
+        self.requests_waiting.set_function(lambda: sum(loop.num_waiting for loop in loops))
+        self.kv_cache_usage.set_function(lambda: sum(loop.num_running for loop in loops)
+                                         / sum(loop.max_batch_size for loop in loops))
 
     def read_offload(self, snap: StatsSnapshot | None, num_layers: int) -> None:
         """Offload and PCIe series from the engine's stats (counters advance by what changed since last time)."""

@@ -38,6 +38,9 @@ class Settings(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     model: str | None = Field(None, description="HF-format model directory; default: the shipped demo model")
+    fill_model: str | None = Field(None, description="model directory that answers /fill_blank, e.g. a T5; "
+                                   "default: the shipped demo T5 when --model is unset, else the served model; "
+                                   "'none': the served model")
     served_model_name: str | None = Field(None, description="name for the OpenAI API; default: the dir's name")
     device: str | None = Field(None, description="cpu, cuda, cuda:N; default: a GPU if present")
     dtype: Literal["auto", "fp32", "fp16", "bf16"] | None = None

@@ -6,6 +6,7 @@ from pathlib import Path
 
 DIR = Path(__file__).parent
 DEFAULT = "demo-llama"
+FILL_BLANK = "demo-t5"  # the encoder-decoder that answers /fill_blank when no model is named
 
 
 def path(name: str = DEFAULT) -> Path:
