@@ -144,11 +144,11 @@ class SentinelFormat:
     sentinel_ids: tuple[int, ...]  # the id of sentinel i
     eos_ids: frozenset[int]
 
+    why = ""  # what bounds max_blanks, for BlankCountError's message
+
     @property
     def max_blanks(self) -> int:
         return min(MAX_BLANKS, len(self.sentinel_ids))
-
-    why = ""
 
     def prompt_ids(self, pieces: list[list[int]], head: list[int], tail: list[int]) -> list[int]:
         ids = [*head, *pieces[0]]
