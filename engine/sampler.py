@@ -50,12 +50,15 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end generation like a stop string (fill_blank's sentinels)
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if isinstance(stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(stop))
+        if isinstance(self.stop_token_ids, (list, tuple, frozenset, set)):
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         _require(
             _is_int(self.max_tokens) and self.max_tokens >= 0,
             "max_tokens",
@@ -99,6 +102,12 @@ class SamplingParams:
             )
         _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _require(
+            isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
+            "stop_token_ids",
+            self.stop_token_ids,
+            "a list of token ids",
+        )
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> SamplingParams:

@@ -12,7 +12,7 @@ from engine.stop import StopMatcher
 
 
 class FinishReason(str, enum.Enum):
-    STOP = "stop"  # a stop string matched
+    STOP = "stop"  # a stop string or stop token matched
     LENGTH = "length"  # max_tokens reached, or the context is full
     EOS = "eos"  # the model ended the text
     CANCELLED = "cancelled"  # aborted by the caller
@@ -49,6 +49,7 @@ class Sequence:
         self.detokenizer = detokenizer
         self.stop = StopMatcher(params.stop)
         self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
+        self.stop_ids = frozenset(params.stop_token_ids)
         self.text = ""
         self.finish_reason: FinishReason | None = None
 
@@ -75,6 +76,8 @@ class Sequence:
         self.sampler.append(token_id)
         if token_id in self.eos_ids:
             return self.finish(FinishReason.EOS, token_id)
+        if token_id in self.stop_ids:
+            return self.finish(FinishReason.STOP, token_id)
         text, stopped = self.stop.feed(self.detokenizer.add(token_id))
         self.text += text
         if stopped:
@@ -85,7 +88,7 @@ class Sequence:
 
     def finish(self, reason: FinishReason, token_id: int | None = None, text: str = "") -> StepOutput:
         """End the sequence, releasing any text held back for a possible stop string (unless one hit)."""
-        if reason is not FinishReason.STOP:
+        if not self.stop.stopped:
             held, stopped = self.stop.feed(self.detokenizer.flush())
             tail = held if stopped else held + self.stop.flush()
             self.text += tail

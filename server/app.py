@@ -11,11 +11,12 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
@@ -29,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import Engine, FinishReason, SamplingParams
 from engine.errors import PromptTooLongError
+from engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
 from server.chat import chat_prompt_ids
 from server.engine_loop import EngineLoop, Generation
 from server.errors import ApiError, install_error_handlers
@@ -40,6 +42,7 @@ from server.schemas import (
     CompletionRequest,
     ErrorBody,
     FillBlankRequest,
+    FillBlankResponse,
     GenerateRequest,
     GenerateResponse,
     OpenAIFields,
@@ -51,6 +54,7 @@ from vramlite import __version__
 from vramlite import models as demo_models
 
 log = logging.getLogger("vramlite.server")
+T = TypeVar("T")
 
 SSE_PING_S = 15
 GENERATION_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions"})
@@ -171,8 +175,7 @@ class RequestLogMiddleware:
         error = state.get("error")
         texts = ""
         if self.log_prompts and gen is not None:
-            engine = scope["app"].state.runtime.loop.engine
-            texts = f" prompt={engine.tokenizer.decode(gen.prompt_ids)!r} output={''.join(gen.output)!r}"
+            texts = f" prompt={state['tokenizer'].decode(gen.prompt_ids)!r} output={''.join(gen.output)!r}"
         log.log(level, "request id=%s route=%s method=%s status=%d prompt_tokens=%s completion_tokens=%s "
                 "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f%s", state["request_id"], route,
                 scope["method"], status, gen.num_prompt_tokens if gen else "-", gen.num_tokens if gen else "-",
@@ -223,16 +226,19 @@ async def start_generation(request: Request, prompt: str | list[int], fields: Sa
     return submit(request, ids, params)
 
 
-def submit(request: Request, ids: list[int], params: SamplingParams) -> Generation:
-    rt = runtime(request)
-    engine = rt.engine
+def submit(request: Request, ids: list[int], params: SamplingParams, loop: EngineLoop | None = None
+           ) -> Generation:
+    """Admit `ids` to `loop` (default: the served model's) after checking they fit its model."""
+    loop = loop or runtime(request).loop
+    engine = loaded(loop)
     if len(ids) >= engine.context:
         raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
     vocab = engine.config.vocab_size
     if any(not 0 <= t < vocab for t in ids):
         raise ApiError(400, "invalid_request", f"prompt token ids must be in 0..{vocab - 1}")
-    gen = rt.loop.submit(request.state.request_id, ids, params, request.state.start)
+    gen = loop.submit(request.state.request_id, ids, params, request.state.start)
     request.state.generation = gen
+    request.state.tokenizer = engine.tokenizer  # for --log-prompts
     return gen
 
 
@@ -251,7 +257,12 @@ async def collect(request: Request, gen: Generation) -> tuple[str, FinishReason]
             reason = out.finish_reason or reason
         return "".join(parts), reason
 
-    consumer = asyncio.ensure_future(consume())
+    return await unless_disconnected(request, consume())
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """The result of `work`, which reads a generation; a client that hangs up cancels it (status 499)."""
+    consumer = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
         await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
@@ -259,6 +270,7 @@ async def collect(request: Request, gen: Generation) -> tuple[str, FinishReason]
         watcher.cancel()
         if not consumer.done():
             consumer.cancel()
+            await asyncio.wait({consumer})  # cancelled() is only true once the task has taken the cancellation
     if consumer.cancelled():
         raise ApiError(499, "client_disconnected", "the client closed the connection")
     return consumer.result()
@@ -435,13 +447,43 @@ async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[d
             yield {"finish_reason": out.finish_reason.value, "text": "".join(parts), "usage": usage(gen)}
 
 
-@protected.post("/fill_blank", responses=GENERATION_RESPONSES,
-                summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model)")
+@protected.post("/fill_blank", response_model=FillBlankResponse, responses=GENERATION_RESPONSES,
+                summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model); `stream: true` "
+                        "sends each blank as soon as it is complete")
 async def fill_blank(request: Request, body: FillBlankRequest) -> Any:
-    engine = runtime(request).engine
-    raise ApiError(400, "unsupported_task", f"the model ({engine.config.model_type}) is decoder-only without "
-                   "fill-in-the-middle tokens, so it cannot fill blanks; serve an encoder-decoder (T5, CPM-2) "
-                   "or a FIM model for /fill_blank, or use /generate")
+    rt = runtime(request)
+    loop = rt.fill_loop or rt.loop
+    engine = loaded(loop)
+    try:
+        fmt = fill_format(engine.config, engine.tokenizer, engine.eos_ids)
+        fill = await run_in_threadpool(partial(FillRequest, fmt, engine.tokenizer, body.prompt,
+                                               parse_special=rt.settings.allow_special_tokens))
+    except UnsupportedTaskError as e:
+        raise ApiError(400, "unsupported_task", str(e)) from None
+    except BlankCountError as e:
+        raise ApiError(422, "validation_error", f"prompt: {e}") from None
+    gen = submit(request, fill.prompt_ids, fill.sampling(sampling_params(engine, body)), loop)
+    chunks = _fill_chunks(loop, gen, fill)
+    if body.stream:
+        return sse_response(request, chunks)
+
+    async def last() -> dict[str, Any]:  # the whole result
+        return [chunk async for chunk in chunks][-1]
+
+    return await unless_disconnected(request, last())
+
+
+async def _fill_chunks(loop: EngineLoop, gen: Generation, fill: FillRequest) -> AsyncIterator[dict[str, Any]]:
+    """`{"index", "position", "text"}` per blank as soon as it is complete, then the whole result."""
+    async for out in loop.stream(gen):
+        blanks = [] if out.token_id is None else fill.feed(out.token_id)
+        if out.finished:
+            blanks += fill.finish(gen.params.stop)
+        for blank in blanks:
+            yield asdict(blank)
+        if out.finished:
+            yield {"blanks": [asdict(b) for b in fill.blanks], "text": fill.text,
+                   "finish_reason": out.finish_reason.value, "usage": usage(gen)}
 
 
 @protected.get("/v1/models", summary="OpenAI-compatible: the served model")

@@ -6,13 +6,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
+from engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
 from engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
 MAX_MODEL_NAME_CHARS = 256
-MAX_BLANKS = 16
-SPAN = "<span>"
 
 
 def _integral_float_to_int(value: Any) -> Any:
@@ -78,9 +77,7 @@ class FillBlankRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _count_blanks(cls, prompt: str) -> str:
-        n = prompt.count(SPAN)
-        if not 1 <= n <= MAX_BLANKS:
-            raise ValueError(f"the prompt must hold 1 to {MAX_BLANKS} {SPAN} blanks, it holds {n}")
+        split_blanks(prompt)  # a ValueError naming the count unless 1 to MAX_BLANKS
         return prompt
 
 
@@ -118,6 +115,19 @@ class Stats(BaseModel):
     state: Literal["loading", "ready", "draining", "failed", "stopped"]
     metrics: dict[str, float] = Field(description="each unlabelled gauge and counter of /metrics by name, less the "
                                                   "`vramlite_` prefix, such as `generation_tokens_total`")
+
+
+class FilledBlank(BaseModel):
+    index: int
+    position: int = Field(description=f"character offset of this blank's {SPAN} in the prompt")
+    text: str
+
+
+class FillBlankResponse(BaseModel):
+    blanks: list[FilledBlank] = Field(max_length=MAX_BLANKS)
+    text: str = Field(description=f"the prompt with each {SPAN} replaced by its blank's text")
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    usage: Usage
 
 
 # --- OpenAI-compatible bodies: unknown fields are ignored, as clients send many optional ones ----------

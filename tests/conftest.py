@@ -48,6 +48,27 @@ def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     return d
 
 
+STARCODER_FIM_TOKENS = ["<|endoftext|>", "<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"]
+
+
+@pytest.fixture(scope="session")
+def fim_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, spm_tokenizer_dir):
+    """The test tokenizer as a tokenizer.json with StarCoder's fill-in-the-middle tokens (ids 512 to 516)."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(spm_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": STARCODER_FIM_TOKENS})
+    d = tmp_path_factory.mktemp("fim-tokenizer")
+    tokenizer.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def fim_llama_dir(tmp_path_factory: pytest.TempPathFactory, fim_tokenizer_dir):
+    """A tiny random LLaMA whose tokenizer has StarCoder's fill-in-the-middle tokens."""
+    return save_tiny_llama(tmp_path_factory.mktemp("fim-llama"), fim_tokenizer_dir, vocab_size=520)
+
+
 TINY_LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256)
 
