@@ -1,8 +1,10 @@
-"""The `vramlite` command line: `serve`, `generate`, `quantize` and `plan`."""
+"""The `vramlite` command line: `serve`, `generate`, `fill-blank`, `quantize` and `plan`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
@@ -58,6 +60,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         reason = step.finish_reason
     out.write("\n")
     logging.getLogger("vramlite").info("finish_reason=%s", reason.value if reason else None)
+    return 0
+
+
+def cmd_fill_blank(args: argparse.Namespace) -> int:
+    from engine.fill_blank import fill_blank
+
+    engine = Engine.from_dir(args.model or demo_models.path(demo_models.FILL_BLANK), device=args.device,
+                             dtype=args.dtype, max_batch_size=1, quantize=args.quantize,
+                             memory_limit=args.memory_limit)
+    result = fill_blank(engine, args.prompt, **{f: getattr(args, f) for f in SAMPLING_FIELDS})
+    if args.json:
+        print(json.dumps({"blanks": [dataclasses.asdict(b) for b in result.blanks], "text": result.text},
+                         ensure_ascii=False))
+    else:
+        print(result.text)
     return 0
 
 
@@ -143,6 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
+    fill = sub.add_parser("fill-blank", help="fill each <span> of a prompt (default model: the demo T5)")
+    add_model_args(fill)
+    add_sampling_args(fill)
+    fill.add_argument("--json", action="store_true", help="print the blanks with their positions as JSON")
+    fill.add_argument("prompt", help='text with <span> blanks, e.g. "床前<span>光，疑是地上霜。"')
+    fill.set_defaults(func=cmd_fill_blank)
     qnt = sub.add_parser("quantize", help="write an int8 copy of an HF-format checkpoint (loads without re-quantizing)")
     qnt.add_argument("in_dir", help="HF-format model directory")
     qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")

@@ -7,6 +7,8 @@ tiny random LLaMA whose tokenizer has StarCoder's FIM tokens.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import tokenizers
 import torch
@@ -305,3 +307,15 @@ def test_demo_llama_cannot_fill_blanks():
     engine = Engine.from_dir(demo_models.path(), device="cpu", dtype="fp32", max_batch_size=1, context=64)
     with pytest.raises(UnsupportedTaskError, match=r"\(llama\) is decoder-only"):
         fill_blank(engine, "今天<span>，我们<span>。")
+
+
+def test_cli_fill_blank_prints_the_blanks_or_says_why_it_cannot(fim_llama_dir, capsys):
+    from server.cli import main
+
+    assert main(["fill-blank", "--model", str(fim_llama_dir), "--device", "cpu", "--max-tokens", "4",
+                 "--temperature", "0", "--json", "def f(x):<span>\nprint(f(2))"]) == 0
+    reply = json.loads(capsys.readouterr().out)
+    assert [b["index"] for b in reply["blanks"]] == [0] and reply["blanks"][0]["position"] == 9
+    assert reply["text"] == "def f(x):" + reply["blanks"][0]["text"] + "\nprint(f(2))"
+    assert main(["fill-blank", "--model", str(demo_models.path()), "--device", "cpu", "a<span>b"]) == 2
+    assert "cannot fill blanks" in capsys.readouterr().err
