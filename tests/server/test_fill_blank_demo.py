@@ -69,13 +69,6 @@ def test_blanks_are_filled_in_place(fill_server, prompt):
     check_reply(prompt, r.json())
 
 
-def test_the_famous_line_gets_a_plausible_blank(fill_server):
-    with fill_server.client() as c:
-        reply = c.post("/fill_blank", json={"prompt": PROMPTS[0], "max_tokens": 16, "temperature": 0}).json()
-    blank = reply["blanks"][0]["text"]
-    assert blank and len(blank) <= 8 and all("\u4e00" <= ch <= "\u9fff" for ch in blank), blank
-
-
 def test_stream_sends_each_blank_then_the_same_result_as_json(fill_server):
     body = {"prompt": PROMPTS[1], "max_tokens": 48, "temperature": 0.8, "seed": 5}
     with fill_server.client() as c:
