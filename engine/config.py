@@ -56,7 +56,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None
     quantization: str | None = None  # "int8": decoder-block linears hold int8 weights
-    is_encoder_decoder: bool = False  # the prompt is the encoder's input; generation is the decoder's
+    is_encoder_decoder: bool = False  # prompts feed an encoder; `num_layers` counts the decoder's layers
+    decoder_start_token_id: int | None = None  # the decoder's first input (encoder-decoder models)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

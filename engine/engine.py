@@ -149,8 +149,11 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        encoder_ids: list[int] = []
+        if self.config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts from its start token
+            encoder_ids, prompt_ids = prompt_ids, [self.config.decoder_start_token_id]
         seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
-                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids)
+                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids)
         self._sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id
@@ -187,6 +190,7 @@ class Engine:
             outputs += failed
         for (seq, n), token in zip(batch, tokens, strict=True):
             seq.num_computed += n
+            seq.encoded = True
             if token is not None:
                 out = seq.append(token, self.context)
                 if out.finished:
@@ -197,8 +201,8 @@ class Engine:
     def _compute(self, batch: list[tuple[Seq, int]]) -> list[int | None]:
         """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
         the cache, None for a prefill still under way. Changes no sequence, so a failure can be retried."""
-        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed)
-                  for seq, n in batch]
+        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
+                        seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
         logits = self.runner.forward(chunks)
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
         tokens: list[int | None] = [None] * len(batch)

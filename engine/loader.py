@@ -143,8 +143,10 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype) -> int:
-    """What `KVCache` allocates for `max_batch_size` sequences of `context` positions."""
-    return 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
+    """What `KVCache` allocates for `max_batch_size` sequences of `context` positions (an encoder-decoder's
+    cross cache included)."""
+    caches = 4 if cfg.is_encoder_decoder else 2
+    return caches * cfg.num_layers * max_batch_size * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
 
 
 def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tokens_per_step: int,

@@ -8,18 +8,24 @@ from dataclasses import dataclass
 import torch
 
 from engine.kv_cache import KVCache
-from engine.layers.attention import AttentionMetadata, PrefillChunk
+from engine.layers.attention import AttentionMetadata, CrossMetadata, EncoderBatch, PrefillChunk
 from engine.layers.linear import prefer_cpu_layout
 from engine.models.base import CausalLM
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """New tokens of one sequence: `token_ids` go at positions start, start+1, ... of cache `slot`."""
+    """New tokens of one sequence: `token_ids` go at positions start, start+1, ... of cache `slot`.
+
+    For an encoder-decoder model, `token_ids` are decoder tokens; `encoder_ids`
+    (given once, with the sequence's first decoder tokens) is the encoder's
+    whole input, encoded in this step into the slot's cross cache.
+    """
 
     slot: int
     token_ids: Sequence[int]
     start: int
+    encoder_ids: Sequence[int] = ()
 
 
 class ModelRunner:
@@ -33,7 +39,8 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.context = context
-        self.cache = KVCache(cfg.num_layers, num_slots, context, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        self.cache = KVCache(cfg.num_layers, num_slots, context, cfg.num_kv_heads, cfg.head_dim, dtype, device,
+                             cross_context=context if cfg.is_encoder_decoder else 0)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
@@ -53,6 +60,9 @@ class ModelRunner:
         for c in chunks:
             if not c.token_ids or c.start + len(c.token_ids) > self.context:
                 raise ValueError(f"chunk of {len(c.token_ids)} tokens at {c.start} does not fit {self.context}")
+            if c.encoder_ids and (self.cache.cross_k is None or len(c.encoder_ids) > self.context):
+                raise ValueError(f"encoder input of {len(c.encoder_ids)} tokens: the model has no encoder or "
+                                 f"the input does not fit {self.context}")
         # Decode tokens first (sorted by slot so a batch in consecutive slots is read as a view).
         decode = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].slot)
         prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
@@ -80,7 +90,32 @@ class ModelRunner:
             prefills=prefills,
         )
         ids = torch.tensor(tokens, device=self.device)
-        return self.model(ids, meta, (self.cache.k, self.cache.v)), spans
+        if self.cache.cross_k is None:
+            return self.model(ids, meta, (self.cache.k, self.cache.v)), spans
+        meta.cross = self._cross_metadata([chunks[i] for i in decode], [chunks[i] for i in prefill])
+        return self.model(ids, meta, (self.cache.k, self.cache.v, self.cache.cross_k, self.cache.cross_v)), spans
+
+    def _cross_metadata(self, decode: list[Chunk], prefill: list[Chunk]) -> CrossMetadata:
+        """Records the encoder lengths of this step's new inputs, then what each decoder chunk attends to."""
+        encoding = [c for c in (*decode, *prefill) if c.encoder_ids]
+        for c in encoding:
+            self.cache.cross_lens[c.slot] = len(c.encoder_ids)
+        lens = self.cache.cross_lens
+        empty = [c.slot for c in (*decode, *prefill) if not lens[c.slot]]
+        if empty:
+            raise ValueError(f"slot {empty[0]} has no encoder output: its first chunk must carry encoder_ids")
+        encoder = None
+        if encoding:
+            spans, ids, positions, slots = [], [], [], []
+            for c in encoding:
+                spans.append((len(ids), len(ids) + len(c.encoder_ids)))
+                ids.extend(c.encoder_ids)
+                positions.extend(range(len(c.encoder_ids)))
+                slots.extend([c.slot] * len(c.encoder_ids))
+            encoder = EncoderBatch(*(torch.tensor(t, device=self.device) for t in (ids, positions, slots)), spans)
+        decode_lens = [lens[c.slot] for c in decode]
+        return CrossMetadata(encoder, max(decode_lens, default=0), self._decode_mask(decode_lens),
+                             [lens[c.slot] for c in prefill])
 
     def _slots(self, slots: list[int]) -> slice | torch.Tensor:
         if slots and slots == list(range(slots[0], slots[0] + len(slots))):

@@ -5,6 +5,12 @@ decoding one gets its 1 token, then prefilling ones take chunks of their
 prompts, in arrival order; then waiting sequences are admitted, FIFO, while there is a free
 cache slot and token budget left. A long prompt is thus prefilled over several
 steps without stalling the streams already running.
+
+An encoder-decoder prompt is encoded whole in its first step, never in
+pieces: its encoder tokens count against the budget, and one that does not
+fit what is left waits for the next step, unless nothing but decode tokens is
+scheduled yet — then it runs over the budget, so even an input longer than
+the budget gets its turn.
 """
 
 from __future__ import annotations
@@ -60,12 +66,16 @@ class Scheduler:
                 batch.append((seq, n))
                 budget -= n
         while self.waiting and budget and len(self.running) < self.config.max_batch_size:
-            seq = self.waiting.popleft()
+            seq = self.waiting[0]
+            encoder = seq.num_encoder_pending
+            if encoder and encoder + 1 > budget and any(n > 1 or s.num_encoder_pending for s, n in batch):
+                break
+            self.waiting.popleft()
             seq.slot = self._allocate()
             self.running.append(seq)
             n = min(seq.num_pending, budget)
             batch.append((seq, n))
-            budget -= n
+            budget = max(budget - n - encoder, 0)
         return batch
 
     def remove(self, seq: Sequence) -> None:

@@ -35,14 +35,21 @@ class StepOutput:
 
 
 class Sequence:
-    """Token ids (prompt then output), how many are in the KV cache, and the output-side state."""
+    """Token ids (prompt then output), how many are in the KV cache, and the output-side state.
+
+    For an encoder-decoder model the caller's prompt is `encoder_ids` (encoded
+    once, at the sequence's first step) and `prompt_ids` the decoder's start.
+    """
 
     def __init__(self, seq_id: int, prompt_ids: Seq[int], params: SamplingParams, sampler: SamplerState,
-                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int]) -> None:
+                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int], encoder_ids: Seq[int] = ()) -> None:
         self.seq_id = seq_id
         self.params = params
         self.token_ids = list(prompt_ids)
-        self.num_prompt_tokens = len(prompt_ids)
+        self.encoder_ids = list(encoder_ids)
+        self.encoded = not self.encoder_ids
+        self.num_prompt_tokens = len(self.encoder_ids or self.token_ids)  # the prompt as the caller gave it
+        self._output_start = len(prompt_ids)
         self.num_computed = 0
         self.slot: int | None = None
         self.sampler = sampler
@@ -55,11 +62,16 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
+        return self.token_ids[self._output_start :]
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return len(self.token_ids) - self._output_start
+
+    @property
+    def num_encoder_pending(self) -> int:
+        """Encoder tokens still to run (all of them, once, for an encoder-decoder prompt; else 0)."""
+        return 0 if self.encoded else len(self.encoder_ids)
 
     @property
     def num_pending(self) -> int:

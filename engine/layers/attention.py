@@ -4,6 +4,10 @@ A step's tokens are packed into one [N, ...] tensor: first one token for each
 decoding sequence, then each prefill chunk's tokens in turn. Linear layers see
 no padding; attention runs once for all decode tokens (batched over slots) and
 once per prefill chunk. The runner builds `AttentionMetadata` once per step.
+
+Encoder-decoder models add an additive position bias (`AttentionBias`, which
+then carries the causal and length masks too) and cross-attention over a
+second cache holding each slot's encoder keys and values (`CrossMetadata`).
 """
 
 from __future__ import annotations
@@ -36,47 +40,120 @@ class AttentionMetadata:
     decode_kv_len: int  # longest K/V length among them, after this step's write
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, decode_kv_len] bool, True = attend; None if lengths are equal
     prefills: list[PrefillChunk]
+    cross: CrossMetadata | None = None  # encoder-decoder models only
+
+
+@dataclass
+class EncoderBatch:
+    """The encoder inputs of one step, packed: sequence i's tokens are [spans[i]) and go to cache slot slots[i]."""
+
+    input_ids: torch.Tensor  # [M]
+    positions: torch.Tensor  # [M] position of each token in its own input
+    write_slots: torch.Tensor  # [M] cache slot of each token
+    spans: list[tuple[int, int]]
+
+
+@dataclass
+class CrossMetadata:
+    """What the decoder tokens of a step attend to in the cross cache (each slot's encoder output)."""
+
+    encoder: EncoderBatch | None  # inputs to encode this step (their K/V are written before being read)
+    decode_len: int  # longest encoder output among the decode tokens' slots
+    decode_mask: torch.Tensor | None  # [Bd, 1, 1, decode_len] bool, True = attend; None if lengths are equal
+    prefill_lens: list[int]  # encoder length of each prefill chunk's slot
+
+
+@dataclass
+class AttentionBias:
+    """Additive attention bias [heads, ...] with the masks folded in (-inf where a query may not attend)."""
+
+    decode: torch.Tensor | None  # [Bd, heads, decode_kv_len]
+    prefills: list[torch.Tensor]  # [1, heads, t, kv_len] per prefill chunk
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
-                     cache_v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+                     cache_v: torch.Tensor, meta: AttentionMetadata, scale: float | None = None,
+                     bias: AttentionBias | None = None) -> torch.Tensor:
     """Write k, v [N, kv_heads, D] into one layer's cache [slots, kv_heads, context, D], then attend.
 
     q is [N, heads, D]; returns [N, heads, D]. Grouped-query attention never
-    materializes repeated K/V.
+    materializes repeated K/V. Scores are scaled by `scale` (default D**-0.5);
+    a `bias` replaces the causal and length masks.
     """
     cache_k[meta.write_slots, :, meta.positions] = k
     cache_v[meta.write_slots, :, meta.positions] = v
     nd = meta.num_decode
+    kv_len, slots = meta.decode_kv_len, meta.decode_slots
+    mask = meta.decode_mask if bias is None else None
     if not meta.prefills:
-        return _decode(q, cache_k, cache_v, meta)
+        return _decode(q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
+                       None if bias is None else bias.decode)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], cache_k, cache_v, meta)
-    for chunk in meta.prefills:
+        out[:nd] = _decode(q[:nd], cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
+                           None if bias is None else bias.decode)
+    for i, chunk in enumerate(meta.prefills):
         qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
         kc = cache_k[chunk.slot, :, : chunk.kv_len].unsqueeze(0)
         vc = cache_v[chunk.slot, :, : chunk.kv_len].unsqueeze(0)
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk.mask, is_causal=chunk.mask is None,
-                                           enable_gqa=gqa)
+        chunk_mask = chunk.mask if bias is None else bias.prefills[i]
+        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk_mask, is_causal=chunk_mask is None,
+                                           enable_gqa=gqa, scale=scale)
         out[chunk.start : chunk.end] = o[0].transpose(0, 1)
     return out
 
 
-def _decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: AttentionMetadata
-            ) -> torch.Tensor:
-    """One query per sequence: two small batched matmuls beat SDPA's kernels here (on CPU by ~10x).
+def cross_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, meta: AttentionMetadata,
+                    scale: float | None = None) -> torch.Tensor:
+    """Decoder queries q [N, heads, D] over their slots' encoder K/V in one layer's cross cache
+    [slots, heads, context, D] (no position bias, no causal mask)."""
+    cross = meta.cross
+    nd, slots, length = meta.num_decode, meta.decode_slots, cross.decode_len
+    if not meta.prefills:
+        return _decode(q, cross_k[slots, :, :length], cross_v[slots, :, :length], cross.decode_mask, scale)
+    out = torch.empty_like(q)
+    if nd:
+        out[:nd] = _decode(q[:nd], cross_k[slots, :, :length], cross_v[slots, :, :length], cross.decode_mask,
+                           scale)
+    for chunk, n in zip(meta.prefills, cross.prefill_lens, strict=True):
+        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
+        o = F.scaled_dot_product_attention(qc, cross_k[chunk.slot, :, :n].unsqueeze(0),
+                                           cross_v[chunk.slot, :, :n].unsqueeze(0), scale=scale)
+        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+    return out
+
+
+def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Tensor | None,
+            scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One query per sequence over its K/V kd, vd [B, kv_heads, L, D]: two small batched matmuls beat SDPA's
+    kernels here (on CPU by ~10x).
 
     Query heads are grouped under their KV head ([B, kv_heads, group, D]) so
-    grouped-query attention reads each cached K/V once.
+    grouped-query attention reads each cached K/V once. `mask` [B, 1, 1, L]
+    (True = attend) and `bias` [B, heads, L] are optional.
     """
-    kd = cache_k[meta.decode_slots, :, : meta.decode_kv_len]
-    vd = cache_v[meta.decode_slots, :, : meta.decode_kv_len]
     b, heads, d = q.shape
     qg = q.view(b, kd.shape[1], heads // kd.shape[1], d)
-    scores = torch.matmul(qg, kd.transpose(-1, -2)) * d**-0.5
-    if meta.decode_mask is not None:
-        scores = scores.masked_fill(~meta.decode_mask, float("-inf"))
+    scores = torch.matmul(qg, kd.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias.reshape(scores.shape)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
     return torch.matmul(probs, vd).view(b, heads, d)
+
+
+def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int]],
+                            bias: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Full (non-causal) attention within each span of packed q, k, v [N, heads, D], with no cache.
+
+    `bias` [1, heads, L, L] covers the longest span; a span of length n uses its top-left n×n corner.
+    """
+    out = torch.empty_like(q)
+    for start, end in spans:
+        n = end - start
+        qs, ks, vs = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+        mask = None if bias is None else bias[:, :, :n, :n]
+        out[start:end] = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)[0].transpose(0, 1)
+    return out

@@ -6,12 +6,15 @@ from engine.errors import ModelLoadError
 from engine.models.base import CausalLM
 from engine.models.gpt2 import GPT2LMHeadModel
 from engine.models.llama import LlamaForCausalLM
+from engine.models.t5 import T5ForConditionalGeneration
 
 FAMILIES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "gpt2": GPT2LMHeadModel,
+    "t5": T5ForConditionalGeneration,
+    "mt5": T5ForConditionalGeneration,
 }
 
 

@@ -87,19 +87,22 @@ class CausalLM(nn.Module, ABC):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [B, hidden] → [B, vocab]."""
 
-    def decoder_layers(self) -> Iterator[tuple[int, nn.Module]]:
-        """(index, layer) of `blocks()` in forward order, for the family's forward loop.
+    def decoder_layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, nn.Module]]:
+        """(index, layer) of `blocks()[start:stop]` in forward order, for the family's forward loop.
 
         Under offload, a streamed layer's weights are in its device slot while
         the loop body runs, and its slot is handed back when the next item is asked for.
         """
+        blocks = self.blocks()
         streamer = self.offload.streamer if self.offload is not None else None
+        indices = range(start, len(blocks) if stop is None else stop)
         if streamer is None:
-            yield from enumerate(self.blocks())
+            for i in indices:
+                yield i, blocks[i]
             return
-        for i, layer in enumerate(self.blocks()):
+        for i in indices:
             streamer.before(i)
-            yield i, layer
+            yield i, blocks[i]
             streamer.after(i)
 
     def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
