@@ -14,6 +14,7 @@ drops `<s>`, `</s>` and `<pad>`.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Sequence
@@ -36,6 +37,14 @@ _MAX_WORD_CHARS = 200
 jieba.setLogLevel(logging.WARNING)  # jieba logs its dictionary loading at DEBUG on its own stderr handler
 
 
+@functools.cache
+def _segmenter() -> jieba.Tokenizer:
+    """One jieba segmenter (its dictionary takes ~60 MB) for every CPM tokenizer, loaded on first use."""
+    segmenter = jieba.Tokenizer()
+    segmenter.initialize()
+    return segmenter
+
+
 class CpmTokenizer(Tokenizer):
     """A `Tokenizer` for a CPM `vocab.txt`; `Tokenizer.from_dir` builds it for such a directory.
 
@@ -51,8 +60,7 @@ class CpmTokenizer(Tokenizer):
         self._longest = max(map(len, self._vocab))
         specials = sorted((backend.id_to_token(i) for i in self.special_ids), key=len, reverse=True)
         self._special_split = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
-        self._jieba = jieba.Tokenizer()
-        self._jieba.initialize()  # load the dictionary now rather than on the first request
+        self._jieba = _segmenter()
 
     @classmethod
     def from_vocab(cls, path: Path, config: dict[str, Any]) -> CpmTokenizer:
