@@ -48,7 +48,7 @@ def _segmenter() -> jieba.Tokenizer:
 class CpmTokenizer(Tokenizer):
     """A `Tokenizer` for a CPM `vocab.txt`; `Tokenizer.from_dir` builds it for such a directory.
 
-    `backend` is a word-level model of the vocabulary (with " " and "\n" for `</_>` and `</n>`) whose
+    `backend` is a word-level model of the vocabulary (with " " and "\\n" for `</_>` and `</n>`) whose
     special tokens are marked; it maps ids to text, the encoding is done here.
     """
 
