@@ -54,7 +54,8 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
-        """Load `tokenizer.json` (preferred) or `tokenizer.model` with the directory's JSON configs.
+        """Load `tokenizer.json` (preferred) or `tokenizer.model` with the directory's JSON configs; a CPM
+        `vocab.txt` (tokenizer_class CpmAntTokenizer, or the only tokenizer file) loads as a `CpmTokenizer`.
 
         Raises ModelLoadError naming the file when the tokenizer is missing or unreadable.
         """
@@ -62,6 +63,10 @@ class Tokenizer:
         if not path.is_dir():
             raise ModelLoadError(f"model directory {path} does not exist")
         config = _optional_json(path / "tokenizer_config.json")
+        if _is_cpm(path, config):
+            from engine.cpm_tokenizer import CpmTokenizer  # a subclass of this one
+
+            return CpmTokenizer.from_vocab(path, config)
         sentencepiece = not (path / "tokenizer.json").is_file()
         if not sentencepiece:
             backend = _load_tokenizer_json(path / "tokenizer.json")
@@ -80,20 +85,7 @@ class Tokenizer:
             _set_bos_eos_template(backend, bos if config.get("add_bos_token", True) else None,
                                   eos if config.get("add_eos_token", False) else None)
 
-        model_config = _optional_json(path / "config.json")
-        generation = _optional_json(path / "generation_config.json")
-        bos_id = backend.token_to_id(bos) if bos else None
-        if bos_id is None:
-            bos_id = model_config.get("bos_token_id")
-            if bos_id is not None and not isinstance(bos_id, int):
-                raise ModelLoadError(f"{path / 'config.json'}: bos_token_id {bos_id!r} is not an integer")
-        eos_id = backend.token_to_id(eos) if eos else None
-        eos_ids = [
-            *(() if eos_id is None else (eos_id,)),
-            *parse_eos_ids(model_config.get("eos_token_id")),
-            *parse_eos_ids(generation.get("eos_token_id")),
-        ]
-        return cls(backend, bos_id, eos_ids, _chat_template(path, config))
+        return cls(backend, *_bos_eos_ids(path, backend, bos, eos), _chat_template(path, config))
 
     def encode(self, text: str, add_special_tokens: bool = True, *, parse_special: bool = False) -> list[int]:
         """Token ids of `text`; `add_special_tokens` adds BOS/EOS as the model's post-processor says.
@@ -110,6 +102,13 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """Id of a vocabulary entry (e.g. "<s>", "▁the"), or None."""
         return self._backend.token_to_id(token)
+
+    def sentinel_id(self, index: int) -> int | None:
+        """Id of the `index`-th fill-in-the-blank sentinel: T5's `<extra_id_N>` or CPM-2's `<s_N>`; else None."""
+        for name in (f"<extra_id_{index}>", f"<s_{index}>"):
+            if (token_id := self._backend.token_to_id(name)) is not None:
+                return token_id
+        return None
 
     @property
     def bos_id(self) -> int | None:
@@ -137,6 +136,33 @@ class Tokenizer:
         backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
         backend.encode_special_tokens = False
         return backend
+
+
+def _is_cpm(path: Path, config: dict[str, Any]) -> bool:
+    """Whether the directory holds a CPM-Ant / CPM-2 jieba + WordPiece `vocab.txt` tokenizer."""
+    name = config.get("tokenizer_class")
+    if name is not None:
+        return name == "CpmAntTokenizer"
+    return (path / "vocab.txt").is_file() and not any(
+        (path / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def _bos_eos_ids(path: Path, backend: tokenizers.Tokenizer, bos: str | None,
+                 eos: str | None) -> tuple[int | None, list[int]]:
+    """BOS id (the token, else config.json's) and every EOS id: the token's, config.json's, generation_config's."""
+    model_config = _optional_json(path / "config.json")
+    generation = _optional_json(path / "generation_config.json")
+    bos_id = backend.token_to_id(bos) if bos else None
+    if bos_id is None:
+        bos_id = model_config.get("bos_token_id")
+        if bos_id is not None and not isinstance(bos_id, int):
+            raise ModelLoadError(f"{path / 'config.json'}: bos_token_id {bos_id!r} is not an integer")
+    eos_id = backend.token_to_id(eos) if eos else None
+    return bos_id, [
+        *(() if eos_id is None else (eos_id,)),
+        *parse_eos_ids(model_config.get("eos_token_id")),
+        *parse_eos_ids(generation.get("eos_token_id")),
+    ]
 
 
 def _optional_json(path: Path) -> dict[str, Any]:

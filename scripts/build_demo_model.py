@@ -14,38 +14,14 @@ Needs the `test` extras (transformers builds and trains the model).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
-import re
 import time
 from pathlib import Path
 
 import sentencepiece as spm
 import torch
-
-FORTUNES = Path("/usr/share/games/fortunes")
-CHINESE = ("chinese", "tang300", "song100")
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def read_corpus(root: Path) -> list[str]:
-    """All fortunes as documents, ANSI colour codes stripped."""
-    docs: list[str] = []
-    for path in sorted(root.iterdir()):
-        if path.suffix in {".dat", ".u8"} or not path.is_file() or path.is_symlink():
-            continue
-        text = ANSI.sub("", path.read_text(encoding="utf-8", errors="replace"))
-        for doc in re.split(r"^%\s*$", text, flags=re.M):
-            doc = doc.strip("\n")
-            if doc.strip():
-                docs.append(doc)
-    return docs
-
-
-def is_heldout(doc: str) -> bool:
-    """A stable 2% slice, chosen by content hash, that training never sees."""
-    return hashlib.sha256(doc.encode()).digest()[0] < 6
+from demo_corpus import FORTUNES, is_heldout, read_corpus
 
 
 def train_tokenizer(docs: list[str], out: Path, vocab_size: int) -> spm.SentencePieceProcessor:
