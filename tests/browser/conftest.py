@@ -61,6 +61,14 @@ def daemon() -> Iterator[Running]:
         yield running
 
 
+@pytest.fixture(scope="module")
+def fill_daemon() -> Iterator[Running]:
+    """The demo LLaMA with the demo T5 answering /fill_blank, as a fresh `vramlite serve` has them."""
+    with running_server(demo_models.path(), fill_model=str(demo_models.path(demo_models.FILL_BLANK)),
+                        device="cpu", context=128, log_level="WARNING") as running:
+        yield running
+
+
 @pytest.fixture(scope="session")
 def artifacts(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     given = os.environ.get("VRAMLITE_ARTIFACTS")

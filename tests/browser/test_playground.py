@@ -12,7 +12,6 @@ from typing import Any
 import httpx
 import pytest
 
-from server.settings import Settings
 from tests.server.conftest import Running, running_server
 from vramlite import models as demo_models
 
@@ -206,9 +205,8 @@ def test_fill_blank_stream_fills_each_blank_in_place(page: Any, artifacts: Path)
     page.screenshot(path=artifacts / "fill-stream-desktop.png", full_page=True)
 
 
-@pytest.mark.skipif("fill_model" not in Settings.model_fields,
-                    reason="the default profile serves no fill-blank model yet (the fill_model setting is pending)")
-def test_fill_blank_fills_each_blank_in_place(page: Any, daemon: Running, artifacts: Path):
+def test_fill_blank_fills_each_blank_in_place(page: Any, fill_daemon: Running, artifacts: Path):
+    page.goto(fill_daemon.url + "/")
     fill_two_blanks(page)
     wait_status(page, "Done")
     assert page.locator("#error").is_hidden()
