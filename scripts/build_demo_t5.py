@@ -9,8 +9,10 @@ tokenizer_config.json, special_tokens_map.json, generation_config.json, heldout.
     apt-get install fortunes fortunes-zh
     python scripts/build_demo_t5.py --out vramlite/models/demo-t5 --minutes 60
 
-The best model so far (by held-out span-corruption loss) is saved as training goes, so an interrupted
-run still leaves a usable directory. Needs the `test` extras (transformers builds and trains the model).
+`--init DIR` continues training a model this script wrote (its tokenizer kept); each run's budget, steps
+and loss are appended to `training.json`, which the README lists. The best model so far (by held-out
+span-corruption loss) is saved as training goes, so an interrupted run still leaves a usable directory.
+Needs the `test` extras (transformers builds and trains the model).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import math
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -155,6 +158,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-2, help="peak Adafactor learning rate (relative to weight RMS)")
     ap.add_argument("--eval-every", type=float, default=3.0, help="minutes between held-out checks")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", type=Path, help="continue from a model this script wrote, keeping its tokenizer")
     args = ap.parse_args()
 
     from transformers import Adafactor, GenerationConfig, T5Config, T5ForConditionalGeneration
@@ -169,8 +173,16 @@ def main() -> None:
     print(f"corpus: {len(docs)} documents, {len(held_docs)} held out", flush=True)
     (args.out / "heldout.txt").write_text("\n%\n".join(held_docs) + "\n", encoding="utf-8")
 
-    sp = train_tokenizer(train_docs, args.out, args.vocab_size)
-    save_tokenizer(args.out)
+    if args.init:
+        for name in TOKENIZER_FILES:
+            if args.init.resolve() != args.out.resolve():
+                shutil.copy(args.init / name, args.out / name)
+        sp = spm.SentencePieceProcessor(model_file=str(args.out / "spiece.model"))
+        history = json.loads((args.init / "training.json").read_text())
+    else:
+        sp = train_tokenizer(train_docs, args.out, args.vocab_size)
+        save_tokenizer(args.out)
+        history = []
     vocab_size = sp.get_piece_size() + EXTRA_IDS
     train_ids = [ids for ids in sp.encode(train_docs) if len(ids) >= 2]
     print(f"train tokens: {sum(map(len, train_ids))}", flush=True)
@@ -185,9 +197,12 @@ def main() -> None:
         feed_forward_proj="gated-gelu", tie_word_embeddings=False, layer_norm_epsilon=1e-6,
         pad_token_id=PAD, eos_token_id=EOS, decoder_start_token_id=PAD,
     )
-    model = T5ForConditionalGeneration(config)
-    # transformers 5 builds every T5 with a tied head; v1.1 has its own, scaled for unit-variance logits.
-    model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
+    if args.init:
+        model = T5ForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32)
+    else:
+        model = T5ForConditionalGeneration(config)
+        # transformers 5 builds every T5 with a tied head; v1.1 has its own, scaled for unit-variance logits.
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(vocab_size, config.d_model) * config.d_model**-0.5)
     model.generation_config = GenerationConfig(decoder_start_token_id=PAD, eos_token_id=EOS, pad_token_id=PAD)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters", flush=True)
@@ -197,7 +212,8 @@ def main() -> None:
 
     budget = args.minutes * 60
     start = time.monotonic()
-    step, best, next_eval, losses = 0, math.inf, args.eval_every * 60, []
+    best = history[-1]["held_out_loss"] if history else math.inf  # a continued run must beat its start
+    step, next_eval, losses = 0, args.eval_every * 60, []
     while (elapsed := time.monotonic() - start) < budget:
         progress = elapsed / budget
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -221,13 +237,42 @@ def main() -> None:
             print(f"step {step} held-out loss {held:.3f} (best {best:.3f})", flush=True)
             if held < best:
                 best = held
-                save(model, args, step, time.monotonic() - start, n_params, held, sp.get_piece_size())
+                run = {"init": str(args.init) if args.init else None, "minutes": args.minutes, "steps": step,
+                       "saved_after_minutes": round((time.monotonic() - start) / 60, 1), "lr": args.lr,
+                       "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
+                       "held_out_loss": round(held, 3)}
+                save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
 
 
-def save(model: torch.nn.Module, args: argparse.Namespace, steps: int, seconds: float, n_params: int,
-         held: float, pieces: int) -> None:
-    """Write the weights (fp16), configs and README; a copy of the model is halved, not the training one."""
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def describe(runs: list[dict]) -> str:
+    """The README's account of the training runs, each continuing the one before."""
+    lines = []
+    for i, run in enumerate(runs):
+        start = "from scratch" if i == 0 else "continued from the previous run's checkpoint"
+        lines.append(f"  {i + 1}. {start}: {run['minutes']:g}-minute budget, kept after {run['steps']} steps "
+                     f"({run['saved_after_minutes']:g} min) of {run['batch_size']} documents (≤{run['max_len']} "
+                     f"tokens), peak lr {run['lr']}, seed {run['seed']}; held-out span-corruption loss "
+                     f"{run['held_out_loss']:.3f}")
+    return "\n".join(lines)
+
+
+def reproduce(runs: list[dict]) -> str:
+    commands = []
+    for i, run in enumerate(runs):
+        init = " --init vramlite/models/demo-t5" if i else ""
+        commands.append(f"`python scripts/build_demo_t5.py --out vramlite/models/demo-t5{init} "
+                        f"--minutes {run['minutes']:g}`")
+        if run["seed"]:
+            commands[-1] = commands[-1][:-1] + f" --seed {run['seed']}`"
+    return ", then ".join(commands)
+
+
+def save(model: torch.nn.Module, args: argparse.Namespace, runs: list[dict], n_params: int, pieces: int) -> None:
+    """Write the weights (fp16), configs, training history and README; a copy of the model is halved."""
     import copy
 
     copy.deepcopy(model).to(torch.float16).save_pretrained(args.out, safe_serialization=True)
@@ -237,6 +282,7 @@ def save(model: torch.nn.Module, args: argparse.Namespace, steps: int, seconds: 
     config.pop("scale_decoder_outputs", None)
     config["tie_word_embeddings"] = False
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (args.out / "training.json").write_text(json.dumps(runs, indent=2) + "\n")
     (args.out / "README.md").write_text(f"""# demo-t5
 
 A {n_params / 1e6:.1f} M-parameter T5 v1.1-style encoder-decoder (gated-GELU feed-forward, untied
@@ -254,12 +300,12 @@ Chinese verse; it knows nothing else.
   identity normalization, so "，" and "。" stay as written.
 - Held out: every fortune whose SHA-256 starts with a byte < 6 (≈2%), in `heldout.txt` (documents
   separated by `%` lines).
-- Training: T5 span corruption (15% noise, mean span 3); {steps} steps of {args.batch_size} documents
-  (≤{args.max_len} tokens), Adafactor with relative steps of peak lr {args.lr}, cosine over a
-  {args.minutes:g}-minute budget on 1 CPU thread, bf16 autocast, seed {args.seed}; this checkpoint after
-  {seconds / 60:.0f} minutes, held-out span-corruption loss {held:.3f}.
+- Training: T5 span corruption (15% noise, mean span 3), Adafactor scaled by each weight's RMS, warm-up
+  then cosine over each run's budget, 1 CPU thread, bf16 autocast; the checkpoint kept is the one with
+  the lowest held-out loss (`training.json` has the numbers):
+{describe(runs)}
 - Reproduce: `apt-get install fortunes fortunes-zh`, then
-  `python scripts/build_demo_t5.py --out vramlite/models/demo-t5 --minutes {args.minutes:g}`.
+  {reproduce(runs)}.
 """)
 
 
