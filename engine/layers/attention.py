@@ -129,19 +129,23 @@ def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Ten
     """One query per sequence over its K/V kd, vd [B, kv_heads, L, D]: two small batched matmuls beat SDPA's
     kernels here (on CPU by ~10x).
 
-    Query heads are grouped under their KV head ([B, kv_heads, group, D]) so
-    grouped-query attention reads each cached K/V once. `mask` [B, 1, 1, L]
+    Query heads are grouped under their KV head ([B * kv_heads, group, D]) so
+    grouped-query attention reads each cached K/V once; a cache slice of
+    consecutive slots merges B and kv_heads without a copy. `mask` [B, 1, 1, L]
     (True = attend) and `bias` [B, heads, L] are optional.
     """
     b, heads, d = q.shape
-    qg = q.view(b, kd.shape[1], heads // kd.shape[1], d)
-    scores = torch.matmul(qg, kd.transpose(-1, -2)) * (d**-0.5 if scale is None else scale)
+    kv_heads, length = kd.shape[1], kd.shape[2]
+    group = heads // kv_heads
+    scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv_heads, group, d),
+                           kd.reshape(b * kv_heads, length, d).transpose(1, 2), beta=0,
+                           alpha=d**-0.5 if scale is None else scale)
     if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+        scores = scores.view(b, kv_heads, group, length).masked_fill(~mask, float("-inf")).view(scores.shape)
     if bias is not None:
         scores = scores + bias.reshape(scores.shape)
     probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
-    return torch.matmul(probs, vd).view(b, heads, d)
+    return torch.bmm(probs, vd.reshape(b * kv_heads, length, d)).view(b, heads, d)
 
 
 def bidirectional_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spans: list[tuple[int, int]],

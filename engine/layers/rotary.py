@@ -70,7 +70,7 @@ def _yarn(inv_freq: torch.Tensor, rope: RopeConfig, dim: int) -> tuple[torch.Ten
 
 
 class RotaryEmbedding:
-    """cos/sin tables for every position of the cache, gathered per token at each step."""
+    """cos and signed sin tables (see `apply_rotary`) for every position of the cache, gathered per token."""
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, context: int,
                  device: torch.device, dtype: torch.dtype) -> None:
@@ -78,7 +78,10 @@ class RotaryEmbedding:
         freqs = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
-        self.sin = (emb.sin() * scale).to(device=device, dtype=dtype)
+        # rotate_half(x) * sin == swap_halves(x) * [-sin, sin]: the sign lives in the table, not in a per-step neg.
+        sin = emb.sin() * scale
+        sin[:, : head_dim // 2].neg_()
+        self.sin = sin.to(device=device, dtype=dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [N, 1, head_dim] for token positions [N] (broadcast over heads)."""
@@ -86,7 +89,8 @@ class RotaryEmbedding:
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [N, heads, head_dim] by the tables (transformers' rotate_half convention)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    """Rotate x [N, heads, head_dim] by the tables (transformers' rotate_half convention, with `sin`'s first
+    half negated): x * cos + swap_halves(x) * sin, in three ops."""
+    n, heads, dim = x.shape
+    swapped = x.reshape(n, heads, 2, dim // 2).flip(2).view(n, heads, dim)
+    return torch.addcmul(x * cos, swapped, sin)
