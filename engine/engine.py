@@ -16,6 +16,7 @@ from engine.config import parse_size, read_json
 from engine.detokenizer import IncrementalDetokenizer
 from engine.device import pick_device, pick_dtype
 from engine.errors import LoadOutOfMemoryError, PromptTooLongError
+from engine.fill_blank import continuation
 from engine.gpu_probe import GpuProbe, probe_device
 from engine.loader import load_model
 from engine.offload import WeightStore
@@ -63,6 +64,7 @@ class Engine:
         self.sampler = Sampler()
         self.scheduler = Scheduler(scheduler_config, runner.cache.allocate, runner.cache.free)
         self.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *self.config.eos_token_ids)))
+        self.continuation = continuation(self.config, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
 
@@ -139,7 +141,11 @@ class Engine:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError."""
+        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError.
+
+        An encoder-decoder model with sentinels continues a prompt that holds none as one blank at its end
+        (see `fill_blank.Continuation`); a prompt with sentinels is passed to the encoder as it is.
+        """
         params = params or self.sampling_params()
         prompt_ids = self.encode(prompt)
         if not prompt_ids:
@@ -152,6 +158,12 @@ class Engine:
         encoder_ids: list[int] = []
         if self.config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts from its start token
             encoder_ids, prompt_ids = prompt_ids, [self.config.decoder_start_token_id]
+            cont = self.continuation
+            if cont is not None and cont.applies(encoder_ids):
+                encoder_ids, prompt_ids = cont.encoder_ids(encoder_ids), [*prompt_ids, cont.sentinel_id]
+                params = replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(cont.sentinel_ids)))
+            if len(encoder_ids) > self.context:
+                raise PromptTooLongError(len(encoder_ids), self.context)
         seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids)
         self._sequences[seq.seq_id] = seq

@@ -143,6 +143,7 @@ class SentinelFormat:
 
     sentinel_ids: tuple[int, ...]  # the id of sentinel i
     eos_ids: frozenset[int]
+    continue_id: int  # the blank a plain prompt is continued by: T5's first sentinel, CPM-2's last (as BMInf)
 
     why = ""  # what bounds max_blanks, for BlankCountError's message
 
@@ -204,7 +205,7 @@ def fill_format(config: ModelConfig, tokenizer: Tokenizer, eos_ids: Collection[i
             found = (known(style.format(k)) for k in itertools.count())
             ids = tuple(itertools.takewhile(lambda i: i is not None, found))
             if ids:
-                return SentinelFormat(ids, eos)
+                return SentinelFormat(ids, eos, ids[-1] if style == "<s_{}>" else ids[0])
         raise UnsupportedTaskError(
             f"the model ({config.model_type}) is encoder-decoder but its vocabulary has no sentinel tokens "
             f"({' or '.join(s.format(0) for s in SENTINEL_STYLES)}), so it cannot fill blanks; use /generate")
@@ -217,6 +218,39 @@ def fill_format(config: ModelConfig, tokenizer: Tokenizer, eos_ids: Collection[i
         f"the model ({config.model_type}) is decoder-only without fill-in-the-middle tokens, so it cannot fill "
         "blanks; serve an encoder-decoder (T5, CPM-2) or a FIM model (StarCoder, Qwen2.5-Coder, CodeLlama) for "
         "/fill_blank, or use /generate")
+
+
+@dataclass(frozen=True)
+class Continuation:
+    """How an encoder-decoder trained on span corruption continues a plain prompt (BMInf's CPM-2 `generate`):
+    the prompt gets one blank at its end, which the decoder writes after that blank's sentinel and ends at
+    the next sentinel or EOS. A prompt that already holds sentinels is span corruption input and is left
+    as it is."""
+
+    sentinel_id: int
+    sentinel_ids: frozenset[int]
+    tail: tuple[int, ...]  # what the tokenizer ends any text with (T5: EOS), kept after the blank
+
+    def applies(self, encoder_ids: Sequence[int]) -> bool:
+        return not self.sentinel_ids.intersection(encoder_ids)
+
+    def encoder_ids(self, prompt_ids: Sequence[int]) -> list[int]:
+        """The prompt with the blank before the tokenizer's tail (added when the prompt lacks it)."""
+        ids = list(prompt_ids)
+        if self.tail and ids[-len(self.tail) :] == list(self.tail):
+            ids = ids[: -len(self.tail)]
+        return [*ids, self.sentinel_id, *self.tail]
+
+
+def continuation(config: ModelConfig, tokenizer: Tokenizer) -> Continuation | None:
+    """The model's way to continue a plain prompt, if it is an encoder-decoder with sentinels."""
+    try:
+        fmt = fill_format(config, tokenizer)
+    except UnsupportedTaskError:
+        return None
+    if not isinstance(fmt, SentinelFormat):
+        return None
+    return Continuation(fmt.continue_id, frozenset(fmt.sentinel_ids), tuple(_frame(tokenizer)[1]))
 
 
 def _frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:

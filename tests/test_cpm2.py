@@ -114,3 +114,27 @@ def test_fill_blank_greedy_matches_transformers(cpm2):
     texts = [b.text for b in result.blanks]
     assert result.text == first + texts[0] + second + texts[1] + third + texts[2] + last
 
+
+
+def test_plain_prompt_is_continued_after_the_last_sentinel(cpm2):
+    """As BMInf's CPM-2 `generate`: the prompt gets `<s_189>` at its end and the decoder writes after it."""
+    hf, model_dir = cpm2
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=1)
+    vocab = (model_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    last = vocab.index("<s_189>")
+    prompt = "床前明月光，"
+    captured = []
+    forward = engine.runner.forward
+
+    def spy(chunks):
+        captured.extend((list(c.token_ids), list(c.encoder_ids)) for c in chunks if c.encoder_ids)
+        return forward(chunks)
+
+    engine.runner.forward = spy
+    ours = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0))
+    encoder = [*engine.tokenizer.encode(prompt), last]
+    assert captured == [([6, last], encoder)]
+    stops = [3, *(vocab.index(f"<s_{i}>") for i in range(190))]
+    ref = hf.generate(torch.tensor([encoder]), decoder_input_ids=torch.tensor([[6, last]]), max_new_tokens=12,
+                      do_sample=False, eos_token_id=stops)[0, 2:].tolist()
+    assert ours.token_ids == ref and len(ref) >= 2

@@ -30,7 +30,11 @@ CASES = {
     "mt5": lambda: tf.MT5ForConditionalGeneration(tf.MT5Config(
         **{**TINY, "d_model": 48, "d_kv": 16, "num_heads": 6, "num_layers": 3, "d_ff": 64}, num_decoder_layers=2)),
 }
-ENCODER = [5, 17, 42, 99, 7, 120, 13, 88, 1]
+S0 = 110  # <extra_id_0> of the test tokenizer (<extra_id_9> is 119)
+# Span-corruption inputs (they hold a sentinel), which go to the encoder as they are; a plain prompt is
+# continued as a blank at its end (see test_plain_prompt_is_continued_as_one_blank).
+ENCODER = [5, 17, 42, 99, 7, S0, 120, 13, 88, 1]
+PROMPTS = [[5, S0, 9, 1], [*range(20, 40), S0, 1], [100, 101, 102, 103, S0, 104, 105, 1]]
 GAIN, EMBEDDING_STD = 1.5, 0.3  # see `randomize`
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -131,7 +135,7 @@ def test_batch_of_different_encoder_lengths_matches_each_alone(model_pair):
     _, model_dir = model_pair
     # 8 tokens per step: the 21-token input runs over the budget, alone beside the decode tokens
     engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=3, max_tokens_per_step=8)
-    prompts = [[5, 9, 1], [*range(20, 40), 1], [100, 101, 102, 103, 104, 105, 1]]
+    prompts = PROMPTS
     sampled = SamplingParams(max_tokens=12, temperature=1.0, top_k=50, seed=123, ignore_eos=True)
     for params in (GREEDY, sampled):
         alone = [engine.generate(p, params).token_ids for p in prompts]
@@ -143,7 +147,7 @@ def test_requests_join_while_others_decode(model_pair):
     """A new request's encoder runs in the same step as the decode tokens of running ones; slots are reused."""
     _, model_dir = model_pair
     engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=2)
-    prompts = [[5, 9, 1], [*range(20, 40), 1], [100, 101, 1]]
+    prompts = [PROMPTS[0], PROMPTS[1], [100, S0, 101, 1]]
     alone = [engine.generate(p, GREEDY).token_ids for p in prompts]
     first = engine.add_request(prompts[0], GREEDY)
     for _ in range(3):
@@ -192,7 +196,7 @@ def test_offloaded_generation_matches_resident(model_pair):
     offloaded = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=3, memory_limit=limit)
     plan = offloaded.offload.plan
     assert 0 < len(plan.streamed) < len(whole)
-    prompts = [[5, 9, 1], [*range(20, 40), 1], [100, 101, 102, 103, 104, 105, 1]]
+    prompts = PROMPTS
     assert [c.token_ids for c in offloaded.generate_batch(prompts, GREEDY)] == \
         [c.token_ids for c in resident.generate_batch(prompts, GREEDY)]
     assert offloaded.offload.stats.snapshot().num_copies > 0
@@ -221,8 +225,27 @@ def test_engine_encodes_text_and_sentinel_ids(model_pair, t5_tokenizer_dir):
     sentinel = engine.tokenizer.token_to_id("<extra_id_0>")
     ids = engine.encode(text)
     assert ids == tf.AutoTokenizer.from_pretrained(t5_tokenizer_dir)(text).input_ids
+    assert sentinel == S0
     by_text = engine.generate(text, GREEDY)
     assert by_text.token_ids == engine.generate(ids, GREEDY).token_ids
-    assert by_text.prompt_tokens == len(ids)
+    assert by_text.prompt_tokens == len(ids) + 1  # and the blank it is continued by
     with_sentinel = engine.generate([*ids[:-1], sentinel, 1], GREEDY)
     assert with_sentinel.completion_tokens == 24
+
+
+def test_plain_prompt_is_continued_as_one_blank(model_pair):
+    """A prompt without sentinels gets <extra_id_0> before its EOS; the decoder starts after <extra_id_0> and
+    stops at the next sentinel, token for token as transformers does given the same input."""
+    hf, model_dir = model_pair
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=1)
+    sentinels = list(range(S0, S0 + 10))
+    for prompt in ([5, 17, 42, 99, 7, 120, 13, 88, 1], [5, 17, 42]):  # with and without the tokenizer's EOS
+        ours = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0))
+        encoder = [*(prompt[:-1] if prompt[-1] == 1 else prompt), S0, 1]
+        with torch.inference_mode():
+            ref = hf.generate(torch.tensor([encoder]), decoder_input_ids=torch.tensor([[0, S0]]), max_new_tokens=24,
+                              do_sample=False, eos_token_id=[1, *sentinels])[0, 2:].tolist()
+        assert ours.prompt_tokens == len(encoder)
+        assert ours.token_ids == ref  # both keep the token that ended them
+        stopped = ref[-1] in {1, *sentinels}
+        assert ours.finish_reason.value == ("stop" if stopped else "length") and (stopped or len(ref) == 24)
