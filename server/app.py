@@ -29,8 +29,11 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from engine import Engine, FinishReason, SamplingParams
+from engine.device import pick_device, pick_dtype
 from engine.errors import PromptTooLongError
 from engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
+from engine.loader import plan_from_config
+from engine.offload.planner import format_bytes
 from server.chat import chat_prompt_ids
 from server.engine_loop import EngineLoop, Generation
 from server.errors import ApiError, install_error_handlers
@@ -82,12 +85,43 @@ def fill_model_dir(settings: Settings) -> Path | None:
 
 def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], Engine]:
     """What the engine thread calls to load the model the settings name, or the model at `path` (the fill
-    model: same device, dtype and quantization, no memory limit of its own)."""
-    return partial(Engine.from_dir, path or model_dir(settings), device=settings.device, dtype=settings.dtype,
-                   max_batch_size=settings.max_batch_size, context=None if path else settings.context,
-                   max_tokens_per_step=settings.max_tokens_per_step,
-                   quantize=None if settings.quantize == "none" else settings.quantize,
-                   memory_limit=None if path else settings.memory_limit, prefetch_depth=settings.prefetch_depth)
+    model: same device, dtype and quantization, wholly resident, its memory taken from the served model's
+    `memory_limit`; see `served_memory_limit`)."""
+    def load() -> Engine:
+        return Engine.from_dir(path or model_dir(settings), device=settings.device, dtype=settings.dtype,
+                               max_batch_size=settings.max_batch_size, context=None if path else settings.context,
+                               max_tokens_per_step=settings.max_tokens_per_step, quantize=quantization(settings),
+                               memory_limit=None if path else served_memory_limit(settings),
+                               prefetch_depth=settings.prefetch_depth)
+
+    return load
+
+
+def quantization(settings: Settings) -> str | None:
+    return None if settings.quantize == "none" else settings.quantize
+
+
+def fill_model_bytes(settings: Settings, path: Path) -> int:
+    """Device memory the fill model at `path` takes, wholly resident: weights, KV cache and workspace, as
+    its memory plan counts them (from its config.json)."""
+    dtype = pick_dtype(pick_device(settings.device), settings.dtype)
+    plan, _, _ = plan_from_config(path, dtype, 2**62, quantization(settings), settings.max_batch_size,
+                                  max_tokens_per_step=settings.max_tokens_per_step)
+    return plan.device_bytes
+
+
+def served_memory_limit(settings: Settings) -> int | None:
+    """`memory_limit` covers both models: the served one plans within what the fill model leaves."""
+    limit, fill = settings.memory_limit_bytes, fill_model_dir(settings)
+    if limit is None or fill is None:
+        return limit
+    left = limit - fill_model_bytes(settings, fill)
+    log.info("memory limit %s: the fill model %s takes %s of it, the served model plans within %s",
+             format_bytes(limit), fill.name, format_bytes(limit - left), format_bytes(max(left, 0)))
+    if left <= 0:
+        raise ValueError(f"memory_limit {format_bytes(limit)} does not even hold the fill model {fill.name} "
+                         f"({format_bytes(limit - left)}); raise --memory-limit or pass --fill-model none")
+    return left
 
 
 def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None,
@@ -372,20 +406,21 @@ async def info(request: Request) -> dict[str, Any]:
         "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
                          "active": bool(engine and engine.offload)},
         "offload": offload_info(engine),
-        "fill_model": fill_info(rt.fill_loop, fill_model_dir(s)),
+        "fill_model": fill_info(s, rt.fill_loop),
         "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
                    "max_queue": s.max_queue, "request_timeout": s.request_timeout,
                    "max_body_bytes": s.max_body_bytes},
     }
 
 
-def fill_info(loop: EngineLoop | None, path: Path | None) -> dict[str, Any] | None:
-    """The model answering /fill_blank when it is not the served one."""
+def fill_info(settings: Settings, loop: EngineLoop | None) -> dict[str, Any] | None:
+    """The model answering /fill_blank when it is not the served one, and the device memory it takes."""
+    path = fill_model_dir(settings)
     if loop is None or path is None:
         return None
     engine = loop.engine
     return {"name": path.name, "path": str(path), "state": loop.state.value,
-            "type": engine.config.model_type if engine else None}
+            "type": engine.config.model_type if engine else None, "memory_bytes": fill_model_bytes(settings, path)}
 
 
 def offload_info(engine: Engine | None) -> dict[str, Any] | None:

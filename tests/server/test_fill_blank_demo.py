@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import engine.engine
-from server.app import fill_model_dir
+from server.app import fill_model_bytes, fill_model_dir, served_memory_limit
 from server.settings import Settings
 from tests.server.conftest import Running, running_server
 from tests.server.test_server_api import assert_error, sse_events
@@ -88,7 +88,29 @@ def test_zero_or_seventeen_blanks_are_422(fill_server, count):
 
 def test_info_names_the_fill_model(fill_server):
     info = httpx.get(fill_server.url + "/info").json()
+    fill = fill_server.server.config.app.state.runtime.fill_loop.engine
+    memory = info["fill_model"].pop("memory_bytes")
     assert info["fill_model"] == {"name": DEMO_T5.name, "path": str(DEMO_T5), "state": "ready", "type": "t5"}
+    # What its memory plan counts: every weight and the KV cache it allocated, and a workspace.
+    weights = sum(t.nbytes for t in (*fill.runner.model.parameters(), *fill.runner.model.buffers()))
+    assert weights + fill.runner.cache.nbytes < memory < 2 * (weights + fill.runner.cache.nbytes)
+
+
+def test_memory_limit_covers_the_fill_model(tiny_llama_dir):
+    """The served model plans within what the fill model leaves of --memory-limit; a limit that does not
+    even hold the fill model names it."""
+    fill = fill_model_bytes(Settings(fill_model=str(DEMO_T5), device="cpu"), DEMO_T5)
+    limit = fill + 16 * 2**20
+    settings = Settings(model=str(tiny_llama_dir), fill_model=str(DEMO_T5), memory_limit=str(limit), device="cpu")
+    assert served_memory_limit(settings) == limit - fill
+    assert served_memory_limit(Settings(model=str(tiny_llama_dir), memory_limit=str(limit))) == limit
+    with running_server(tiny_llama_dir, fill_model=str(DEMO_T5), memory_limit=str(limit)) as srv:
+        rt = srv.server.config.app.state.runtime
+        fill = fill_model_bytes(rt.settings, DEMO_T5)  # the server's batch size and step budget
+        plan = rt.loop.engine.offload.plan
+        assert plan.memory_limit == limit - fill and plan.device_bytes + fill <= limit
+    with pytest.raises(ValueError, match=r"does not even hold the fill model demo-t5 .*--fill-model none"):
+        served_memory_limit(Settings(fill_model=str(DEMO_T5), memory_limit=str(fill), device="cpu"))
 
 
 def test_malformed_output_still_gives_a_whole_reply(fill_server, monkeypatch):
