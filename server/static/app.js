@@ -360,10 +360,12 @@ function renderInfo(info) {
   const m = info.model;
   const device = info.device || "";
   const limit = info.memory_limit;
+  const fill = info.fill_model;
   fillList($("facts"), [
     ["model", m.name],
     ["type", m.type && `${m.type}, ${m.layers} layers, vocabulary ${m.vocab_size}`],
     ["context", m.context && `${m.context} tokens`],
+    ["fill model", fill && `${fill.name} (${fill.type || "loading"}, ${fill.state}, ${formatBytes(fill.memory_bytes)})`],
     ["device", info.device],
     ["dtype", info.dtype],
     ["quantization", info.quantization.active || "none"],

@@ -207,6 +207,9 @@ def test_fill_blank_stream_fills_each_blank_in_place(page: Any, artifacts: Path)
 
 def test_fill_blank_fills_each_blank_in_place(page: Any, fill_daemon: Running, artifacts: Path):
     page.goto(fill_daemon.url + "/")
+    page.wait_for_function("() => document.getElementById('facts').textContent.includes('fill model')")
+    fill = httpx.get(fill_daemon.url + "/info").json()["fill_model"]
+    assert f"{fill['name']} (t5, ready, " in page.locator("#facts").text_content()
     fill_two_blanks(page)
     wait_status(page, "Done")
     assert page.locator("#error").is_hidden()
