@@ -105,9 +105,11 @@ def test_queue_full_is_429_with_retry_after(tiny_llama_dir):
 
 
 def test_request_timeout_is_504(tiny_llama_dir):
-    with running_server(tiny_llama_dir, load=slow_loader(0.02), request_timeout=0.2) as srv, srv.client() as c:
-        assert_error(c.post("/generate", json={"prompt": "Hi", "max_tokens": 100}), 504, "timeout")
-        with connect_sse(c, "POST", "/generate", json={"prompt": "Hi", "max_tokens": 100, "stream": True}) as s:
+    # Greedy, so no sampled EOS can end the request inside the timeout; 0.1 s a step, so it takes 2 steps.
+    body = {"prompt": "Hi", "max_tokens": 100, "temperature": 0}
+    with running_server(tiny_llama_dir, load=slow_loader(0.1), request_timeout=0.2) as srv, srv.client() as c:
+        assert_error(c.post("/generate", json=body), 504, "timeout")
+        with connect_sse(c, "POST", "/generate", json={**body, "stream": True}) as s:
             last = list(s.iter_sse())[-1]
         assert last.event == "error" and json.loads(last.data)["error"]["type"] == "timeout"
 
