@@ -1,4 +1,4 @@
-"""The `vramlite` command line: `serve`, `generate`, `fill-blank`, `quantize` and `plan`."""
+"""The `vramlite` command line: `serve`, `generate`, `fill-blank`, `bench`, `quantize` and `plan`."""
 
 from __future__ import annotations
 
@@ -75,6 +75,50 @@ def cmd_fill_blank(args: argparse.Namespace) -> int:
                          ensure_ascii=False))
     else:
         print(result.text)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    from engine.bench import bench, hardware
+
+    context = args.prompt_len + args.tokens
+    engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
+                             max_batch_size=max(args.batch), context=context, quantize=args.quantize,
+                             memory_limit=args.memory_limit)
+    bench(engine, 1, min(args.prompt_len, 8), 3)  # warm-up: first calls allocate and pick kernels
+    results = [bench(engine, b, args.prompt_len, args.tokens) for b in args.batch]
+    weights = engine.config.quantization or str(engine.dtype).removeprefix("torch.")
+    print(f"model {engine.model_dir}: {engine.config.model_type}, {engine.config.num_layers} layers, {weights} "
+          f"weights, {str(engine.dtype).removeprefix('torch.')} compute on {engine.probe.name}")
+    streamed = bool(engine.offload and engine.offload.plan.streamed)
+    header = ["batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step"]
+    header += ["MB streamed/step", "H2D GB/s", "stall s"] if streamed else []
+    header += ["peak VRAM MiB"] if engine.device.type == "cuda" else []
+    rows = []
+    for r in results:
+        row = [r.batch, r.prompt_tokens, r.new_tokens, f"{r.prefill_tokens_per_second:.1f}",
+               f"{r.decode_tokens_per_second:.1f}", f"{r.ms_per_step:.2f}"]
+        if streamed:
+            copy_rate = r.h2d_bytes / r.decode_seconds / 1e9 if r.decode_seconds else 0.0
+            row += [f"{r.h2d_bytes_per_step / 1e6:.1f}", f"{copy_rate:.2f}", f"{r.stall_seconds:.3f}"]
+        if engine.device.type == "cuda":
+            row += [f"{r.peak_device_bytes / 2**20:.0f}"]
+        rows.append([str(v) for v in row])
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        print("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)))
+    if args.json:
+        payload = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": str(engine.model_dir),
+                   "model_type": engine.config.model_type, "weights": weights,
+                   "dtype": str(engine.dtype).removeprefix("torch."), "hardware": hardware(),
+                   "device": engine.probe.as_dict(),
+                   "plan": engine.offload.plan.as_dict() if engine.offload else None,
+                   "rows": [r.as_dict() for r in results]}
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
     return 0
 
 
@@ -166,6 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     fill.add_argument("--json", action="store_true", help="print the blanks with their positions as JSON")
     fill.add_argument("prompt", help='text with <span> blanks, e.g. "床前<span>光，疑是地上霜。"')
     fill.set_defaults(func=cmd_fill_blank)
+    bch = sub.add_parser("bench", help="measure prefill and decode tokens/s of a model on this machine",
+                         description="Greedy decoding of random prompts, EOS ignored, the whole batch at once; the "
+                         "model loads as for generate (--quantize, --memory-limit ...).")
+    add_model_args(bch)
+    bch.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes to run (default: 1 8)")
+    bch.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per sequence (default: 128)")
+    bch.add_argument("--tokens", type=int, default=64, help="new tokens per sequence (default: 64)")
+    bch.add_argument("--json", help="also write the results, the hardware and the memory plan to this file")
+    bch.set_defaults(func=cmd_bench)
     qnt = sub.add_parser("quantize", help="write an int8 copy of an HF-format checkpoint (loads without re-quantizing)")
     qnt.add_argument("in_dir", help="HF-format model directory")
     qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")
