@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
           f"weights, {str(engine.dtype).removeprefix('torch.')} compute on {engine.probe.name}")
     streamed = bool(engine.offload and engine.offload.plan.streamed)
     header = ["batch", "prompt", "new", "prefill tok/s", "decode tok/s", "ms/step"]
-    header += ["MB streamed/step", "H2D GB/s", "stall s"] if streamed else []
+    header += ["MB streamed/step", "streamed GB/s", "stall s"] if streamed else []
     header += ["peak VRAM MiB"] if engine.device.type == "cuda" else []
     rows = []
     for r in results:
