@@ -5,7 +5,7 @@
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
-bf16, and int8 weights with bf16 activations. Decode time is
+bf16, and int8 weights with fp32 or bf16 activations. Decode time is
 the time to produce N tokens minus the time to produce 1 (prefill + first
 token), best of `--repeats`. Prints a table; writes benchmarks/results/decode_cpu.json.
 """
@@ -29,7 +29,7 @@ from vramlite import models as demo_models
 
 PROMPT_LEN = 16
 OURS = (("vramlite fp32", "fp32", None), ("vramlite bf16", "bf16", None),
-        ("vramlite int8 w / bf16 act", "bf16", "int8"))
+        ("vramlite int8 w / fp32 act", "fp32", "int8"), ("vramlite int8 w / bf16 act", "bf16", "int8"))
 
 
 def random_llama_130m(out: Path) -> Path:

@@ -29,11 +29,13 @@ W8A8 above (prefill: compute-bound, so int8 tensor cores / dp4a win). Provisiona
 `benchmarks/bench_kernels.py` on real GPUs."""
 
 
-# torch._weight_int8pack_mm (private, CPU) beats casting the weight for this many rows at most, measured at
-# 4096x4096 on 2 cores: 2-4x for bf16 up to 32 rows, 2-3x for fp32 at 1-2 rows, slower beyond. Not for fp16:
-# it takes the scales in x's dtype, and small ones underflow fp16. It returns garbage or crashes for bf16 when
-# K is not a multiple of 16 (torch 2.13): it only gets K % 64 == 0.
-_INT8PACK_MAX_ROWS = {torch.bfloat16: 32, torch.float32: 2}
+# torch._weight_int8pack_mm (private, CPU) takes int8 weights and bf16 activations and accumulates in fp32; up to
+# this many rows it beats dequantizing the weight, measured on the 2-core CI machine with 1 thread (M = 1): 5-19x
+# at 768x768 to 11008x4096, and still 1.6x at 256x688. fp32 activations go through it rounded to bf16 (its own fp32
+# path is 3-6x slower than dequantizing on small shapes): the rounding is below int8's. Not for fp16: it takes
+# the scales in x's dtype, and small ones underflow fp16. K must be a multiple of 16 (torch 2.13: other K give
+# inf or crash).
+_INT8PACK_MAX_ROWS = 32
 
 
 @functools.cache
@@ -71,9 +73,11 @@ def _w8a16_reference(
     k = x.shape[-1]
     rows = x.numel() // k
     int8pack = getattr(torch, "_weight_int8pack_mm", None)
-    if x.device.type != "cpu" or int8pack is None or k % 64 or not 0 < rows <= _INT8PACK_MAX_ROWS.get(x.dtype, 0):
+    if (x.device.type != "cpu" or int8pack is None or k % 16 or not 0 < rows <= _INT8PACK_MAX_ROWS
+            or x.dtype not in (torch.bfloat16, torch.float32)):
         return w8a16_linear_ref(x, qweight, scale, bias)
-    y = int8pack(x.reshape(rows, k).contiguous(), qweight.contiguous(), scale.to(x.dtype))
+    y = int8pack(x.reshape(rows, k).to(torch.bfloat16).contiguous(), qweight.contiguous(),
+                 scale.to(torch.bfloat16)).to(x.dtype)
     if bias is not None:
         y = y + bias.to(x.dtype)
     return y.reshape(*x.shape[:-1], qweight.shape[0])

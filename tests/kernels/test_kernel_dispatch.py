@@ -168,11 +168,13 @@ print(dispatch.HAS_TRITON, tuple(y.shape), dispatch.backend_for(torch.device("cu
 @pytest.mark.parametrize(
     "dtype,rows,k,taken",
     [
-        (torch.float32, 2, 128, True),
+        (torch.float32, 2, 128, True),  # activations rounded to bf16
+        (torch.float32, 17, 688, True),
         (torch.bfloat16, 1, 128, True),
         (torch.bfloat16, 32, 128, True),
-        (torch.float32, 3, 128, False),
-        (torch.bfloat16, 1, 130, False),  # K % 64: the reference
+        (torch.bfloat16, 1, 688, True),
+        (torch.bfloat16, 33, 128, False),
+        (torch.bfloat16, 1, 130, False),  # K % 16: the reference
         (torch.float16, 1, 128, False),
     ],
 )
@@ -185,5 +187,9 @@ def test_cpu_int8_weight_kernel_for_few_rows(
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or original(*a))
     x, qweight, scale, bias, _ = linear_operands(rows, 37, k, dtype, "cpu", with_bias=True)
     y = kernels.w8a16_linear(x, qweight, scale, bias)
-    assert bool(calls) is taken
-    assert_close_to(y, w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double()), dtype)
+    assert bool(calls) is taken and y.dtype == dtype
+    expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
+    if taken and dtype == torch.float32:  # x rounded to bf16 (relative error 2**-9 per element), then as bf16 x
+        assert ((y.double() - expected).norm() / expected.norm()).item() < 4e-3
+    else:
+        assert_close_to(y, expected, dtype)
