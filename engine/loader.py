@@ -57,13 +57,14 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     quantize = model.config.quantization
     cfg = model.config
     reader = CheckpointReader(model_dir)
-    place = keep
+    place, host = keep, ()
     if memory_limit is not None:
         plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
                           prefetch_depth, model.head_is_tied(reader), h2d_bandwidth)
         model.offload = WeightStore(model.blocks(), plan, dtype, device)
         place = model.offload.place
-    model.load_weights(reader, device, dtype, place)
+        host = (model.input_embeddings(),) if plan.host_fixed_bytes else ()
+    model.load_weights(reader, device, dtype, place, host)
     loaded_bytes = weight_bytes(model)  # before streamed layers share their slots' memory
     if model.offload is not None:
         model.offload.start()
@@ -126,7 +127,10 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
     activations of `max_tokens_per_step` tokens; `tied`: the LM head shares the embedding's weight."""
     cfg = model.config
     layers = model.blocks()
-    fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if tied else layers)
+    # An embedding the head does not share stays in host memory; a tied one is the head's weight, on the device.
+    host = [] if tied else [model.input_embeddings()]
+    fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if tied else [*layers, *host])
+    host_bytes = sum(tensor_bytes(m, dtype) for m in host)
     sizes = layer_sizes(layers, dtype)
 
     def activations(batch: int) -> tuple[int, int]:
@@ -134,7 +138,8 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
                 workspace_bytes(cfg, batch, context, max_tokens_per_step, dtype))
 
     try:
-        return plan_offload(sizes, fixed, *activations(max_batch_size), memory_limit, prefetch_depth, h2d_bandwidth)
+        return plan_offload(sizes, fixed, *activations(max_batch_size), memory_limit, prefetch_depth, h2d_bandwidth,
+                            host_bytes)
     except ValueError as e:
         if max_batch_size == 1:
             raise

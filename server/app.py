@@ -107,7 +107,7 @@ def fill_model_bytes(settings: Settings, path: Path) -> int:
     dtype = pick_dtype(pick_device(settings.device), settings.dtype)
     plan, _, _ = plan_from_config(path, dtype, 2**62, quantization(settings), settings.max_batch_size,
                                   max_tokens_per_step=settings.max_tokens_per_step)
-    return plan.device_bytes
+    return plan.device_bytes + plan.host_fixed_bytes  # loaded with no limit, its embedding is on the device too
 
 
 def served_memory_limit(settings: Settings) -> int | None:

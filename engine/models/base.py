@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +13,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.layers.attention import AttentionMetadata
+from engine.layers.embedding import Embedding
 from engine.layers.linear import QuantizedLinear
 from engine.weights import CheckpointReader
 from kernels import quantize_weight
@@ -71,7 +72,7 @@ class CausalLM(nn.Module, ABC):
         """The decoder layers, in forward order."""
 
     @abstractmethod
-    def input_embeddings(self) -> nn.Embedding:
+    def input_embeddings(self) -> Embedding:
         """The token embedding, which an LM head without weights of its own is tied to."""
 
     @abstractmethod
@@ -106,12 +107,14 @@ class CausalLM(nn.Module, ABC):
             streamer.after(i)
 
     def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
-                     place: Place = keep) -> None:
+                     place: Place = keep, host: Collection[nn.Module] = ()) -> None:
         """Read every parameter from the checkpoint, checking shapes; quantize int8 layers as they come.
 
         `place` decides where each loaded tensor ends up (the offload's host
-        arena for a streamed layer); by default it stays on `device`.
+        arena for a streamed layer); by default it stays on `device`. The
+        modules in `host` load into host memory and stay there.
         """
+        cpu = torch.device("cpu")
         for spec in itertools.chain(self.weight_specs(reader), self._head_spec(reader)):
             if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
                 q, scale = load_int8(spec, reader, device)
@@ -120,7 +123,8 @@ class CausalLM(nn.Module, ABC):
             parts = [read(reader, name, shape, spec.transposed) for name, shape in zip(spec.sources, spec.shapes,
                                                                                          strict=True)]
             tensor = parts[0] if len(parts) == 1 else torch.cat(parts)
-            tensor = place(spec.module, spec.param, tensor.to(device=device, dtype=dtype))
+            tensor = place(spec.module, spec.param,
+                           tensor.to(device=cpu if spec.module in host else device, dtype=dtype))
             setattr(spec.module, spec.param, nn.Parameter(tensor, requires_grad=False))
         if self.lm_head.weight.is_meta:  # tied, or the checkpoint has no head of its own
             self.lm_head.weight = self.input_embeddings().weight

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.config import ModelConfig, common_fields, require
 from engine.errors import ModelLoadError
+from engine.layers.embedding import Embedding
 from engine.layers.attention import AttentionMetadata, cached_attention
 from engine.layers.linear import make_linear
 from engine.models.base import CausalLM, WeightSpec
@@ -50,7 +51,7 @@ class GPT2LMHeadModel(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.wte = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
@@ -111,7 +112,7 @@ class GPT2LMHeadModel(CausalLM):
     def blocks(self) -> nn.ModuleList:
         return self.h
 
-    def input_embeddings(self) -> nn.Embedding:
+    def input_embeddings(self) -> Embedding:
         return self.wte
 
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:

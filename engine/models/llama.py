@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.config import ModelConfig, common_fields, parse_rope, require
 from engine.errors import ModelLoadError
+from engine.layers.embedding import Embedding
 from engine.layers.attention import AttentionMetadata, cached_attention
 from engine.layers.linear import make_linear
 from engine.layers.norm import RMSNorm
@@ -75,7 +76,7 @@ class LlamaForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -145,7 +146,7 @@ class LlamaForCausalLM(CausalLM):
     def blocks(self) -> nn.ModuleList:
         return self.layers
 
-    def input_embeddings(self) -> nn.Embedding:
+    def input_embeddings(self) -> Embedding:
         return self.embed_tokens
 
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -23,6 +23,7 @@ from torch import nn
 
 from engine.config import ModelConfig, common_fields, require
 from engine.errors import ModelLoadError
+from engine.layers.embedding import Embedding
 from engine.layers.attention import (
     AttentionBias,
     AttentionMetadata,
@@ -151,7 +152,7 @@ class T5ForConditionalGeneration(CausalLM):
         gated, _ = feed_forward_kind(raw)
         buckets = raw.get("relative_attention_num_buckets", 32)
         distance = raw.get("relative_attention_max_distance", 128)
-        self.shared = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.shared = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.encoder_bias = RelativePositionBias(buckets, cfg.num_heads, distance, bidirectional=True)
         self.encoder_blocks = nn.ModuleList(EncoderBlock(cfg, gated) for _ in range(require(raw, "num_layers")))
         self.encoder_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -238,7 +239,7 @@ class T5ForConditionalGeneration(CausalLM):
     def blocks(self) -> nn.ModuleList:
         return self._blocks
 
-    def input_embeddings(self) -> nn.Embedding:
+    def input_embeddings(self) -> Embedding:
         return self.shared
 
     def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:

@@ -1,7 +1,8 @@
 """The VRAM budget planner: which decoder layers stay resident and which are streamed (no torch here).
 
 Budget = fixed weights (embeddings, head, final norm) + KV cache + activation
-workspace + resident layers + swap slots; a streamed layer is copied from the
+workspace + resident layers + swap slots (an input embedding the LM head does
+not share stays in host memory instead: `host_fixed_bytes`); a streamed layer is copied from the
 host arena into slot `j % num_slots` (j = its rank among streamed layers) just
 before it runs, so the slots must each hold the largest streamed layer.
 
@@ -56,6 +57,7 @@ class OffloadPlan:
     num_slots: int
     slot_bytes: int
     h2d_bytes_per_second: float = 0.0  # the measured (or assumed) pinned host-to-device bandwidth; 0 = unknown
+    host_fixed_bytes: int = 0  # the input embedding, kept in host memory (a decode step copies one row a token)
 
     @property
     def num_layers(self) -> int:
@@ -127,7 +129,8 @@ class OffloadPlan:
                 "streamed_layers": list(self.streamed), "resident_bytes": self.resident_bytes,
                 "streamed_bytes_per_step": self.streamed_bytes, "num_slots": self.num_slots,
                 "slot_bytes": self.slot_bytes, "prefetch_depth": self.prefetch_depth,
-                "h2d_bytes_per_second": self.h2d_bytes_per_second, "decode_seconds_bound": self.decode_seconds}
+                "h2d_bytes_per_second": self.h2d_bytes_per_second, "decode_seconds_bound": self.decode_seconds,
+                "host_embedding_bytes": self.host_fixed_bytes}
 
 
 def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
@@ -139,7 +142,8 @@ def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
     seconds = plan.decode_seconds
     rows = [
         ("VRAM budget", plan.memory_limit, f"planned {format_bytes(plan.device_bytes)}"),
-        ("weights outside the layers", plan.fixed_bytes, "embeddings, final norm, LM head"),
+        ("weights outside the layers", plan.fixed_bytes,
+         "final norm, LM head" + ("" if plan.host_fixed_bytes else ", embeddings")),
         ("KV cache", plan.kv_bytes, f"for a batch of {max_batch_size}"),
         ("workspace", plan.workspace_bytes, "activations of one step"),
         ("resident layers", plan.resident_bytes, f"{len(plan.resident)} of {plan.num_layers}: {layers(plan.resident)}"),
@@ -149,6 +153,8 @@ def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
          f"{len(plan.streamed)} of {plan.num_layers}, copied every step: {layers(plan.streamed)}"),
         ("host pinned", plan.host_bytes, "one arena holding the streamed layers"),
     ]
+    if plan.host_fixed_bytes:
+        rows.append(("host embedding", plan.host_fixed_bytes, "the input embedding: rows are looked up on the host"))
     width = max(len(name) for name, _, _ in rows)
     lines = [f"{name:<{width}}  {format_bytes(nbytes):>11}  {detail}" for name, nbytes, detail in rows]
     if plan.h2d_bytes_per_second > 0:
@@ -165,7 +171,8 @@ def plan_table(plan: OffloadPlan, max_batch_size: int = 1) -> list[str]:
 
 
 def plan_offload(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspace_bytes: int,
-                 memory_limit: int, prefetch_depth: int = 1, h2d_bytes_per_second: float = 0.0) -> OffloadPlan:
+                 memory_limit: int, prefetch_depth: int = 1, h2d_bytes_per_second: float = 0.0,
+                 host_fixed_bytes: int = 0) -> OffloadPlan:
     """The plan keeping the most layers resident within `memory_limit`; `h2d_bytes_per_second` (the probed
     pinned bandwidth, 0 = unknown) gives its expected decode time per token.
 
@@ -180,7 +187,7 @@ def plan_offload(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, wo
     if min(layer_bytes) < 0 or min(fixed_bytes, kv_bytes, workspace_bytes) < 0:
         raise ValueError("byte sizes must be ≥ 0")
     plans = [_layout(layer_bytes, fixed_bytes, kv_bytes, workspace_bytes, memory_limit, prefetch_depth, n,
-                     h2d_bytes_per_second) for n in range(len(layer_bytes) + 1)]
+                     h2d_bytes_per_second, host_fixed_bytes) for n in range(len(layer_bytes) + 1)]
     for plan in plans:  # fewest streamed layers first
         if plan.device_bytes <= memory_limit:
             return plan
@@ -202,7 +209,8 @@ def min_budget(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, work
 
 
 def _layout(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspace_bytes: int, memory_limit: int,
-            prefetch_depth: int, num_streamed: int, h2d_bytes_per_second: float = 0.0) -> OffloadPlan:
+            prefetch_depth: int, num_streamed: int, h2d_bytes_per_second: float = 0.0,
+            host_fixed_bytes: int = 0) -> OffloadPlan:
     streamed = spread(len(layer_bytes), num_streamed)
     return OffloadPlan(
         memory_limit=memory_limit, layer_bytes=tuple(layer_bytes), fixed_bytes=fixed_bytes, kv_bytes=kv_bytes,
@@ -210,5 +218,5 @@ def _layout(layer_bytes: Sequence[int], fixed_bytes: int, kv_bytes: int, workspa
         # one slot per layer in flight: the computing one and `prefetch_depth` ahead (never more than streamed)
         num_slots=min(prefetch_depth + 1, num_streamed),
         slot_bytes=max((layer_bytes[i] for i in streamed), default=0),
-        h2d_bytes_per_second=h2d_bytes_per_second,
+        h2d_bytes_per_second=h2d_bytes_per_second, host_fixed_bytes=host_fixed_bytes,
     )

@@ -352,6 +352,7 @@ function renderPlan(offload) {
     ["workspace", formatBytes(offload.workspace_bytes)],
     ["streamed per step", formatBytes(offload.streamed_bytes_per_step)],
     ["host arena", `${formatBytes(offload.host_bytes)} (${formatBytes(offload.host_pinned_bytes)} pinned)`],
+    ["host embedding", offload.host_embedding_bytes ? formatBytes(offload.host_embedding_bytes) : null],
   ] : [];
   fillList($("plan-bytes"), bytes);
 }
