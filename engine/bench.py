@@ -22,7 +22,8 @@ class BenchResult:
     """One run: `batch` prompts of `prompt_tokens` random tokens, each decoding `new_tokens` (EOS ignored).
 
     Prefill is the time until every sequence has its first token (so it includes one sampling step);
-    decode is the rest, `new_tokens - 1` steps of the whole batch. Offload figures are for the decode steps.
+    decode is the rest: `decode_steps` steps that gave `decoded_tokens` tokens (`batch * (new_tokens - 1)`
+    unless a stop token ended some sequences early). Offload figures are for the decode steps.
     """
 
     batch: int
@@ -31,6 +32,7 @@ class BenchResult:
     prefill_seconds: float
     decode_seconds: float
     decode_steps: int
+    decoded_tokens: int
     h2d_bytes: int = 0
     stall_seconds: float = 0.0
     peak_device_bytes: int = 0
@@ -41,7 +43,7 @@ class BenchResult:
 
     @property
     def decode_tokens_per_second(self) -> float:
-        return self.batch * (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds else 0.0
+        return self.decoded_tokens / self.decode_seconds if self.decode_seconds else 0.0
 
     @property
     def ms_per_step(self) -> float:
@@ -68,8 +70,9 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
         raise ValueError(f"batch {batch} is more than the engine's max_batch_size "
                          f"{engine.scheduler.config.max_batch_size}")
     rng = random.Random(seed)
-    low = max(engine.tokenizer.special_ids, default=-1) + 1  # ordinary tokens, past the usual special ones
-    prompts = [[rng.randrange(low, engine.config.vocab_size) for _ in range(prompt_tokens)] for _ in range(batch)]
+    special = engine.tokenizer.special_ids
+    ordinary = [i for i in range(engine.config.vocab_size) if i not in special]
+    prompts = [rng.choices(ordinary, k=prompt_tokens) for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
     cuda = engine.device.type == "cuda"
     if cuda:
@@ -81,16 +84,16 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
         engine.step()
     prefilled = time.perf_counter()
     before = engine.offload.stats.snapshot() if engine.offload else None
-    steps = 0
+    steps = decoded = 0
     while engine.has_unfinished():
-        engine.step()
+        decoded += sum(out.token_id is not None for out in engine.step())
         steps += 1
     if cuda:
         torch.cuda.synchronize(engine.device)
     end = time.perf_counter()
     after = engine.offload.stats.snapshot() if engine.offload else None
     return BenchResult(
-        batch, prompt_tokens, new_tokens, prefilled - start, end - prefilled, steps,
+        batch, prompt_tokens, new_tokens, prefilled - start, end - prefilled, steps, decoded,
         h2d_bytes=after.h2d_bytes - before.h2d_bytes if after and before else 0,
         stall_seconds=after.stall_seconds - before.stall_seconds if after and before else 0.0,
         peak_device_bytes=torch.cuda.max_memory_allocated(engine.device) if cuda else 0,

@@ -23,6 +23,7 @@ def demo() -> Engine:
 def test_bench_counts_the_steps_and_leaves_the_engine_idle(demo):
     result = bench(demo, batch=3, prompt_tokens=10, new_tokens=5)
     assert (result.batch, result.prompt_tokens, result.new_tokens, result.decode_steps) == (3, 10, 5, 4)
+    assert result.decoded_tokens == 3 * 4
     assert result.prefill_seconds > 0 and result.decode_seconds > 0
     assert result.decode_tokens_per_second == pytest.approx(3 * 4 / result.decode_seconds)
     assert result.prefill_tokens_per_second == pytest.approx(3 * 10 / result.prefill_seconds)
@@ -69,3 +70,12 @@ def test_cli_prints_a_table_and_writes_json(tmp_path, capsys):
     assert all(r["decode_tokens_per_second"] > 0 and r["decode_steps"] == 3 for r in report["rows"])
     assert report["hardware"]["torch"] == torch.__version__ and report["device"]["device"] == "cpu"
     assert report["plan"] is None and report["weights"] == "float32"
+
+
+def test_encoder_decoder_counts_the_tokens_it_decoded():
+    """The demo T5 continues each prompt as a blank and may stop at a sentinel: only real tokens count."""
+    engine = Engine.from_dir(demo_models.path(demo_models.FILL_BLANK), device="cpu", dtype="fp32", max_batch_size=2,
+                             context=64)
+    result = bench(engine, batch=2, prompt_tokens=12, new_tokens=6)
+    assert 0 < result.decoded_tokens <= 2 * 5 and 0 < result.decode_steps <= 5
+    assert result.decode_tokens_per_second == pytest.approx(result.decoded_tokens / result.decode_seconds)
