@@ -58,6 +58,8 @@ class ModelConfig:
     quantization: str | None = None  # "int8": decoder-block linears hold int8 weights
     is_encoder_decoder: bool = False  # prompts feed an encoder; `num_layers` counts the decoder's layers
     decoder_start_token_id: int | None = None  # the decoder's first input (encoder-decoder models)
+    whole_prompt: bool = False  # the prompt attends both ways (CPM-Ant), so it is prefilled in one piece
+    cache_prefix: int = 0  # cache positions each sequence takes before its own tokens (CPM-Ant's prompt tokens)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:

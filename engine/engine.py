@@ -165,7 +165,8 @@ class Engine:
             if len(encoder_ids) > self.context:
                 raise PromptTooLongError(len(encoder_ids), self.context)
         seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
-                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids)
+                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
+                  self.config.whole_prompt)
         self._sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id

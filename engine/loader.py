@@ -150,8 +150,9 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
 def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype) -> int:
     """What `KVCache` allocates for `max_batch_size` sequences of `context` positions (an encoder-decoder's
     cross cache included)."""
-    caches = 4 if cfg.is_encoder_decoder else 2
-    return caches * cfg.num_layers * max_batch_size * cfg.num_kv_heads * context * cfg.head_dim * dtype.itemsize
+    # An encoder-decoder has a self-attention and a cross-attention cache; CPM-Ant's prompt tokens come first.
+    positions = 2 * context if cfg.is_encoder_decoder else context + cfg.cache_prefix
+    return 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
 
 
 def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tokens_per_step: int,

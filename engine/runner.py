@@ -39,8 +39,8 @@ class ModelRunner:
         self.device = device
         self.dtype = dtype
         self.context = context
-        self.cache = KVCache(cfg.num_layers, num_slots, context, cfg.num_kv_heads, cfg.head_dim, dtype, device,
-                             cross_context=context if cfg.is_encoder_decoder else 0)
+        self.cache = KVCache(cfg.num_layers, num_slots, context + cfg.cache_prefix, cfg.num_kv_heads, cfg.head_dim,
+                             dtype, device, cross_context=context if cfg.is_encoder_decoder else 0)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:

@@ -7,10 +7,11 @@ cache slot and token budget left. A long prompt is thus prefilled over several
 steps without stalling the streams already running.
 
 An encoder-decoder prompt is encoded whole in its first step, never in
-pieces: its encoder tokens count against the budget, and one that does not
-fit what is left waits for the next step, unless nothing but decode tokens is
-scheduled yet — then it runs over the budget, so even an input longer than
-the budget gets its turn.
+pieces, and so is the prompt of a model whose prompt attends both ways
+(`Sequence.whole_prompt`): its tokens count against the budget, and one that
+does not fit what is left waits for the next step, unless nothing but decode
+tokens is scheduled yet — then it runs over the budget, so even an input
+longer than the budget gets its turn.
 """
 
 from __future__ import annotations
@@ -68,12 +69,13 @@ class Scheduler:
         while self.waiting and budget and len(self.running) < self.config.max_batch_size:
             seq = self.waiting[0]
             encoder = seq.num_encoder_pending
-            if encoder and encoder + 1 > budget and any(n > 1 or s.num_encoder_pending for s, n in batch):
+            n = seq.num_pending if seq.whole_prompt else min(seq.num_pending, budget)
+            whole = encoder or seq.whole_prompt
+            if whole and n + encoder > budget and any(k > 1 or s.num_encoder_pending for s, k in batch):
                 break
             self.waiting.popleft()
             seq.slot = self._allocate()
             self.running.append(seq)
-            n = min(seq.num_pending, budget)
             batch.append((seq, n))
             budget = max(budget - n - encoder, 0)
         return batch

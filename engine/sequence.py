@@ -42,8 +42,10 @@ class Sequence:
     """
 
     def __init__(self, seq_id: int, prompt_ids: Seq[int], params: SamplingParams, sampler: SamplerState,
-                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int], encoder_ids: Seq[int] = ()) -> None:
+                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int], encoder_ids: Seq[int] = (),
+                 whole_prompt: bool = False) -> None:
         self.seq_id = seq_id
+        self.whole_prompt = whole_prompt  # prefill the prompt in one piece (its tokens attend both ways)
         self.params = params
         self.token_ids = list(prompt_ids)
         self.encoder_ids = list(encoder_ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from engine.errors import ModelLoadError
 from engine.models.base import CausalLM
+from engine.models.cpmant import CpmAntForCausalLM
 from engine.models.gpt2 import GPT2LMHeadModel
 from engine.models.llama import LlamaForCausalLM
 from engine.models.t5 import T5ForConditionalGeneration
@@ -15,6 +16,7 @@ FAMILIES: dict[str, type[CausalLM]] = {
     "gpt2": GPT2LMHeadModel,
     "t5": T5ForConditionalGeneration,
     "mt5": T5ForConditionalGeneration,
+    "cpmant": CpmAntForCausalLM,
 }
 
 
