@@ -60,7 +60,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     place, host = keep, ()
     if memory_limit is not None:
         plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
-                          prefetch_depth, model.head_is_tied(reader), h2d_bandwidth)
+                          prefetch_depth, model.head_shares_embedding(reader), h2d_bandwidth)
         model.offload = WeightStore(model.blocks(), plan, dtype, device)
         place = model.offload.place
         host = (model.input_embeddings(),) if plan.host_fixed_bytes else ()
@@ -112,24 +112,26 @@ def plan_from_config(config: str | Path, dtype: torch.dtype, memory_limit: int |
                      prefetch_depth: int = 1, h2d_bandwidth: float = 0.0) -> tuple[OffloadPlan, ModelConfig, int]:
     """The memory plan `load_model` would make, from a model's config.json alone (a file, or the directory
     holding it): sizes come from the shapes, so no weights are needed. Returns the plan, the parsed config and
-    the context. The LM head counts as tied when config.json says so (a checkpoint is not there to ask)."""
+    the context. The LM head counts as tied when config.json says so (a checkpoint is not there to ask); an int8 head
+is its own copy even then."""
     path = Path(config)
     model, context = meta_model(read_json(path / "config.json" if path.is_dir() else path), quantize, context)
     plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
-                      prefetch_depth, model.config.tie_word_embeddings, h2d_bandwidth)
+                      prefetch_depth, model.config.tie_word_embeddings and not model.config.quantization,
+                      h2d_bandwidth)
     return plan, model.config, context
 
 
 def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
-               max_tokens_per_step: int, prefetch_depth: int, tied: bool, h2d_bandwidth: float = 0.0
+               max_tokens_per_step: int, prefetch_depth: int, shared_head: bool, h2d_bandwidth: float = 0.0
                ) -> OffloadPlan:
     """Plan `model` (on `meta`) into `memory_limit`: weights, a KV cache of `max_batch_size` × `context`, the
-    activations of `max_tokens_per_step` tokens; `tied`: the LM head shares the embedding's weight."""
+    activations of `max_tokens_per_step` tokens; `shared_head`: the LM head is the embedding's very tensor."""
     cfg = model.config
     layers = model.blocks()
-    # An embedding the head does not share stays in host memory; a tied one is the head's weight, on the device.
-    host = [] if tied else [model.input_embeddings()]
-    fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if tied else [*layers, *host])
+    # An embedding the head does not share stays in host memory; a shared one is the head's weight, on the device.
+    host = [] if shared_head else [model.input_embeddings()]
+    fixed = tensor_bytes(model, dtype, [*layers, model.lm_head] if shared_head else [*layers, *host])
     host_bytes = sum(tensor_bytes(m, dtype) for m in host)
     sizes = layer_sizes(layers, dtype)
 

@@ -51,7 +51,7 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, shard_bytes: in
     writer = ShardWriter(out_dir, shard_bytes)
     reader = CheckpointReader(in_dir)
     int8_sources: dict[str, bool] = {}  # checkpoint name → stored [in, out] (Conv1D)
-    for spec in model.weight_specs(reader):
+    for spec in model.all_weight_specs(reader):
         if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
             int8_sources.update(dict.fromkeys(spec.sources, spec.transposed))
     for name in reader.names():

@@ -55,7 +55,7 @@ class CausalLM(nn.Module, ABC):
     """
 
     config: ModelConfig
-    lm_head: nn.Linear
+    lm_head: nn.Linear | QuantizedLinear  # int8 under quantize="int8", like the blocks' linears
     offload: WeightStore | None = None  # set by the loader under a memory limit
 
     @staticmethod
@@ -115,7 +115,7 @@ class CausalLM(nn.Module, ABC):
         modules in `host` load into host memory and stay there.
         """
         cpu = torch.device("cpu")
-        for spec in itertools.chain(self.weight_specs(reader), self._head_spec(reader)):
+        for spec in self.all_weight_specs(reader):
             if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":
                 q, scale = load_int8(spec, reader, device)
                 spec.module.set_weight(place(spec.module, "qweight", q), place(spec.module, "scale", scale))
@@ -126,12 +126,30 @@ class CausalLM(nn.Module, ABC):
             tensor = place(spec.module, spec.param,
                            tensor.to(device=cpu if spec.module in host else device, dtype=dtype))
             setattr(spec.module, spec.param, nn.Parameter(tensor, requires_grad=False))
-        if self.lm_head.weight.is_meta:  # tied, or the checkpoint has no head of its own
-            self.lm_head.weight = self.input_embeddings().weight
+        if self.head_is_tied(reader):
+            self._tie_head(device)
+
+    def all_weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
+        """`weight_specs`, then the LM head's own weight when the checkpoint has one."""
+        return itertools.chain(self.weight_specs(reader), self._head_spec(reader))
 
     def head_is_tied(self, reader: CheckpointReader) -> bool:
-        """Whether the LM head will share the embedding's weight (tied, or the checkpoint has no head)."""
+        """Whether the LM head is made from the embedding (tied, or the checkpoint has no head)."""
         return not any(self._head_spec(reader))
+
+    def head_shares_embedding(self, reader: CheckpointReader) -> bool:
+        """Whether the LM head is the embedding's very tensor: tied and not int8 (an int8 head is a copy)."""
+        return self.head_is_tied(reader) and not isinstance(self.lm_head, QuantizedLinear)
+
+    def _tie_head(self, device: torch.device) -> None:
+        """The head from the embedding's first `vocab_size` rows (all of them but for CPM-Ant's prompt tokens):
+        the same tensor, or its int8 copy on `device`."""
+        table = self.input_embeddings().weight
+        rows = table[: self.config.vocab_size]
+        if isinstance(self.lm_head, QuantizedLinear):
+            self.lm_head.set_weight(*quantize_weight(rows.to(device)))
+        else:
+            self.lm_head.weight = table if rows.shape == table.shape else nn.Parameter(rows, requires_grad=False)
 
     def _head_spec(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
         """The LM head's own weight, when it is not tied to the embedding and the checkpoint has one."""

@@ -17,7 +17,7 @@ Pre-RMSNorm blocks, q/k/v/o without biases and scores scaled by 1/sqrt(dim_head)
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from engine.layers.embedding import Embedding
 from engine.layers.linear import make_linear
 from engine.layers.norm import RMSNorm
 from engine.layers.relative_position import relative_position_bucket
-from engine.models.base import CausalLM, Place, WeightSpec, keep
+from engine.models.base import CausalLM, WeightSpec
 from engine.weights import CheckpointReader
 
 PROMPT_SEGMENT, TEXT_SEGMENT = 0, 2
@@ -95,7 +95,7 @@ class CpmAntForCausalLM(CausalLM):
                                                  self.prompt_length)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.output_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
         self.prompt_ids: torch.Tensor | None = None
 
     @staticmethod
@@ -141,12 +141,6 @@ class CpmAntForCausalLM(CausalLM):
             yield spec(block.w_in, "weight", [f"{ffn}ffn.w_in.w_{n}.weight" for n in "01"], [(ff, h)] * 2)
             yield spec(block.w_out, "weight", [f"{ffn}ffn.w_out.weight"], [(h, ff)])
         yield spec(self.output_layernorm, "weight", ["encoder.output_layernorm.weight"], [(h,)])
-
-    def load_weights(self, reader: CheckpointReader, device: torch.device, dtype: torch.dtype,
-                     place: Place = keep, host: Collection[nn.Module] = ()) -> None:
-        super().load_weights(reader, device, dtype, place, host)
-        if self.lm_head.weight.shape[0] != self.config.vocab_size:  # no head of its own: tied to the whole table
-            self.lm_head.weight = nn.Parameter(self.lm_head.weight[: self.config.vocab_size], requires_grad=False)
 
     def blocks(self) -> nn.ModuleList:
         return self.layers

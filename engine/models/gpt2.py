@@ -55,7 +55,7 @@ class GPT2LMHeadModel(CausalLM):
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
 
     @staticmethod
     def parse_config(raw: dict[str, Any]) -> ModelConfig:

@@ -159,7 +159,7 @@ class T5ForConditionalGeneration(CausalLM):
         self.decoder_bias = RelativePositionBias(buckets, cfg.num_heads, distance, bidirectional=False)
         self.decoder_blocks = nn.ModuleList(DecoderBlock(cfg, gated) for _ in range(cfg.num_layers))
         self.decoder_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
         # Original T5 scales the decoder output for its tied head; v1.1 and mT5 do not.
         scaled = cfg.model_type == "t5" and raw.get("scale_decoder_outputs", cfg.tie_word_embeddings) is not False
         self.output_scale = cfg.hidden_size**-0.5 if scaled else 1.0
