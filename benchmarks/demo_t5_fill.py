@@ -1,6 +1,6 @@
 """Fill-in-the-blank quality of the shipped demo-t5 on its held-out fortunes.
 
-    python -m benchmarks.demo_t5_fill [--lines 0] [--seed 0]
+    python -m benchmarks.demo_t5_fill [--lines 0] [--seed 0] [--model DIR]
 
 Each held-out line (a line of a held-out fortune, whitespace runs made one space, at least MIN_TOKENS
 tokens) loses one span of 1-3 tokens inside it, not cutting an English word; the prompt is the text before
@@ -112,10 +112,11 @@ def main() -> None:
     ap.add_argument("--lines", type=int, default=0, help="first N held-out lines (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--model", type=Path, default=DEMO, help="a demo-t5 directory (default: the shipped one)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    engine, tokenizer = load()
-    lines = held_out_lines()
+    engine, tokenizer = load(args.model)
+    lines = held_out_lines(args.model)
     blanks = make_blanks(tokenizer, lines[: args.lines] if args.lines else lines, args.seed)
     exact, f1, rows = evaluate(engine, blanks)
     poem = fill(engine, POEM)
