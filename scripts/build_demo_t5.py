@@ -304,6 +304,9 @@ def save(model: torch.nn.Module, args: argparse.Namespace, runs: list[dict], n_p
     config["tie_word_embeddings"] = False
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (args.out / "training.json").write_text(json.dumps(runs, indent=2) + "\n")
+    # Greedy by default: a blank wants the model's best guess (a request may still ask for sampling).
+    generation = json.loads((args.out / "generation_config.json").read_text())
+    (args.out / "generation_config.json").write_text(json.dumps({**generation, "do_sample": False}, indent=2) + "\n")
     (args.out / "README.md").write_text(f"""# demo-t5
 
 A {n_params / 1e6:.1f} M-parameter T5 v1.1-style encoder-decoder (gated-GELU feed-forward, untied
