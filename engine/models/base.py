@@ -146,8 +146,8 @@ class CausalLM(nn.Module, ABC):
         the same tensor, or its int8 copy on `device`."""
         table = self.input_embeddings().weight
         rows = table[: self.config.vocab_size]
-        if isinstance(self.lm_head, QuantizedLinear):
-            self.lm_head.set_weight(*quantize_weight(rows.to(device)))
+        if isinstance(self.lm_head, QuantizedLinear):  # quantized where the table is, then moved
+            self.lm_head.set_weight(*(t.to(device) for t in quantize_weight(rows)))
         else:
             self.lm_head.weight = table if rows.shape == table.shape else nn.Parameter(rows, requires_grad=False)
 
