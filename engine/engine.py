@@ -156,6 +156,7 @@ class Engine:
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
         encoder_ids: list[int] = []
+        given = len(prompt_ids)  # usage counts the prompt as given, not the blank a continuation adds
         if self.config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts from its start token
             encoder_ids, prompt_ids = prompt_ids, [self.config.decoder_start_token_id]
             cont = self.continuation
@@ -167,6 +168,7 @@ class Engine:
         seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
                   self.config.whole_prompt)
+        seq.num_prompt_tokens = given
         self._sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id

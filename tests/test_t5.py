@@ -228,7 +228,7 @@ def test_engine_encodes_text_and_sentinel_ids(model_pair, t5_tokenizer_dir):
     assert sentinel == S0
     by_text = engine.generate(text, GREEDY)
     assert by_text.token_ids == engine.generate(ids, GREEDY).token_ids
-    assert by_text.prompt_tokens == len(ids) + 1  # and the blank it is continued by
+    assert by_text.prompt_tokens == len(ids)  # the prompt as given, without the blank it is continued by
     with_sentinel = engine.generate([*ids[:-1], sentinel, 1], GREEDY)
     assert with_sentinel.completion_tokens == 24
 
@@ -245,7 +245,7 @@ def test_plain_prompt_is_continued_as_one_blank(model_pair):
         with torch.inference_mode():
             ref = hf.generate(torch.tensor([encoder]), decoder_input_ids=torch.tensor([[0, S0]]), max_new_tokens=24,
                               do_sample=False, eos_token_id=[1, *sentinels])[0, 2:].tolist()
-        assert ours.prompt_tokens == len(encoder)
+        assert ours.prompt_tokens == len(prompt)
         assert ours.token_ids == ref  # both keep the token that ended them
         stopped = ref[-1] in {1, *sentinels}
         assert ours.finish_reason.value == ("stop" if stopped else "length") and (stopped or len(ref) == 24)

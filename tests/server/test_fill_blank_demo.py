@@ -126,3 +126,18 @@ def test_malformed_output_still_gives_a_whole_reply(fill_server, monkeypatch):
         r = c.post("/fill_blank", json={"prompt": prompt, "max_tokens": 10})
     assert r.status_code == 200, r.text
     check_reply(prompt, r.json())
+
+
+def test_generate_on_the_demo_t5_continues_the_prompt():
+    """Served as the model itself, the T5 answers /generate (and the OpenAI route) by filling one blank at the
+    prompt's end, as BMInf's CPM-2 did: the same text the engine writes for that blank."""
+    prompt = "A fool and his money"
+    with running_server(DEMO_T5) as srv, srv.client() as c:
+        reply = c.post("/generate", json={"prompt": prompt, "max_tokens": 12, "temperature": 0})
+        openai = c.post("/v1/completions", json={"model": DEMO_T5.name, "prompt": prompt, "max_tokens": 12,
+                                                 "temperature": 0})
+        engine_ = srv.server.config.app.state.runtime.loop.engine
+    assert reply.status_code == 200 and openai.status_code == 200, reply.text
+    filled = engine_.generate(prompt, max_tokens=12, temperature=0)
+    assert reply.json()["text"] == openai.json()["choices"][0]["text"] == filled.text
+    assert reply.json()["usage"]["prompt_tokens"] == filled.prompt_tokens == len(engine_.encode(prompt))
