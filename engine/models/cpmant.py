@@ -127,7 +127,8 @@ class CpmAntForCausalLM(CausalLM):
         def spec(module: nn.Module, param: str, names: list[str], shapes: list[tuple[int, ...]]) -> WeightSpec:
             return WeightSpec(module, param, tuple("cpmant." + n for n in names), tuple(shapes))
 
-        yield spec(self.input_embedding, "weight", ["input_embedding.weight"], [tuple(self.input_embedding.weight.shape)])
+        yield spec(self.input_embedding, "weight", ["input_embedding.weight"],
+                   [tuple(self.input_embedding.weight.shape)])
         yield spec(self.segment_embedding, "weight", ["segment_embedding.weight"], [(self.segment_types, h)])
         yield spec(self.position_bias.table, "weight", ["position_bias.relative_attention_bias"],
                    [tuple(self.position_bias.table.weight.shape)])
@@ -169,9 +170,8 @@ class CpmAntForCausalLM(CausalLM):
         """The step's tokens with the prompt tokens in front of each prompt, at cache positions shifted past
         them; returns the ids, their metadata and the rows that are the caller's tokens."""
         p, nd, device = self.prompt_length, meta.num_decode, input_ids.device
-        ids, positions, slots, rows, prefills = [input_ids[:nd]], [meta.positions[:nd] + p], [meta.write_slots[:nd]], \
-            [torch.arange(nd, device=device)], []
-        begin = nd
+        ids, positions, slots = [input_ids[:nd]], [meta.positions[:nd] + p], [meta.write_slots[:nd]]
+        rows, prefills, begin = [torch.arange(nd, device=device)], [], nd
         for chunk in meta.prefills:
             n = chunk.end - chunk.start
             if chunk.kv_len != n:
