@@ -82,16 +82,18 @@ def test_sse_sends_the_blank_then_the_result_then_done(client):
 
 def test_a_stream_that_times_out_ends_with_an_error_event(fim_llama_dir):
     with running_server(fim_llama_dir, load=slow_loader(0.05), request_timeout=0.2) as srv, srv.client() as c:
-        events = sse_events(c, "/fill_blank", {"prompt": PROMPT, "max_tokens": 100, "stream": True})
+        events = sse_events(c, "/fill_blank", {"prompt": PROMPT, "max_tokens": 100, "temperature": 0, "stream": True})
         assert events[-1].event == "error" and json.loads(events[-1].data)["error"]["type"] == "timeout"
         assert len(events) == 1  # one blank: nothing is complete before the end
 
 
 def test_a_client_that_hangs_up_cancels_the_fill(fim_llama_dir):
-    with running_server(fim_llama_dir, load=slow_loader(0.02)) as srv:
+    # Greedy, so no sampled end token can finish the fill before the client hangs up.
+    body = {"prompt": PROMPT, "max_tokens": 100, "temperature": 0}
+    with running_server(fim_llama_dir, load=slow_loader(0.05)) as srv:
         with pytest.raises(httpx.ReadTimeout):
-            httpx.post(srv.url + "/fill_blank", json={"prompt": PROMPT, "max_tokens": 100}, timeout=0.3)
-        deadline = time.monotonic() + 1.0  # the whole fill would take 100 × 20 ms
+            httpx.post(srv.url + "/fill_blank", json=body, timeout=0.3)
+        deadline = time.monotonic() + 1.0  # the whole fill would take 100 × 50 ms
         while srv.metric("vramlite_requests_running") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert srv.metric("vramlite_requests_running") == 0

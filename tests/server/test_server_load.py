@@ -94,7 +94,7 @@ def test_disconnect_frees_the_slot(tiny_llama_dir):
 
 def test_queue_full_is_429_with_retry_after(tiny_llama_dir):
     with running_server(tiny_llama_dir, load=slow_loader(0.02), max_batch_size=1, max_queue=1) as srv:
-        body = {"prompt": "Hello", "max_tokens": 100, "stream": True}
+        body = {"prompt": "Hello", "max_tokens": 100, "temperature": 0, "stream": True}  # greedy: no early EOS
         with srv.client() as a, srv.client() as b, a.stream("POST", "/generate", json=body) as ra, \
                 b.stream("POST", "/generate", json=body) as rb:
             assert ra.status_code == rb.status_code == 200
