@@ -63,9 +63,12 @@ class ModelRunner:
             if c.encoder_ids and (self.cache.cross_k is None or len(c.encoder_ids) > self.context):
                 raise ValueError(f"encoder input of {len(c.encoder_ids)} tokens: the model has no encoder or "
                                  f"the input does not fit {self.context}")
-        # Decode tokens first (sorted by slot so a batch in consecutive slots is read as a view).
-        decode = sorted((i for i, c in enumerate(chunks) if len(c.token_ids) == 1), key=lambda i: chunks[i].slot)
-        prefill = [i for i, c in enumerate(chunks) if len(c.token_ids) > 1]
+        # Decode tokens first (sorted by slot so a batch in consecutive slots is read as a view). A sequence's
+        # first chunk is a prefill even when it is one token: a model may put more in front of it (CPM-Ant's
+        # prompt tokens), and a decode step reads only what is already cached.
+        is_decode = [len(c.token_ids) == 1 and c.start > 0 for c in chunks]
+        decode = sorted((i for i, d in enumerate(is_decode) if d), key=lambda i: chunks[i].slot)
+        prefill = [i for i, d in enumerate(is_decode) if not d]
         tokens: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
@@ -78,7 +81,7 @@ class ModelRunner:
             positions.extend(range(c.start, c.start + n))
             slots.extend([c.slot] * n)
             spans[i] = (begin, begin + n)
-            if n > 1:
+            if not is_decode[i]:
                 prefills.append(PrefillChunk(begin, begin + n, c.slot, c.start + n, self._chunk_mask(c.start, n)))
         meta = AttentionMetadata(
             positions=torch.tensor(positions, device=self.device),
