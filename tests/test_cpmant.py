@@ -3,13 +3,18 @@ prefill and of cached decode steps, greedy tokens, batching, a prompt longer tha
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 import transformers as tf
+from safetensors.torch import load_file, save_file
 
 from engine import Engine, SamplingParams
 from engine.cpm_tokenizer import CpmTokenizer
-from engine.loader import load_model
+from engine.errors import ModelLoadError
+from engine.loader import kv_cache_bytes, load_model
 from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
 from tests.test_cpm_tokenizer import write_vocab
@@ -56,6 +61,7 @@ def test_prefill_and_decode_logits_match_transformers(cpmant):
     model, context = load_model(model_dir, CPU, torch.float32)
     assert model.config.cache_prefix == 4 and model.config.whole_prompt
     runner = ModelRunner(model, CPU, torch.float32, num_slots=2, context=context)
+    assert runner.cache.nbytes == kv_cache_bytes(model.config, 2, context, torch.float32)  # what the planner counts
     tokens = [7, 250, 31, 90, 400, 12, 5, 77, 300, 21, 64, 8, 199, 45, 3, 6, 500, 222, 101, 11]
     ref = reference_steps(hf, PROMPT, tokens)
     prefill = runner.forward_all([Chunk(1, PROMPT, 0)])[0]
@@ -148,3 +154,29 @@ def test_engine_reads_the_cpm_vocabulary_and_writes_chinese(cpmant):
     out = engine.generate(prompt, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
     assert out.completion_tokens == 16 and out.text == engine.tokenizer.decode(out.token_ids)
     assert any("\u4e00" <= ch <= "\u9fff" for ch in out.text)
+
+
+def test_a_checkpoint_without_a_head_uses_the_vocabulary_rows_of_the_embedding(cpmant, tmp_path):
+    hf, model_dir = cpmant
+    shutil.copytree(model_dir, tmp_path / "m")
+    weights = load_file(model_dir / "model.safetensors")
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "m" / "model.safetensors", metadata={"format": "pt"})
+    model, context = load_model(tmp_path / "m", CPU, torch.float32)
+    runner = ModelRunner(model, CPU, torch.float32, num_slots=1, context=context)
+    ours = runner.forward_all([Chunk(0, PROMPT, 0)])[0]
+    headless = tf.CpmAntForCausalLM(hf.config).eval()
+    headless.load_state_dict(hf.state_dict())
+    with torch.no_grad():
+        headless.lm_head.weight.copy_(hf.cpmant.input_embedding.weight[: hf.config.vocab_size])
+        ref = headless(input_ids=torch.tensor([PROMPT])).logits[0]
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_too_few_segment_types_is_a_load_error(cpmant, tmp_path):
+    _, model_dir = cpmant
+    shutil.copytree(model_dir, tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "segment_types": 2}))
+    with pytest.raises(ModelLoadError, match=r"segment_types 2 .* at least 3"):
+        load_model(tmp_path / "m", CPU, torch.float32)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.config import ModelConfig, common_fields, require
+from engine.config import ModelConfig, ModelLoadError, common_fields, require
 from engine.layers.attention import AttentionBias, AttentionMetadata, PrefillChunk, cached_attention
 from engine.layers.embedding import Embedding
 from engine.layers.linear import make_linear
@@ -101,6 +101,9 @@ class CpmAntForCausalLM(CausalLM):
     @staticmethod
     def parse_config(raw: dict[str, Any]) -> ModelConfig:
         heads = require(raw, "num_attention_heads")
+        if raw.get("segment_types", 32) <= TEXT_SEGMENT:
+            raise ModelLoadError(f"config.json: segment_types {raw['segment_types']} leaves no room for the text's "
+                                 f"segment {TEXT_SEGMENT}: CPM-Ant needs at least {TEXT_SEGMENT + 1}")
         return ModelConfig(
             model_type="cpmant",
             vocab_size=require(raw, "vocab_size"),
