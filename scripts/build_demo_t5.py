@@ -27,7 +27,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 import torch
-from demo_corpus import FORTUNES, is_heldout, read_corpus
+from demo_corpus import FORTUNES, is_heldout, read_sources
 
 PAD, EOS, UNK = 0, 1, 2
 EXTRA_IDS = 100  # sentinels <extra_id_0..99>, as T5 has them
@@ -170,20 +170,30 @@ def main() -> None:
     ap.add_argument("--init", type=Path, help="continue from a model this script wrote, keeping its tokenizer")
     ap.add_argument("--strip-attributions", action="store_true",
                     help="train and evaluate on the fortunes without their closing attribution lines")
+    ap.add_argument("--upweight", action="append", default=[], metavar="FILE=N",
+                    help="sample the training documents of one cookie file N times as often (repeatable)")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--precision", choices=["bf16", "fp32"],
+                    default="bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32",
+                    help="bf16 autocast (the default where the CPU has bf16 instructions; elsewhere it is slower "
+                         "than fp32) or plain fp32")
     args = ap.parse_args()
+    upweight = parse_upweight(args.upweight)
 
     from transformers import Adafactor, GenerationConfig, T5Config, T5ForConditionalGeneration
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
-    docs = read_corpus(args.corpus)
-    held_docs = [d for d in docs if is_heldout(d)]  # heldout.txt keeps them whole
-    if args.strip_attributions:
-        docs = [strip_attribution(d) for d in docs]
-    train_docs = [flatten(d) for d in docs if not is_heldout(d)]
-    print(f"corpus: {len(docs)} documents, {len(held_docs)} held out", flush=True)
+    sources = read_sources(args.corpus)
+    if unknown := set(upweight) - set(sources):
+        ap.error(f"--upweight names no cookie file of {args.corpus}: {', '.join(sorted(unknown))}")
+    # The split is by the document as written, before any stripping, so it is the same whatever the options.
+    held_docs = [d for ds in sources.values() for d in ds if is_heldout(d)]  # heldout.txt keeps them whole
+    clean = strip_attribution if args.strip_attributions else str
+    train_docs = {name: [flatten(clean(d)) for d in ds if not is_heldout(d)] for name, ds in sources.items()}
+    print(f"corpus: {sum(map(len, sources.values()))} documents, {len(held_docs)} held out", flush=True)
     (args.out / "heldout.txt").write_text("\n%\n".join(held_docs) + "\n", encoding="utf-8")
 
     if args.init:
@@ -193,14 +203,15 @@ def main() -> None:
         sp = spm.SentencePieceProcessor(model_file=str(args.out / "spiece.model"))
         history = json.loads((args.init / "training.json").read_text())
     else:
-        sp = train_tokenizer(train_docs, args.out, args.vocab_size)
+        sp = train_tokenizer([d for ds in train_docs.values() for d in ds], args.out, args.vocab_size)
         save_tokenizer(args.out)
         history = []
     vocab_size = sp.get_piece_size() + EXTRA_IDS
-    train_ids = [ids for ids in sp.encode(train_docs) if len(ids) >= 2]
-    print(f"train tokens: {sum(map(len, train_ids))}", flush=True)
+    train_ids = [ids for name, ds in train_docs.items() for ids in sp.encode(ds) if len(ids) >= 2
+                 for _ in range(upweight.get(name, 1))]
+    print(f"train tokens (upweighted): {sum(map(len, train_ids))}", flush=True)
     held_rng = random.Random(1)
-    held_ids = [ids for ids in sp.encode([flatten(d) for d in docs if is_heldout(d)]) if len(ids) >= 2]
+    held_ids = [ids for ids in sp.encode([flatten(clean(d)) for d in held_docs]) if len(ids) >= 2]
     held_batches = [collate([span_corrupt(ids[: args.max_len], sp, held_rng) for ids in held_ids[i : i + 64]])
                     for i in range(0, len(held_ids), 64)]
 
@@ -235,7 +246,7 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr
         batch = make_batch(train_ids, sp, rng, args.batch_size, args.max_len)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -255,10 +266,22 @@ def main() -> None:
                 run = {"init": str(args.init) if args.init else None, "minutes": args.minutes, "steps": step,
                        "saved_after_minutes": round((time.monotonic() - start) / 60, 1), "lr": args.lr,
                        "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
-                       "strip_attributions": args.strip_attributions,
+                       "strip_attributions": args.strip_attributions, "upweight": upweight, "threads": args.threads,
+                       "precision": args.precision,
                        "held_out_loss": round(held, 3)}
                 save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
+
+
+def parse_upweight(specs: list[str]) -> dict[str, int]:
+    """`["tang300=8"]` -> `{"tang300": 8}`."""
+    weights = {}
+    for spec in specs:
+        name, _, n = spec.partition("=")
+        if not n.isdigit() or int(n) < 1:
+            raise SystemExit(f"--upweight {spec!r}: expected FILE=N with N a positive whole number")
+        weights[name] = int(n)
+    return weights
 
 
 TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -270,6 +293,10 @@ def describe(runs: list[dict]) -> str:
     for i, run in enumerate(runs):
         start = "from scratch" if i == 0 else "continued from the previous run's checkpoint"
         text = ", attribution lines stripped" if run.get("strip_attributions") else ""
+        text += f", {run.get('threads', 1)} CPU thread{'s' if run.get('threads', 1) > 1 else ''}"
+        text += f", {run.get('precision', 'bf16')}"
+        if run.get("upweight"):
+            text += ", " + ", ".join(f"{name} sampled {n}x as often" for name, n in run["upweight"].items())
         if "interrupted_after_minutes" in run:
             text += f", stopped by hand after {run['interrupted_after_minutes']:g} minutes"
         lines.append(f"  {i + 1}. {start}{text}: {run['minutes']:g}-minute budget, kept after {run['steps']} steps "
@@ -289,6 +316,10 @@ def reproduce(runs: list[dict]) -> str:
             commands[-1] = commands[-1][:-1] + f" --seed {run['seed']}`"
         if run.get("strip_attributions"):
             commands[-1] = commands[-1][:-1] + " --strip-attributions`"
+        if run.get("threads", 1) > 1:
+            commands[-1] = commands[-1][:-1] + f" --threads {run['threads']}`"
+        for name, n in run.get("upweight", {}).items():
+            commands[-1] = commands[-1][:-1] + f" --upweight {name}={n}`"
     return ", then ".join(commands)
 
 
@@ -325,7 +356,7 @@ Chinese verse; it knows nothing else.
 - Held out: every fortune whose SHA-256 starts with a byte < 6 (≈2%), in `heldout.txt` (documents
   separated by `%` lines).
 - Training: T5 span corruption (15% noise, mean span 3), Adafactor scaled by each weight's RMS, warm-up
-  then cosine over each run's budget, 1 CPU thread, bf16 autocast; the checkpoint kept is the one with
+  then cosine over each run's budget; the checkpoint kept is the one with
   the lowest held-out loss (`training.json` has the numbers):
 {describe(runs)}
 - Reproduce: `apt-get install fortunes fortunes-zh`, then

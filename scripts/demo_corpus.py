@@ -10,18 +10,21 @@ FORTUNES = Path("/usr/share/games/fortunes")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def read_corpus(root: Path) -> list[str]:
-    """All fortunes as documents, ANSI colour codes stripped."""
-    docs: list[str] = []
+def read_sources(root: Path) -> dict[str, list[str]]:
+    """The fortunes of each cookie file (by file name), ANSI colour codes stripped."""
+    sources: dict[str, list[str]] = {}
     for path in sorted(root.iterdir()):
         if path.suffix in {".dat", ".u8"} or not path.is_file() or path.is_symlink():
             continue
         text = ANSI.sub("", path.read_text(encoding="utf-8", errors="replace"))
-        for doc in re.split(r"^%\s*$", text, flags=re.M):
-            doc = doc.strip("\n")
-            if doc.strip():
-                docs.append(doc)
-    return docs
+        docs = [doc.strip("\n") for doc in re.split(r"^%\s*$", text, flags=re.M)]
+        sources[path.name] = [doc for doc in docs if doc.strip()]
+    return sources
+
+
+def read_corpus(root: Path) -> list[str]:
+    """All fortunes as documents, file by file."""
+    return [doc for docs in read_sources(root).values() for doc in docs]
 
 
 def is_heldout(doc: str) -> bool:
