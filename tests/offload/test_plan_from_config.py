@@ -83,3 +83,24 @@ def test_readme_shows_the_real_plan_output(capsys, monkeypatch):
     monkeypatch.chdir(LLAMA_7B.parents[2])
     assert main(block.group(1).split()) == 0
     assert capsys.readouterr().out == block.group(2)
+
+
+def test_workspace_counts_whole_prompts_past_the_budget_and_cpmant_prompt_tokens():
+    from dataclasses import replace
+
+    from engine.config import ModelConfig
+    from engine.loader import workspace_bytes
+
+    base = ModelConfig("llama", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                       head_dim=16, intermediate_size=128, max_position_embeddings=512, norm_eps=1e-6,
+                       hidden_act="silu", tie_word_embeddings=False)
+    per_token = (4 * 64 + 12 * 16 + 3 * 128) * 4
+    logits = 2 * 4 * 3 * 100
+    # Chunked prefill: at most the budget of tokens in a step.
+    assert workspace_bytes(base, 3, 512, 64, torch.float32) == 64 * per_token + 4 * 4 * 64 * 512 + logits
+    # A whole 512-token prompt beside two decodes, each of the three with 32 prompt tokens in front.
+    cpmant = replace(base, whole_prompt=True, cache_prefix=32)
+    tokens = 512 + 2 + 3 * 32
+    assert workspace_bytes(cpmant, 3, 512, 64, torch.float32) == tokens * per_token + 4 * 4 * 544 * 544 + logits
+    encoder = replace(base, is_encoder_decoder=True)
+    assert workspace_bytes(encoder, 3, 512, 64, torch.float32) == 514 * per_token + 4 * 4 * 512 * 512 + logits
