@@ -5,8 +5,9 @@
 Each held-out line (a line of a held-out fortune, whitespace runs made one space, at least MIN_TOKENS
 tokens) loses one span of 1-3 tokens inside it, not cutting an English word; the prompt is the text before
 it, `<span>`, the text after it. The engine (fp32, CPU) fills it greedily through `fill_blank`, as
-/fill_blank does. Reports exact match (whitespace
-ignored) and the mean character F1 between fill and answer (non-space characters as multisets).
+/fill_blank does. Reports exact match (whitespace ignored) and the mean character F1 between fill and
+answer (non-space characters as multisets), and how many of six famous Tang lines the model fills back
+(text it trained on: recall, not generalisation).
 `--lines N` takes the first N lines (0: all). Prints the figures and some examples; writes
 benchmarks/results/demo_t5_fill.json.
 """
@@ -30,7 +31,10 @@ from vramlite import models as demo_models
 DEMO = demo_models.path("demo-t5")
 MIN_TOKENS = 6
 MAX_SPAN = 3
-POEM = "床前<span>光，疑是地上霜。"  # training text: the blank is 明月
+# Famous lines of tang300 that training saw (none is held out), with the words taken out of them.
+VERSE = (("床前<span>光，疑是地上霜。", "明月"), ("春眠不觉晓，处处闻<span>。", "啼鸟"),
+         ("白日依山尽，黄河入<span>流。", "海"), ("红豆生<span>，春来发几枝。", "南国"),
+         ("国破山河在，城春<span>深。", "草木"), ("千山鸟飞绝，万径<span>灭。", "人踪"))
 
 
 class Blank(NamedTuple):
@@ -119,13 +123,16 @@ def main() -> None:
     lines = held_out_lines(args.model)
     blanks = make_blanks(tokenizer, lines[: args.lines] if args.lines else lines, args.seed)
     exact, f1, rows = evaluate(engine, blanks)
-    poem = fill(engine, POEM)
+    verse = {prompt: fill(engine, prompt) for prompt, _ in VERSE}
+    recalled = sum(verse[prompt] == answer for prompt, answer in VERSE)
     print(f"{len(blanks)} held-out blanks: exact match {exact:.3f}, character F1 {f1:.3f}")
-    print(f"{POEM} -> {poem!r}")
+    print(f"famous training lines: {recalled} of {len(VERSE)} recalled")
+    for prompt, answer in VERSE:
+        print(f"  {prompt} -> {verse[prompt]!r} ({answer})")
     for row in rows[:15]:
         print(f"  {row['prompt']!r}: answer {row['answer']!r}, fill {row['fill']!r}")
     path = write_results("demo_t5_fill", rows, blanks=len(blanks), exact_match=exact, char_f1=f1,
-                         poem_fill=poem, seed=args.seed)
+                         verse_fills=verse, verse_recalled=recalled, seed=args.seed)
     print(f"wrote {path}")
 
 
