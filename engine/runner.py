@@ -34,7 +34,7 @@ class ModelRunner:
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, num_slots: int,
                  context: int) -> None:
         cfg = model.config
-        prefer_cpu_layout(model)
+        prefer_cpu_layout(model, batch_hint=num_slots)
         self.model = model
         self.device = device
         self.dtype = dtype
