@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -144,3 +146,15 @@ def test_rope_config_old_and_new_formats():
     assert old == new and old.theta == 1e6 and old.rope_type == "linear"
     with pytest.raises(ModelLoadError, match="rope type 'su' is not supported"):
         parse_rope({"rope_scaling": {"type": "su"}})
+
+
+@pytest.mark.parametrize("demo", ["demo-llama", "demo-t5"])
+def test_loading_a_model_does_not_import_torch_compile(demo: str) -> None:
+    """Models are built on the meta device; a random init there (nn.Embedding's `normal_`) would import
+    torch._dynamo, 1.5 s of every start-up."""
+    code = ("import sys; from engine import Engine; from vramlite import models; "
+            f"Engine.from_dir(models.path({demo!r}), device='cpu', dtype='fp32').generate('a', max_tokens=2); "
+            "print('torch._dynamo' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == "False"

@@ -1,4 +1,5 @@
-"""The token embedding every family uses: its table may stay in host memory while the model runs on a GPU."""
+"""The embedding tables every family uses: a token embedding may stay in host memory while the model runs on a
+GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ class Embedding(nn.Embedding):
     `OffloadPlan.host_fixed_bytes`): a decode step then copies one row per token instead of the table
     taking VRAM.
     """
+
+    def reset_parameters(self) -> None:
+        """No random init: every table is read from the checkpoint. (nn.Embedding's `normal_` on the meta
+        device, where models are built, imports torch._dynamo: 1.5 s of every start-up.)"""
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.weight.device == ids.device:

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from engine.layers.embedding import Embedding
+
 
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> torch.Tensor:
@@ -35,7 +37,7 @@ class RelativePositionBias(nn.Module):
 
     def __init__(self, num_buckets: int, num_heads: int, max_distance: int, bidirectional: bool) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(num_buckets, num_heads)
+        self.embedding = Embedding(num_buckets, num_heads)
         self.num_buckets, self.max_distance, self.bidirectional = num_buckets, max_distance, bidirectional
 
     def forward(self, query_positions: torch.Tensor, key_positions: torch.Tensor) -> torch.Tensor:

@@ -65,7 +65,7 @@ class SegmentPositionBias(nn.Module):
         super().__init__()
         self.num_buckets, self.max_distance, self.segment_types, self.prefix = (num_buckets, max_distance,
                                                                                 segment_types, prefix)
-        self.table = nn.Embedding(segment_types * segment_types + num_buckets, cfg.num_heads)
+        self.table = Embedding(segment_types * segment_types + num_buckets, cfg.num_heads)
 
     def segments(self, positions: torch.Tensor) -> torch.Tensor:
         return torch.where(positions < self.prefix, PROMPT_SEGMENT, TEXT_SEGMENT)
@@ -89,7 +89,7 @@ class CpmAntForCausalLM(CausalLM):
         prompt_rows = raw.get("prompt_types", 32) * self.prompt_length
         self.input_embedding = Embedding(cfg.vocab_size + prompt_rows, cfg.hidden_size)
         self.segment_types = raw.get("segment_types", 32)
-        self.segment_embedding = nn.Embedding(self.segment_types, cfg.hidden_size)
+        self.segment_embedding = Embedding(self.segment_types, cfg.hidden_size)
         self.position_bias = SegmentPositionBias(cfg, raw.get("position_bias_num_buckets", 512),
                                                  raw.get("position_bias_max_distance", 2048), self.segment_types,
                                                  self.prompt_length)

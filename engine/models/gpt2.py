@@ -52,7 +52,7 @@ class GPT2LMHeadModel(CausalLM):
         super().__init__()
         self.config = cfg
         self.wte = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.wpe = Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.h = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.ln_f = nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
         self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
