@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every check that needs a CUDA GPU, in one bounded run (about 9 minutes at most): the `-m gpu` tests, the
+# kernel benchmark and the offload benchmark. Needs torch, triton, transformers, accelerate, safetensors and
+# pytest; not the server's packages. Logs and JSON go to $OUT (default benchmarks/results); each step has its
+# own time limit, and a step that fails or runs out of time does not stop the next one. Exits non-zero if any
+# step failed.
+#
+#     bash scripts/gpu_checks.sh            # or: OUT=/some/dir PYTHON=.venv/bin/python bash scripts/gpu_checks.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-benchmarks/results}"
+mkdir -p "$out" benchmarks/results
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python="${PYTHON:-python3}"
+status=0
+
+step() {  # step NAME SECONDS COMMAND...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    local start=$SECONDS
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start))s"
+    [ "$rc" = 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv \
+    | tee "$out/gpu.txt"
+step gpu_tests 150 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
+step kernels 120 "$python" -m benchmarks.bench_kernels
+step offload 280 "$python" -m benchmarks.offload --steps 8
+cp benchmarks/results/*.json "$out/" 2>/dev/null || true
+exit $status
