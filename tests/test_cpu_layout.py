@@ -14,8 +14,10 @@ ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), re
 
 @pytest.fixture(params=ONEDNN, ids=["onednn", "column-major"])
 def onednn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Each test runs with oneDNN packing (where this build has it) and with the column-major fallback."""
+    """Each test runs with oneDNN packing of every owned weight (where this build has it; the tiny layers here
+    are below the fp32 size that is packed by default) and with the column-major fallback."""
     monkeypatch.setattr(linear, "onednn_available", lambda: request.param)
+    monkeypatch.setattr(linear, "ONEDNN_FP32_MIN_WEIGHTS", 0)
     return request.param
 
 
@@ -73,3 +75,17 @@ def test_packed_linear_takes_any_leading_dims_and_keeps_its_bias() -> None:
     layer.pack_for_onednn(batch_hint=1)
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
+def test_small_fp32_layers_stay_dense_and_bf16_ones_are_packed() -> None:
+    """oneDNN costs ~10 us a call more than MKL: not worth it for small fp32 weights at M = 1."""
+    small, large = make_linear(256, 512, False, None), make_linear(1024, 1024, False, None)
+    model = nn.ModuleList([small, large])
+    prefer_cpu_layout(model, batch_hint=1)
+    assert small.packed is None and not small.weight.is_contiguous()  # column-major
+    assert large.packed is not None
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = make_linear(256, 512, False, None).to(torch.bfloat16)
+        prefer_cpu_layout(bf16, batch_hint=1)
+        assert bf16.packed is not None

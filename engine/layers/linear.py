@@ -11,6 +11,7 @@ from torch import nn
 from kernels import int8_linear
 
 QUANTIZATIONS = ("int8",)
+ONEDNN_FP32_MIN_WEIGHTS = 1 << 20  # fp32 weights this large or larger go to oneDNN (see prefer_cpu_layout)
 
 
 class QuantizedLinear(nn.Module):
@@ -72,15 +73,16 @@ def onednn_available() -> bool:
 def prefer_cpu_layout(model: nn.Module, batch_hint: int) -> int:
     """Lay CPU linear weights out for decode speed; returns how many changed.
 
-    With oneDNN (x86), each `Linear` that owns an fp32 weight (or a bf16 one, where the CPU has bf16
-    instructions) gets oneDNN's packed copy instead. In fp32 that is as fast as the best dense layout at
-    M = 1 and 1.5-4x faster than MKL's GEMM at M = 2..64; in bf16, 1.3-2.7x faster than `F.linear` at
-    M = 1 (measured on the 2-core AVX-512 CI machine, qkv / gate-up / down / LM-head shapes).
+    With oneDNN (x86), a `Linear` that owns its weight gets oneDNN's packed copy instead when the weight is
+    bf16 (where the CPU has bf16 instructions; 1.3-3.3x faster than `F.linear` at M = 1..8) or an fp32 one
+    of at least ONEDNN_FP32_MIN_WEIGHTS elements (as fast as the best dense layout at M = 1, 1.4-3.3x faster
+    at M = 8). A call costs oneDNN about 10 us more, so smaller fp32 layers stay dense: 256x256 at M = 1 takes
+    5 us dense, 14 packed (measured on the 2-core AVX-512 CI machine, 1 thread).
 
-    Without oneDNN, or for an fp32 weight another module shares (an LM head tied to the embedding), wide
-    layers (out > in) are stored column-major: `F.linear(x, w)` multiplies by wᵀ, and with w column-major
-    wᵀ is a plain row-major [in, out] matrix, which MKL streams 1.3-2.9x faster at M = 1. The parameter
-    keeps its [out, in] shape, and a tied embedding its row lookups.
+    Dense fp32 wide layers (out > in; also an LM head tied to the embedding, and every layer without oneDNN)
+    are stored column-major: `F.linear(x, w)` multiplies by wᵀ, and with w column-major wᵀ is a plain
+    row-major [in, out] matrix, which MKL streams 1.3-2.9x faster at M = 1. The parameter keeps its
+    [out, in] shape, and a tied embedding its row lookups.
 
     Weights that are views into a larger buffer (an offload slot) keep their place.
     """
@@ -96,7 +98,8 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int) -> int:
         if w.device.type != "cpu" or w.dtype not in packable or not w.is_contiguous() \
                 or w.untyped_storage().nbytes() != w.nbytes:
             continue
-        if onednn and isinstance(module, Linear) and shared[id(module.weight)] == 1:
+        pack = w.dtype == torch.bfloat16 or w.numel() >= ONEDNN_FP32_MIN_WEIGHTS
+        if onednn and pack and isinstance(module, Linear) and shared[id(module.weight)] == 1:
             module.pack_for_onednn(batch_hint)
         elif module.out_features > module.in_features and w.dtype == torch.float32:
             module.weight.data = w.t().contiguous().t()
