@@ -173,6 +173,9 @@ def main() -> None:
     ap.add_argument("--upweight", action="append", default=[], metavar="FILE=N",
                     help="sample the training documents of one cookie file N times as often (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--keep", choices=["best", "last"], default="best",
+                    help="the checkpoint to keep: the lowest held-out loss, or the last (a run that teaches the "
+                         "model some text by heart, such as famous verse, may pay for it in held-out loss)")
     ap.add_argument("--precision", choices=["bf16", "fp32"],
                     default="bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32",
                     help="bf16 autocast (the default where the CPU has bf16 instructions; elsewhere it is slower "
@@ -261,13 +264,13 @@ def main() -> None:
             next_eval += args.eval_every * 60
             held = held_out_loss(model, held_batches)
             print(f"step {step} held-out loss {held:.3f} (best {best:.3f})", flush=True)
-            if held < best:
-                best = held
+            if held < best or args.keep == "last":
+                best = min(best, held)
                 run = {"init": str(args.init) if args.init else None, "minutes": args.minutes, "steps": step,
                        "saved_after_minutes": round((time.monotonic() - start) / 60, 1), "lr": args.lr,
                        "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
                        "strip_attributions": args.strip_attributions, "upweight": upweight, "threads": args.threads,
-                       "precision": args.precision,
+                       "precision": args.precision, "keep": args.keep,
                        "held_out_loss": round(held, 3)}
                 save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
@@ -297,6 +300,8 @@ def describe(runs: list[dict]) -> str:
         text += f", {run.get('precision', 'bf16')}"
         if run.get("upweight"):
             text += ", " + ", ".join(f"{name} sampled {n}x as often" for name, n in run["upweight"].items())
+        if run.get("keep") == "last":
+            text += ", last checkpoint kept"
         if "interrupted_after_minutes" in run:
             text += f", stopped by hand after {run['interrupted_after_minutes']:g} minutes"
         lines.append(f"  {i + 1}. {start}{text}: {run['minutes']:g}-minute budget, kept after {run['steps']} steps "
@@ -320,6 +325,10 @@ def reproduce(runs: list[dict]) -> str:
             commands[-1] = commands[-1][:-1] + f" --threads {run['threads']}`"
         for name, n in run.get("upweight", {}).items():
             commands[-1] = commands[-1][:-1] + f" --upweight {name}={n}`"
+        if run["lr"] != 1e-2:
+            commands[-1] = commands[-1][:-1] + f" --lr {run['lr']:g}`"
+        if run.get("keep") == "last":
+            commands[-1] = commands[-1][:-1] + " --keep last`"
     return ", then ".join(commands)
 
 
