@@ -172,6 +172,9 @@ def main() -> None:
                     help="train and evaluate on the fortunes without their closing attribution lines")
     ap.add_argument("--upweight", action="append", default=[], metavar="FILE=N",
                     help="sample the training documents of one cookie file N times as often (repeatable)")
+    ap.add_argument("--line-docs", action="append", default=[], metavar="FILE=N",
+                    help="also train on each line of one cookie file's training documents as a document of its own "
+                         "(a verse line, as a blank in one is asked), sampled N times (repeatable)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--keep", choices=["best", "last"], default="best",
                     help="the checkpoint to keep: the lowest held-out loss, or the last (a run that teaches the "
@@ -181,7 +184,8 @@ def main() -> None:
                     help="bf16 autocast (the default where the CPU has bf16 instructions; elsewhere it is slower "
                          "than fp32) or plain fp32")
     args = ap.parse_args()
-    upweight = parse_upweight(args.upweight)
+    upweight = parse_upweight(args.upweight, "--upweight")
+    line_docs = parse_upweight(args.line_docs, "--line-docs")
 
     from transformers import Adafactor, GenerationConfig, T5Config, T5ForConditionalGeneration
 
@@ -190,8 +194,8 @@ def main() -> None:
     rng = random.Random(args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     sources = read_sources(args.corpus)
-    if unknown := set(upweight) - set(sources):
-        ap.error(f"--upweight names no cookie file of {args.corpus}: {', '.join(sorted(unknown))}")
+    if unknown := (set(upweight) | set(line_docs)) - set(sources):
+        ap.error(f"--upweight / --line-docs name no cookie file of {args.corpus}: {', '.join(sorted(unknown))}")
     # The split is by the document as written, before any stripping, so it is the same whatever the options.
     held_docs = [d for ds in sources.values() for d in ds if is_heldout(d)]  # heldout.txt keeps them whole
     clean = strip_attribution if args.strip_attributions else str
@@ -212,6 +216,9 @@ def main() -> None:
     vocab_size = sp.get_piece_size() + EXTRA_IDS
     train_ids = [ids for name, ds in train_docs.items() for ids in sp.encode(ds) if len(ids) >= 2
                  for _ in range(upweight.get(name, 1))]
+    train_ids += [ids for name, n in line_docs.items() for d in sources[name] if not is_heldout(d)
+                  for ids in sp.encode([flatten(line) for line in clean(d).splitlines() if line.strip()])
+                  if len(ids) >= 2 for _ in range(n)]
     print(f"train tokens (upweighted): {sum(map(len, train_ids))}", flush=True)
     held_rng = random.Random(1)
     held_ids = [ids for ids in sp.encode([flatten(clean(d)) for d in held_docs]) if len(ids) >= 2]
@@ -269,20 +276,21 @@ def main() -> None:
                 run = {"init": str(args.init) if args.init else None, "minutes": args.minutes, "steps": step,
                        "saved_after_minutes": round((time.monotonic() - start) / 60, 1), "lr": args.lr,
                        "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
-                       "strip_attributions": args.strip_attributions, "upweight": upweight, "threads": args.threads,
+                       "strip_attributions": args.strip_attributions, "upweight": upweight, "line_docs": line_docs,
+                       "threads": args.threads,
                        "precision": args.precision, "keep": args.keep,
                        "held_out_loss": round(held, 3)}
                 save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
 
 
-def parse_upweight(specs: list[str]) -> dict[str, int]:
+def parse_upweight(specs: list[str], flag: str) -> dict[str, int]:
     """`["tang300=8"]` -> `{"tang300": 8}`."""
     weights = {}
     for spec in specs:
         name, _, n = spec.partition("=")
         if not n.isdigit() or int(n) < 1:
-            raise SystemExit(f"--upweight {spec!r}: expected FILE=N with N a positive whole number")
+            raise SystemExit(f"{flag} {spec!r}: expected FILE=N with N a positive whole number")
         weights[name] = int(n)
     return weights
 
@@ -300,6 +308,9 @@ def describe(runs: list[dict]) -> str:
         text += f", {run.get('precision', 'bf16')}"
         if run.get("upweight"):
             text += ", " + ", ".join(f"{name} sampled {n}x as often" for name, n in run["upweight"].items())
+        if run.get("line_docs"):
+            text += ", " + ", ".join(f"each line of {name} also a document, sampled {n}x"
+                                     for name, n in run["line_docs"].items())
         if run.get("keep") == "last":
             text += ", last checkpoint kept"
         if "interrupted_after_minutes" in run:
@@ -325,6 +336,8 @@ def reproduce(runs: list[dict]) -> str:
             commands[-1] = commands[-1][:-1] + f" --threads {run['threads']}`"
         for name, n in run.get("upweight", {}).items():
             commands[-1] = commands[-1][:-1] + f" --upweight {name}={n}`"
+        for name, n in run.get("line_docs", {}).items():
+            commands[-1] = commands[-1][:-1] + f" --line-docs {name}={n}`"
         if run["lr"] != 1e-2:
             commands[-1] = commands[-1][:-1] + f" --lr {run['lr']:g}`"
         if run.get("keep") == "last":
@@ -365,8 +378,8 @@ Chinese verse; it knows nothing else.
 - Held out: every fortune whose SHA-256 starts with a byte < 6 (≈2%), in `heldout.txt` (documents
   separated by `%` lines).
 - Training: T5 span corruption (15% noise, mean span 3), Adafactor scaled by each weight's RMS, warm-up
-  then cosine over each run's budget; the checkpoint kept is the one with
-  the lowest held-out loss (`training.json` has the numbers):
+  then cosine over each run's budget; the checkpoint kept is the one with the lowest held-out loss,
+  unless the run kept its last (`training.json` has the numbers):
 {describe(runs)}
 - Reproduce: `apt-get install fortunes fortunes-zh`, then
   {reproduce(runs)}.
