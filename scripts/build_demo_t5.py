@@ -184,8 +184,8 @@ def main() -> None:
                     help="bf16 autocast (the default where the CPU has bf16 instructions; elsewhere it is slower "
                          "than fp32) or plain fp32")
     args = ap.parse_args()
-    upweight = parse_upweight(args.upweight, "--upweight")
-    line_docs = parse_upweight(args.line_docs, "--line-docs")
+    upweight = parse_file_counts(args.upweight, "--upweight")
+    line_docs = parse_file_counts(args.line_docs, "--line-docs")
 
     from transformers import Adafactor, GenerationConfig, T5Config, T5ForConditionalGeneration
 
@@ -277,14 +277,13 @@ def main() -> None:
                        "saved_after_minutes": round((time.monotonic() - start) / 60, 1), "lr": args.lr,
                        "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
                        "strip_attributions": args.strip_attributions, "upweight": upweight, "line_docs": line_docs,
-                       "threads": args.threads,
-                       "precision": args.precision, "keep": args.keep,
+                       "threads": args.threads, "precision": args.precision, "keep": args.keep,
                        "held_out_loss": round(held, 3)}
                 save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
 
 
-def parse_upweight(specs: list[str], flag: str) -> dict[str, int]:
+def parse_file_counts(specs: list[str], flag: str) -> dict[str, int]:
     """`["tang300=8"]` -> `{"tang300": 8}`."""
     weights = {}
     for spec in specs:
