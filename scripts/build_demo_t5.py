@@ -199,7 +199,8 @@ def main() -> None:
     # The split is by the document as written, before any stripping, so it is the same whatever the options.
     held_docs = [d for ds in sources.values() for d in ds if is_heldout(d)]  # heldout.txt keeps them whole
     clean = strip_attribution if args.strip_attributions else str
-    train_docs = {name: [flatten(clean(d)) for d in ds if not is_heldout(d)] for name, ds in sources.items()}
+    kept = {name: [clean(d) for d in ds if not is_heldout(d)] for name, ds in sources.items()}
+    train_docs = {name: [flatten(d) for d in ds] for name, ds in kept.items()}
     print(f"corpus: {sum(map(len, sources.values()))} documents, {len(held_docs)} held out", flush=True)
     (args.out / "heldout.txt").write_text("\n%\n".join(held_docs) + "\n", encoding="utf-8")
 
@@ -216,8 +217,8 @@ def main() -> None:
     vocab_size = sp.get_piece_size() + EXTRA_IDS
     train_ids = [ids for name, ds in train_docs.items() for ids in sp.encode(ds) if len(ids) >= 2
                  for _ in range(upweight.get(name, 1))]
-    train_ids += [ids for name, n in line_docs.items() for d in sources[name] if not is_heldout(d)
-                  for ids in sp.encode([flatten(line) for line in clean(d).splitlines() if line.strip()])
+    train_ids += [ids for name, n in line_docs.items()
+                  for ids in sp.encode([flatten(line) for d in kept[name] for line in d.splitlines() if line.strip()])
                   if len(ids) >= 2 for _ in range(n)]
     print(f"train tokens (upweighted): {sum(map(len, train_ids))}", flush=True)
     held_rng = random.Random(1)

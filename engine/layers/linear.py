@@ -88,20 +88,20 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int) -> int:
     """
     shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     onednn = onednn_available()
-    packable = {torch.float32, torch.bfloat16} if onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-        else {torch.float32}
+    onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     changed = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight is None:
             continue
         w = module.weight.data
-        if w.device.type != "cpu" or w.dtype not in packable or not w.is_contiguous() \
-                or w.untyped_storage().nbytes() != w.nbytes:
+        if w.device.type != "cpu" or not w.is_contiguous() or w.untyped_storage().nbytes() != w.nbytes:
             continue
-        pack = w.dtype == torch.bfloat16 or w.numel() >= ONEDNN_FP32_MIN_WEIGHTS
-        if onednn and pack and isinstance(module, Linear) and shared[id(module.weight)] == 1:
+        fp32 = w.dtype == torch.float32
+        worth_packing = (fp32 and onednn and w.numel() >= ONEDNN_FP32_MIN_WEIGHTS) \
+            or (w.dtype == torch.bfloat16 and onednn_bf16)
+        if worth_packing and isinstance(module, Linear) and shared[id(module.weight)] == 1:
             module.pack_for_onednn(batch_hint)
-        elif module.out_features > module.in_features and w.dtype == torch.float32:
+        elif fp32 and module.out_features > module.in_features:
             module.weight.data = w.t().contiguous().t()
         else:
             continue
