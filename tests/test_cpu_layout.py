@@ -1,4 +1,7 @@
-"""prefer_cpu_layout: fp32 CPU linears repacked for oneDNN (or stored column-major) compute what they did."""
+"""prefer_cpu_layout: fp32 CPU linears packed for oneDNN, or multiplied a row at a time in row blocks
+(split_gemv), compute what they did."""
+
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -6,23 +9,30 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import linear
-from engine.layers.linear import Linear, make_linear, onednn_available, prefer_cpu_layout
+from engine.layers.linear import Linear, make_linear, onednn_available, prefer_cpu_layout, split_gemv
 
 ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN packed linear")),
           False]
 
 
-@pytest.fixture(params=ONEDNN, ids=["onednn", "column-major"])
+@pytest.fixture(autouse=True)
+def two_threads() -> Iterator[None]:
+    """Row blocks follow the thread count: fix it at 2 (CI's cores) whatever machine runs the tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(params=ONEDNN, ids=["onednn", "no-onednn"])
 def onednn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """Each test runs with oneDNN packing of every owned weight (where this build has it; the tiny layers here
-    are below the fp32 size that is packed by default) and with the column-major fallback."""
     monkeypatch.setattr(linear, "onednn_available", lambda: request.param)
-    monkeypatch.setattr(linear, "ONEDNN_FP32_MIN_WEIGHTS", 0)
     return request.param
 
 
 class Tiny(nn.Module):
-    """An embedding with a tied head, a wide and a tall linear, and one whose weight is a view of a buffer."""
+    """An embedding with a tied head, a wide and a tall linear, one whose weight is a view of a buffer, and one
+    with an odd number of outputs."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,19 +45,21 @@ class Tiny(nn.Module):
         self.slot = torch.randn(2 * 24 * 24)
         self.streamed = make_linear(24, 24, False, None)
         self.streamed.weight = nn.Parameter(self.slot[: 24 * 24].view(24, 24), requires_grad=False)
+        self.odd = make_linear(24, 7, True, None)
 
 
 def outputs(model: Tiny, x: torch.Tensor) -> list[torch.Tensor]:
-    return [model.wide(x), model.tall(model.wide(x)), model.head(x), model.streamed(x)]
+    return [model.wide(x), model.tall(model.wide(x)), model.head(x), model.streamed(x), model.odd(x)]
 
 
+@pytest.mark.parametrize("batch_hint", [1, 8])
 @pytest.mark.parametrize("rows", [1, 3, 8, 17])
-def test_outputs_unchanged(rows: int, onednn: bool) -> None:
+def test_outputs_unchanged(rows: int, batch_hint: int, onednn: bool) -> None:
     model = Tiny()
     x = torch.randn(rows, 24)
     with torch.inference_mode():
         before = outputs(model, x)
-        assert prefer_cpu_layout(model, batch_hint=8) == (2 if onednn else 1) + 1
+        prefer_cpu_layout(model, batch_hint=batch_hint)
         after = outputs(model, x)
     for b, a in zip(before, after, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -56,15 +68,28 @@ def test_outputs_unchanged(rows: int, onednn: bool) -> None:
 def test_what_moves_and_what_stays(onednn: bool) -> None:
     model = Tiny()
     embed, slot = model.embed.weight.data_ptr(), model.slot.data_ptr()
-    prefer_cpu_layout(model, batch_hint=4)
-    assert model.head.weight is model.embed.weight  # the tied head still reads the embedding's table
-    assert model.embed.weight.data_ptr() != embed and not model.head.weight.is_contiguous()  # column-major
-    assert model.streamed.weight.data_ptr() == slot  # a view into a buffer keeps its place
-    if onednn:
-        assert model.wide.weight is None and model.wide.packed is not None
-        assert model.tall.weight is None and model.tall.packed is not None
-    else:
-        assert not model.wide.weight.is_contiguous() and model.tall.weight.is_contiguous()
+    assert prefer_cpu_layout(model, batch_hint=4) == (5 if onednn else 4)
+    assert model.head.weight is model.embed.weight and model.embed.weight.data_ptr() == embed
+    assert model.head.gemv_parts == 2  # the tied head multiplies in row blocks of the embedding's own table
+    assert model.streamed.weight.data_ptr() == slot and model.streamed.gemv_parts == 2  # a slot view stays put
+    assert model.odd.gemv_parts == 1  # 7 rows do not split in 2: packed with oneDNN, else plain F.linear
+    for layer in (model.wide, model.tall, model.odd):
+        if onednn:
+            assert layer.weight is None and layer.packed is not None
+        else:
+            assert layer.weight.is_contiguous() and layer.gemv_parts == (1 if layer is model.odd else 2)
+
+
+@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
+def test_one_sequence_keeps_fp32_dense_and_bf16_is_packed() -> None:
+    """At M = 1, row blocks beat oneDNN's packed fp32 weight; an engine of one slot never batches."""
+    dense = make_linear(256, 512, False, None)
+    prefer_cpu_layout(dense, batch_hint=1)
+    assert dense.packed is None and dense.gemv_parts == 2
+    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        bf16 = make_linear(256, 512, False, None).to(torch.bfloat16)
+        prefer_cpu_layout(bf16, batch_hint=1)
+        assert bf16.packed is not None
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
@@ -77,15 +102,9 @@ def test_packed_linear_takes_any_leading_dims_and_keeps_its_bias() -> None:
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
-def test_small_fp32_layers_stay_dense_and_bf16_ones_are_packed() -> None:
-    """oneDNN costs ~10 us a call more than MKL: not worth it for small fp32 weights at M = 1."""
-    small, large = make_linear(256, 512, False, None), make_linear(1024, 1024, False, None)
-    model = nn.ModuleList([small, large])
-    prefer_cpu_layout(model, batch_hint=1)
-    assert small.packed is None and not small.weight.is_contiguous()  # column-major
-    assert large.packed is not None
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        bf16 = make_linear(256, 512, False, None).to(torch.bfloat16)
-        prefer_cpu_layout(bf16, batch_hint=1)
-        assert bf16.packed is not None
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_split_gemv_is_f_linear(parts: int) -> None:
+    torch.manual_seed(2)
+    x, w, b = torch.randn(1, 40), torch.randn(24, 40), torch.randn(24)
+    torch.testing.assert_close(split_gemv(x, w, b, parts), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_gemv(x, w, None, parts), F.linear(x, w), rtol=1e-5, atol=1e-5)
