@@ -126,8 +126,8 @@ def cross_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tenso
 
 def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Tensor | None,
             scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """One query per sequence over its K/V kd, vd [B, kv_heads, L, D]: two small batched matmuls beat SDPA's
-    kernels here (on CPU by ~10x).
+    """One query per sequence over its K/V kd, vd [B, kv_heads, L, D]: for a batch, two small batched matmuls
+    beat SDPA's kernels (on CPU by 1.1-1.7x at B = 8); for one sequence, SDPA wins (10 vs 15 us).
 
     Query heads are grouped under their KV head ([B * kv_heads, group, D]) so
     grouped-query attention reads each cached K/V once; a cache slice of
@@ -137,6 +137,8 @@ def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Ten
     b, heads, d = q.shape
     kv_heads, length = kd.shape[1], kd.shape[2]
     group = heads // kv_heads
+    if b == 1 and mask is None and bias is None:  # one sequence: its query heads are SDPA's query rows, 1.5x faster
+        return F.scaled_dot_product_attention(q.view(1, kv_heads, group, d), kd, vd, scale=scale).view(1, heads, d)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv_heads, group, d),
                            kd.reshape(b * kv_heads, length, d).transpose(1, 2), beta=0,
                            alpha=d**-0.5 if scale is None else scale)
