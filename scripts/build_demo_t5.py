@@ -100,15 +100,18 @@ def random_segmentation(total: int, parts: int, rng: random.Random) -> list[int]
 
 
 def span_corrupt(ids: list[int], sp: spm.SentencePieceProcessor, rng: random.Random, noise: float = 0.15,
-                 mean_span: float = 3.0) -> tuple[list[int], list[int]]:
+                 mean_span: float = 3.0, binomial: bool = False) -> tuple[list[int], list[int]]:
     """T5's span corruption (`random_spans_noise_mask`): encoder input and decoder target, each ending in EOS.
 
     Each kept stretch of the input is re-encoded from its text, as a prompt with blanks is tokenized piece by
     piece (the text after a blank starts a new word: "光，" after a sentinel is "▁", "光", "，").
+    T5 blanks `round(n * noise)` tokens, so a 12-token verse line always loses exactly 2 and the model never
+    learns a one-token blank there ("床前<span>光" got "明月光"); `binomial` draws the count instead (same mean).
     """
     vocab_size = sp.get_piece_size() + EXTRA_IDS
     n = len(ids)
-    num_noise = min(max(1, round(n * noise)), n - 1)
+    num_noise = sum(rng.random() < noise for _ in range(n)) if binomial else round(n * noise)
+    num_noise = min(max(1, num_noise), n - 1)
     num_spans = max(1, min(round(num_noise / mean_span), num_noise, n - num_noise))
     noise_lengths = random_segmentation(num_noise, num_spans, rng)
     # T5 always ends on a blank; half the time here text follows the last one, as in most fill-blank prompts.
@@ -124,7 +127,7 @@ def span_corrupt(ids: list[int], sp: spm.SentencePieceProcessor, rng: random.Ran
 
 
 def make_batch(docs: list[list[int]], sp: spm.SentencePieceProcessor, rng: random.Random, size: int,
-               max_len: int) -> dict[str, torch.Tensor]:
+               max_len: int, binomial: bool) -> dict[str, torch.Tensor]:
     """`size` random documents (a random window of `max_len` tokens of longer ones), corrupted and padded."""
     pairs = []
     for _ in range(size):
@@ -132,7 +135,7 @@ def make_batch(docs: list[list[int]], sp: spm.SentencePieceProcessor, rng: rando
         if len(ids) > max_len:
             start = rng.randrange(len(ids) - max_len + 1)
             ids = ids[start : start + max_len]
-        pairs.append(span_corrupt(ids, sp, rng))
+        pairs.append(span_corrupt(ids, sp, rng, binomial=binomial))
     return collate(pairs)
 
 
@@ -175,6 +178,9 @@ def main() -> None:
     ap.add_argument("--line-docs", action="append", default=[], metavar="FILE=N",
                     help="also train on each line of one cookie file's training documents as a document of its own "
                          "(a verse line, as a blank in one is asked), sampled N times (repeatable)")
+    ap.add_argument("--noise-count", choices=["round", "binomial"], default="round",
+                    help="tokens blanked per training document: T5's round(15%% of them), or binomially drawn "
+                         "(short documents then also get 1-token and longer blanks; held-out loss stays T5's)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--keep", choices=["best", "last"], default="best",
                     help="the checkpoint to keep: the lowest held-out loss, or the last (a run that teaches the "
@@ -256,7 +262,7 @@ def main() -> None:
         lr = args.lr * min(1.0, (step + 1) / 100) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = make_batch(train_ids, sp, rng, args.batch_size, args.max_len)
+        batch = make_batch(train_ids, sp, rng, args.batch_size, args.max_len, args.noise_count == "binomial")
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             loss = model(**batch).loss
         loss.backward()
@@ -279,6 +285,7 @@ def main() -> None:
                        "batch_size": args.batch_size, "max_len": args.max_len, "seed": args.seed,
                        "strip_attributions": args.strip_attributions, "upweight": upweight, "line_docs": line_docs,
                        "threads": args.threads, "precision": args.precision, "keep": args.keep,
+                       "noise_count": args.noise_count,
                        "held_out_loss": round(held, 3)}
                 save(model, args, [*history, run], n_params, sp.get_piece_size())
     print(f"trained {step} steps in {(time.monotonic() - start) / 60:.1f} min; best held-out loss {best:.3f}")
@@ -311,6 +318,8 @@ def describe(runs: list[dict]) -> str:
         if run.get("line_docs"):
             text += ", " + ", ".join(f"each line of {name} also a document, sampled {n}x"
                                      for name, n in run["line_docs"].items())
+        if run.get("noise_count") == "binomial":
+            text += ", blanked-token count drawn binomially"
         if run.get("keep") == "last":
             text += ", last checkpoint kept"
         if "interrupted_after_minutes" in run:
@@ -323,25 +332,26 @@ def describe(runs: list[dict]) -> str:
 
 
 def reproduce(runs: list[dict]) -> str:
+    """The commands that rebuild the shipped model: one per run, each continuing the one before."""
     commands = []
     for i, run in enumerate(runs):
-        init = " --init vramlite/models/demo-t5" if i else ""
-        commands.append(f"`python scripts/build_demo_t5.py --out vramlite/models/demo-t5{init} "
-                        f"--minutes {run['minutes']:g}`")
+        args = ["--out vramlite/models/demo-t5", *(["--init vramlite/models/demo-t5"] if i else []),
+                f"--minutes {run['minutes']:g}"]
         if run["seed"]:
-            commands[-1] = commands[-1][:-1] + f" --seed {run['seed']}`"
+            args.append(f"--seed {run['seed']}")
         if run.get("strip_attributions"):
-            commands[-1] = commands[-1][:-1] + " --strip-attributions`"
+            args.append("--strip-attributions")
         if run.get("threads", 1) > 1:
-            commands[-1] = commands[-1][:-1] + f" --threads {run['threads']}`"
-        for name, n in run.get("upweight", {}).items():
-            commands[-1] = commands[-1][:-1] + f" --upweight {name}={n}`"
-        for name, n in run.get("line_docs", {}).items():
-            commands[-1] = commands[-1][:-1] + f" --line-docs {name}={n}`"
+            args.append(f"--threads {run['threads']}")
+        args += [f"--upweight {name}={n}" for name, n in run.get("upweight", {}).items()]
+        args += [f"--line-docs {name}={n}" for name, n in run.get("line_docs", {}).items()]
         if run["lr"] != 1e-2:
-            commands[-1] = commands[-1][:-1] + f" --lr {run['lr']:g}`"
+            args.append(f"--lr {run['lr']:g}")
         if run.get("keep") == "last":
-            commands[-1] = commands[-1][:-1] + " --keep last`"
+            args.append("--keep last")
+        if run.get("noise_count") == "binomial":
+            args.append("--noise-count binomial")
+        commands.append(f"`python scripts/build_demo_t5.py {' '.join(args)}`")
     return ", then ".join(commands)
 
 
