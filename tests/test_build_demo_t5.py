@@ -25,7 +25,7 @@ def sp() -> spm.SentencePieceProcessor:
 def blanked(sp: spm.SentencePieceProcessor, binomial: bool, seed: int) -> tuple[list[int], list[int], int]:
     ids = sp.encode(LINE)
     source, target = build.span_corrupt(ids, sp, random.Random(seed), binomial=binomial)
-    sentinels = sum(build.sentinel(i, sp.get_piece_size() + build.EXTRA_IDS) in target for i in range(4))
+    sentinels = sum(t >= sp.get_piece_size() for t in target)  # the sentinels are the ids past the pieces
     return source, target, len(target) - 1 - sentinels  # tokens blanked: the target less its sentinels and EOS
 
 
