@@ -5,9 +5,11 @@
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
-bf16, and int8 weights with fp32 or bf16 activations. Decode time is
-the time to produce N tokens minus the time to produce 1 (prefill + first
-token), best of `--repeats`, the implementations taking turns. Prints a table; writes
+bf16, and int8 weights with fp32 or bf16 activations, and at batch 1 also
+fp32 and bf16 with `compile_decode` (which compiles while loading: the
+load_s column). Decode time is the time to produce N tokens minus the time
+to produce 1 (prefill + first token), best of `--repeats`, the
+implementations taking turns. Prints a table; writes
 benchmarks/results/decode_cpu.json.
 """
 
@@ -29,8 +31,11 @@ from engine import Engine, SamplingParams
 from vramlite import models as demo_models
 
 PROMPT_LEN = 16
-OURS = (("vramlite fp32", "fp32", None), ("vramlite bf16", "bf16", None),
-        ("vramlite int8 w / fp32 act", "fp32", "int8"), ("vramlite int8 w / bf16 act", "bf16", "int8"))
+COLUMNS = ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32", "load_s"]
+OURS = (("vramlite fp32", "fp32", None, False), ("vramlite bf16", "bf16", None, False),
+        ("vramlite int8 w / fp32 act", "fp32", "int8", False), ("vramlite int8 w / bf16 act", "bf16", "int8", False),
+        ("vramlite fp32 compiled", "fp32", None, True), ("vramlite bf16 compiled", "bf16", None, True))
+# compile_decode compiles single-sequence steps only: the compiled rows are measured at batch 1
 
 
 def random_llama_130m(out: Path) -> Path:
@@ -68,7 +73,9 @@ def best_decode_seconds(runs: dict[str, Callable[[int], None]], tokens: int, rep
 
 def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
     g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
     hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    load_seconds = {"transformers fp32": time.perf_counter() - start}
     prompts = torch.randint(3, hf.config.vocab_size, (batch, PROMPT_LEN), generator=g)
     params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts)}
 
@@ -78,9 +85,13 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
 
     runs: dict[str, Callable[[int], None]] = {"transformers fp32": run_hf}
     ids = prompts.tolist()
-    for label, dtype, quantize in OURS:
+    for label, dtype, quantize, compiled in OURS:
+        if compiled and batch > 1:
+            continue
+        start = time.perf_counter()
         engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
-                                 quantize=quantize)
+                                 quantize=quantize, compile_decode=compiled)
+        load_seconds[label] = time.perf_counter() - start  # with compile_decode, compiling is part of loading
 
         def run_ours(n: int, engine: Engine = engine) -> None:
             engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
@@ -91,7 +102,8 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
     return [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
              "ms_per_step": round(1000 * s / (tokens - 1), 2),
-             "vs_transformers_fp32": round(base / s, 2)} for impl, s in timings.items()]
+             "vs_transformers_fp32": round(base / s, 2),
+             "load_s": round(load_seconds[impl], 2)} for impl, s in timings.items()]
 
 
 def main() -> None:
@@ -108,10 +120,9 @@ def main() -> None:
         for name, model_dir in targets.items():
             for batch in args.batches:
                 rows += bench_model(name, model_dir, batch, args.tokens, args.repeats)
-                print_table(rows[-1 - len(OURS):], ["model", "batch", "impl", "tok_per_s", "ms_per_step",
-                                        "vs_transformers_fp32"])
+                print_table([r for r in rows if r["model"] == name and r["batch"] == batch], COLUMNS)
     print()
-    print_table(rows, ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32"])
+    print_table(rows, COLUMNS)
     path = write_results("decode_cpu", rows, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN)
     print(f"\nwrote {path}")
 

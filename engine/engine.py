@@ -72,7 +72,8 @@ class Engine:
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
                  max_tokens_per_step: int = 512, quantize: str | None = None,
-                 memory_limit: int | str | None = None, prefetch_depth: int = 1) -> Engine:
+                 memory_limit: int | str | None = None, prefetch_depth: int = 1,
+                 compile_decode: bool = False) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -83,7 +84,9 @@ class Engine:
         memory_limit: a device-memory budget in bytes or as "5GiB", "512MiB"
         (default: none); layers that do not fit are streamed from host memory,
         `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
-        the transfer accounting.
+        the transfer accounting. compile_decode: run decode steps compiled by
+        torch.compile (CPU, models wholly resident; each new batch shape
+        compiles on its first step).
         """
         start = time.perf_counter()
         model_dir = Path(path)
@@ -96,7 +99,7 @@ class Engine:
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
                                         max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second)
-            runner = ModelRunner(model, dev, dt, max_batch_size, context)
+            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode)
         except torch.cuda.OutOfMemoryError as e:
             limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
             raise LoadOutOfMemoryError(model_dir, e, free, total, limit) from None

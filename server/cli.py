@@ -28,6 +28,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="quantize the decoder layers at load (env VRAMLITE_QUANTIZE)")
     p.add_argument("--memory-limit", default=os.environ.get("VRAMLITE_MEMORY_LIMIT"),
                    help="device memory budget such as 5GiB; layers beyond it are streamed (env VRAMLITE_MEMORY_LIMIT)")
+    p.add_argument("--compile-decode", action="store_true",
+                   default=os.environ.get("VRAMLITE_COMPILE_DECODE", "").lower() in ("1", "true", "yes", "on"),
+                   help="CPU: run decode steps compiled by torch.compile; each new batch shape compiles on its "
+                   "first step (env VRAMLITE_COMPILE_DECODE)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +53,8 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_pen
 
 def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
-                             max_batch_size=1, quantize=args.quantize, memory_limit=args.memory_limit)
+                             max_batch_size=1, quantize=args.quantize, memory_limit=args.memory_limit,
+                             compile_decode=args.compile_decode)
     params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
     out = sys.stdout
     out.write(args.prompt)
@@ -68,7 +73,7 @@ def cmd_fill_blank(args: argparse.Namespace) -> int:
 
     engine = Engine.from_dir(args.model or demo_models.path(demo_models.FILL_BLANK), device=args.device,
                              dtype=args.dtype, max_batch_size=1, quantize=args.quantize,
-                             memory_limit=args.memory_limit)
+                             memory_limit=args.memory_limit, compile_decode=args.compile_decode)
     result = fill_blank(engine, args.prompt, **{f: getattr(args, f) for f in SAMPLING_FIELDS})
     if args.json:
         print(json.dumps({"blanks": [dataclasses.asdict(b) for b in result.blanks], "text": result.text},
@@ -86,7 +91,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     context = args.prompt_len + args.tokens
     engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
                              max_batch_size=max(args.batch), context=context, quantize=args.quantize,
-                             memory_limit=args.memory_limit)
+                             memory_limit=args.memory_limit, compile_decode=args.compile_decode)
     bench(engine, 1, min(args.prompt_len, 8), 3)  # warm-up: first calls allocate and pick kernels
     results = [bench(engine, b, args.prompt_len, args.tokens) for b in args.batch]
     weights = engine.config.quantization or str(engine.dtype).removeprefix("torch.")

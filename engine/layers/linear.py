@@ -52,6 +52,9 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
+            if torch.compiler.is_compiling():
+                return onednn_linear(x.reshape(-1, self.in_features), self.packed, self.bias).view(
+                    *x.shape[:-1], self.out_features)
             if x.dim() == 2:  # the engine's packed tokens: no reshape on the hot path
                 return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
@@ -60,6 +63,18 @@ class Linear(nn.Linear):
         if self.gemv_parts > 1 and x.dim() == 2 and x.shape[0] == 1:
             return split_gemv(x, self.weight, self.bias, self.gemv_parts)
         return super().forward(x)
+
+
+@torch.library.custom_op("vramlite::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x [M, in] times a weight packed by oneDNN (`Linear.pack_for_onednn`), as an op torch.compile calls
+    as it is (Inductor lowers oneDNN's own op only for weights that are constants of a frozen graph)."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], packed.shape[0])
 
 
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""Decode steps compiled by torch.compile give the eager runner's logits; where compiling is not used, it says why."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import transformers as tf
+from torch._dynamo.utils import counters
+
+from engine.loader import load_model
+from engine.runner import Chunk, ModelRunner
+from tests.conftest import save_tiny_model
+
+# torch.compile's own tracing calls a deprecated torch.jit API (torch 2.13)
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+CPU = torch.device("cpu")
+VOCAB = 512
+CASES = {
+    "llama-gqa": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
+    "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                      n_positions=64)),
+}
+PROMPTS = ([5, 9, 13, 2, 7], [40, 41, 42], list(range(100, 111)))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def model_dir(request, tmp_path_factory, spm_tokenizer_dir):
+    torch.manual_seed(0)
+    return save_tiny_model(CASES[request.param]().eval(), tmp_path_factory.mktemp(request.param), spm_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
+    """(eager, compiled) runners of 3 slots, each over its own load of the model (each lays its weights out)."""
+    return make_runner(model_dir, False), make_runner(model_dir, True)
+
+
+def make_runner(model_dir, compile_decode: bool, slots: int = 3) -> ModelRunner:
+    model, context = load_model(model_dir, CPU, torch.float32)
+    return ModelRunner(model, CPU, torch.float32, slots, context, compile_decode=compile_decode)
+
+
+def decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> list[torch.Tensor]:
+    """Prefill each slot's prompt, then `steps` decode steps of all slots together (next token: id 3 + step);
+    the logits of each decode step."""
+    for slot, ids in prompts.items():
+        runner.forward([Chunk(slot, ids, 0)])
+    # the chunks go in reverse slot order: the runner packs them by slot and must hand logits back in this order
+    return [runner.forward([Chunk(slot, [3 + t], len(ids) + t) for slot, ids in reversed(prompts.items())])
+            for t in range(steps)]
+
+
+@pytest.mark.slow
+def test_single_sequence_decode_compiled_matches_eager(runners):
+    eager, compiled = runners
+    graphs = counters["stats"]["unique_graphs"]
+    for slot, prompt in enumerate(PROMPTS):  # slots 0, 1, 2: the graph compiled at load serves them all
+        for got, want in zip(decode(compiled, {slot: prompt}, 6), decode(eager, {slot: prompt}, 6), strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled._decode_step is not None  # it ran compiled, not after falling back
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.slow
+def test_one_slot_engine_compiles_its_row_block_matmuls(runners, model_dir):
+    """An engine of one slot keeps fp32 weights dense (`split_gemv`), where one of more slots packs them."""
+    eager, _ = runners
+    compiled = make_runner(model_dir, True, slots=1)
+    for got, want in zip(decode(compiled, {0: PROMPTS[2]}, 4), decode(eager, {0: PROMPTS[2]}, 4), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled._decode_step is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [
+    {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]},  # different lengths: a length mask
+    {0: PROMPTS[1], 2: PROMPTS[2]},  # slots 0 and 2: gathered, not a view
+], ids=["lengths", "gathered-slots"])
+def test_batches_decode_eagerly_beside_compiled_steps(runners, batch):
+    eager, compiled = runners
+    for got, want in zip(decode(compiled, batch, 4), decode(eager, batch, 4), strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
+    eager, _ = runners
+    runner = make_runner(model_dir, False, slots=1)
+
+    def broken(*args: object) -> torch.Tensor:
+        raise RuntimeError("no C++ compiler")
+
+    runner._decode_step = broken
+    with caplog.at_level(logging.ERROR, logger="engine.runner"):
+        got = decode(runner, {0: PROMPTS[0]}, 2)
+    assert runner._decode_step is None and "run eagerly from now on" in caplog.text
+    for g, w in zip(got, decode(eager, {0: PROMPTS[0]}, 2), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("load, reason", [
+    ({"memory_limit": "1GiB"}, "layers are streamed under a memory limit"),
+    ({"quantize": "int8"}, "Inductor cannot lower torch's int8 CPU matmul"),
+], ids=["streamed", "int8"])
+def test_compiling_is_refused_with_the_reason(model_dir, caplog, load, reason):
+    model, context = load_model(model_dir, CPU, torch.float32, **load)
+    with caplog.at_level(logging.WARNING, logger="engine.runner"):
+        runner = ModelRunner(model, CPU, torch.float32, 1, context, compile_decode=True)
+    assert runner._decode_step is None
+    assert f"compiled decode is off: {reason}" in caplog.text
