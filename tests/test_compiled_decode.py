@@ -13,8 +13,6 @@ from engine.loader import load_model
 from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
 
-# torch.compile's own tracing calls a deprecated torch.jit API (torch 2.13)
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
 CPU = torch.device("cpu")
 VOCAB = 512
 CASES = {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 
@@ -97,6 +98,18 @@ def test_cli_generate_prints_poetry(capsys):
     cjk = sum("\u4e00" <= ch <= "\u9fff" for ch in continuation)
     assert cjk >= 8, continuation
     assert re.search("[，。]", continuation), continuation
+
+
+@pytest.mark.slow
+def test_cli_generate_compiled_prints_the_same(capsys, caplog, monkeypatch):
+    args = ["generate", "--temperature", "0", "--max-tokens", "24", "床前明月光，"]
+    assert cli_main(args) == 0
+    eager = capsys.readouterr().out
+    monkeypatch.setenv("VRAMLITE_COMPILE_DECODE", "1")  # the flag's environment variable
+    with caplog.at_level(logging.INFO, logger="engine.runner"):
+        assert cli_main(args) == 0
+    assert capsys.readouterr().out == eager
+    assert "compiled the decode step in" in caplog.text
 
 
 def test_cli_reports_bad_model_dir(tmp_path, capsys):
