@@ -65,7 +65,7 @@ class ModelRunner:
         """Whether decode steps can run compiled by torch.compile (`_decode_logits`); logs why not.
 
         The decode step of one sequence on a small model is mostly per-op overhead (norms, rotary, residuals:
-        ~150 small ops); Inductor fuses them into a few loops: 1.5x faster on the demo model on 2 CPU cores.
+        ~150 small ops); Inductor fuses them into a few loops: 1.4x faster on the demo model on 2 CPU cores.
         Batches, whose steps are mostly matmuls, run eagerly: compiled they were slower (demo model, batch 8:
         fp32 3x, bf16 1.35x). So do prefill and mixed steps. Compiling takes 20-60 s on 2 cores, at load,
         so it is opt-in.
