@@ -65,7 +65,7 @@ def test_single_sequence_decode_compiled_matches_eager(runners):
 
 @pytest.mark.slow
 def test_one_slot_engine_compiles_its_row_block_matmuls(runners, model_dir):
-    """An engine of one slot keeps fp32 weights dense (`split_gemv`), where one of more slots packs them."""
+    """An engine of one slot keeps fp32 weights dense (`split_gemv`); an engine of more slots packs them."""
     eager, _ = runners
     compiled = make_runner(model_dir, True, slots=1)
     for got, want in zip(decode(compiled, {0: PROMPTS[2]}, 4), decode(eager, {0: PROMPTS[2]}, 4), strict=True):
