@@ -9,6 +9,8 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
+from engine import runner as runner_module
+from engine.layers.cpu_layout import prefer_cpu_layout
 from engine.loader import load_model
 from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
@@ -64,9 +66,14 @@ def test_single_sequence_decode_compiled_matches_eager(runners):
 
 
 @pytest.mark.slow
-def test_one_slot_engine_compiles_its_row_block_matmuls(runners, model_dir):
-    """An engine of one slot keeps fp32 weights dense (`split_gemv`); an engine of more slots packs them."""
+@pytest.mark.parametrize("layout", ["dense", "rows", "packed"])
+def test_each_cpu_layout_compiles(runners, model_dir, monkeypatch, layout):
+    """Whichever layout the linears get (chosen by timing, so it depends on the machine): plain weights,
+    row blocks (`split_gemv`) or oneDNN's packed weights (a custom op in the graph) compile to eager's logits."""
     eager, _ = runners
+    order = (layout, *(other for other in ("dense", "rows", "packed") if other != layout))
+    monkeypatch.setattr(runner_module, "prefer_cpu_layout", lambda model, batch_hint: prefer_cpu_layout(
+        model, batch_hint, timer=lambda group, lay, rows: float(order.index(lay))))
     compiled = make_runner(model_dir, True, slots=1)
     for got, want in zip(decode(compiled, {0: PROMPTS[2]}, 4), decode(eager, {0: PROMPTS[2]}, 4), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -1,5 +1,5 @@
-"""prefer_cpu_layout: fp32 CPU linears packed for oneDNN, or multiplied a row at a time in row blocks
-(split_gemv), compute what they did."""
+"""prefer_cpu_layout: CPU float linears kept dense, multiplied a row at a time in row blocks (split_gemv) or
+packed for oneDNN, whichever timed fastest, compute what they did; the choice follows the timings."""
 
 from collections.abc import Iterator
 
@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import linear
-from engine.layers.linear import Linear, make_linear, onednn_available, prefer_cpu_layout, split_gemv
+from engine.layers import cpu_layout
+from engine.layers.cpu_layout import Group, candidate_groups, onednn_available, prefer_cpu_layout
+from engine.layers.linear import Linear, make_linear, split_gemv
 
 ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN packed linear")),
           False]
@@ -26,7 +27,7 @@ def two_threads() -> Iterator[None]:
 
 @pytest.fixture(params=ONEDNN, ids=["onednn", "no-onednn"])
 def onednn(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    monkeypatch.setattr(linear, "onednn_available", lambda: request.param)
+    monkeypatch.setattr(cpu_layout, "onednn_available", lambda: request.param)
     return request.param
 
 
@@ -65,10 +66,16 @@ def test_outputs_unchanged(rows: int, batch_hint: int, onednn: bool) -> None:
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def ranked(*order: str) -> cpu_layout.Timer:
+    """A timer under which the layouts rank in `order`, fastest first, at any number of rows."""
+    return lambda group, layout, rows: float(order.index(layout) + 1)
+
+
 def test_what_moves_and_what_stays(onednn: bool) -> None:
     model = Tiny()
     embed, slot = model.embed.weight.data_ptr(), model.slot.data_ptr()
-    assert prefer_cpu_layout(model, batch_hint=4) == (5 if onednn else 4)
+    chosen = prefer_cpu_layout(model, batch_hint=4, timer=ranked("packed", "rows", "dense"))
+    assert chosen == ({"packed": 3, "rows": 2} if onednn else {"rows": 4})  # odd: dense is its only layout
     assert model.head.weight is model.embed.weight and model.embed.weight.data_ptr() == embed
     assert model.head.gemv_parts == 2  # the tied head multiplies in row blocks of the embedding's own table
     assert model.streamed.weight.data_ptr() == slot and model.streamed.gemv_parts == 2  # a slot view stays put
@@ -80,16 +87,54 @@ def test_what_moves_and_what_stays(onednn: bool) -> None:
             assert layer.weight.is_contiguous() and layer.gemv_parts == (1 if layer is model.odd else 2)
 
 
-@pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")
-def test_one_sequence_keeps_fp32_dense_and_bf16_is_packed() -> None:
-    """At M = 1, row blocks beat oneDNN's packed fp32 weight; an engine of one slot never batches."""
-    dense = make_linear(256, 512, False, None)
-    prefer_cpu_layout(dense, batch_hint=1)
-    assert dense.packed is None and dense.gemv_parts == 2
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        bf16 = make_linear(256, 512, False, None).to(torch.bfloat16)
-        prefer_cpu_layout(bf16, batch_hint=1)
-        assert bf16.packed is not None
+def test_dense_fastest_changes_nothing(onednn: bool) -> None:
+    model = Tiny()
+    chosen = prefer_cpu_layout(model, batch_hint=8, timer=ranked("dense", "rows", "packed"))
+    assert chosen == {"dense": 5 if onednn else 4}  # odd has no other layout without oneDNN
+    for layer in (model.wide, model.tall, model.head, model.streamed, model.odd):
+        assert layer.weight is not None and layer.packed is None and layer.gemv_parts == 1
+
+
+@pytest.mark.parametrize(("batch_hint", "want"), [(1, "rows"), (8, "packed")])
+def test_rows_count_as_dense_beyond_one_row(batch_hint: int, want: str) -> None:
+    """Row blocks serve one-row inputs only: for an engine that batches, their score adds dense's time at
+    `batch_hint` rows, which here loses to packed."""
+    times = {"dense": lambda m: 10.0 * m, "rows": lambda m: 1.0, "packed": lambda m: 8.0}
+    layer = make_linear(24, 72, False, None)
+    calls: list[tuple[str, int]] = []
+
+    def timer(group: Group, layout: str, rows: int) -> float:
+        calls.append((layout, rows))
+        return times[layout](rows)
+
+    if not onednn_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    assert prefer_cpu_layout(layer, batch_hint=batch_hint, timer=timer) == {want: 1}
+    assert ("rows", 8) not in calls
+    assert (layer.packed is not None) == (want == "packed") and layer.gemv_parts == (2 if want == "rows" else 1)
+
+
+def test_groups_by_shape_dtype_and_candidates(onednn: bool) -> None:
+    model = Tiny()
+    groups = {(g.shape, g.layouts): len(g.members) for g in candidate_groups(model)}
+    packed = ("packed",) if onednn else ()
+    assert groups == {((72, 24), ("dense", "rows", *packed)): 1, ((24, 72), ("dense", "rows", *packed)): 1,
+                      ((50, 24), ("dense", "rows")): 1, ((24, 24), ("dense", "rows")): 1,
+                      ((7, 24), ("dense", *packed)): 1}
+
+
+def test_timing_samples_at_least_one_weight_per_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the sampling budget a group still times its first weight; the layout then goes to all members."""
+    monkeypatch.setattr(cpu_layout, "SAMPLE_BYTES", 0)
+    model = nn.Sequential(*(make_linear(24, 72, False, None) for _ in range(3)))
+    sampled: list[int] = []
+
+    def timer(group: Group, layout: str, rows: int) -> float:
+        sampled.append(len(group.sampled))
+        return ranked("rows", "dense", "packed")(group, layout, rows)
+
+    assert prefer_cpu_layout(model, batch_hint=1, timer=timer) == {"rows": 3}
+    assert set(sampled) == {1} and all(layer.gemv_parts == 2 for layer in model)
 
 
 @pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN packed linear")

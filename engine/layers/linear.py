@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import platform
-from collections import Counter
-
 import torch
 from torch import nn
 
@@ -35,8 +32,8 @@ class QuantizedLinear(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU weight `prefer_cpu_layout` may hand to oneDNN, or multiply one row at a time in
-    row blocks (`gemv_parts`)."""
+    """nn.Linear whose CPU weight may be handed to oneDNN (`pack_for_onednn`), or multiplied one row at a time
+    in row blocks (`gemv_parts`): `engine.layers.cpu_layout` chooses, by timing."""
 
     gemv_parts = 1
 
@@ -80,9 +77,9 @@ def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
     """x [1, in] · weightᵀ for a contiguous weight [out, in], as `parts` row blocks of the weight in one bmm.
 
-    A CPU matrix-vector product runs on one thread (MKL's sgemv); a bmm runs its batch in parallel, so the
-    blocks stream on all threads: 2-3x faster than `F.linear` at M = 1 with 2 threads on weights that are
-    not already in cache (measured on the 2-core AVX-512 CI machine, 256x256 to 32000x768).
+    Where a CPU matrix-vector product runs on one thread, a bmm still runs its batch in parallel, so the
+    blocks stream on all threads: 2-3x faster than `F.linear` at M = 1 with 2 threads on a 2-core AMD EPYC
+    (256x256 to 32000x768), but 2-3x slower on a 2-core Intel Xeon, whose `F.linear` uses both.
     """
     y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x.t().expand(parts, -1, -1)).view(1, -1)
     return y if bias is None else y.add_(bias)
@@ -95,45 +92,3 @@ def make_linear(in_features: int, out_features: int, bias: bool, quantization: s
     if quantization == "int8":
         return QuantizedLinear(in_features, out_features, bias)
     raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
-
-
-def onednn_available() -> bool:
-    """Whether this torch build has oneDNN's packed linear on x86 (what torch.compile uses on the CPU)."""
-    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") \
-        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-
-
-def prefer_cpu_layout(model: nn.Module, batch_hint: int) -> int:
-    """Lay CPU linear weights out for decode speed; returns how many `Linear`s changed.
-
-    With oneDNN (x86), a `Linear` that owns its weight gets oneDNN's packed copy instead when the weight is
-    bf16 (where the CPU has bf16 instructions; 1.3-3.3x faster than `F.linear` at M = 1..8), or fp32 and the
-    engine batches (`batch_hint` > 1): at M = 8 packed fp32 is 1.1-3.5x faster than any dense layout.
-
-    Every other fp32 `Linear` keeps its row-major weight and multiplies a single row as `split_gemv`, in as
-    many row blocks as there are threads: 1.4-2x faster at M = 1 than oneDNN's packed weight, 2-3x faster
-    than `F.linear` (measured on the 2-core AVX-512 CI machine, cold cache, shapes 256x256 to 32000x768).
-    That covers an LM head tied to the embedding and weights that are views into an offload slot, which
-    keep their place.
-    """
-    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
-    onednn = onednn_available()
-    onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    threads = torch.get_num_threads()
-    changed = 0
-    for module in model.modules():
-        if not isinstance(module, Linear) or module.weight is None:
-            continue
-        w = module.weight.data
-        if w.device.type != "cpu" or not w.is_contiguous():
-            continue
-        fp32 = w.dtype == torch.float32
-        owned = shared[id(module.weight)] == 1 and w.untyped_storage().nbytes() == w.nbytes
-        if owned and onednn and ((fp32 and batch_hint > 1) or (w.dtype == torch.bfloat16 and onednn_bf16)):
-            module.pack_for_onednn(batch_hint)
-        elif fp32 and (parts := max(p for p in range(1, threads + 1) if module.out_features % p == 0)) > 1:
-            module.gemv_parts = parts
-        else:
-            continue
-        changed += 1
-    return changed

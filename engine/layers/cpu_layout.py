@@ -1,0 +1,184 @@
+"""The layout of each CPU float linear weight, chosen at load by timing the candidates on this machine.
+
+A decode step multiplies a few rows by every weight, and which way of doing it is fastest depends on the CPU,
+not only on the shape. Measured on 2 cores, fp32, one row: on an AMD EPYC, `split_gemv` (row blocks of the
+weight in one bmm, on all threads) ran 2-3x faster than `F.linear`; on an Intel Xeon with AMX, 2-3x slower,
+and oneDNN's packed fp32 weight lost to `F.linear` too, while at 8 rows it won by 1.5-3x on both for weights
+of a million elements and more. So no fixed rule holds; the engine times them.
+
+Candidates per `Linear` that owns a contiguous CPU weight:
+- "dense": the row-major weight, `F.linear`;
+- "rows": the same weight, one-row inputs as `split_gemv` (fp32, when the rows split over the threads);
+- "packed": oneDNN's packed copy (fp32, and bf16 where the CPU has it), when the module alone owns the weight:
+  a tied LM head or a view into an offload slot keeps its place.
+
+Linears of one shape, dtype and set of candidates form a group and get one layout. Each timing pass runs
+every sampled weight of the model once in one layout, as a decode step does, so weights come from wherever
+a step would find them (cache or DRAM); a group's time is its best pass. The score of a layout sums its times
+at one row and, for an engine that batches, at `batch_hint` rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from engine.layers.linear import Linear
+
+log = logging.getLogger(__name__)
+
+LAYOUTS = ("dense", "rows", "packed")
+SAMPLE_BYTES = 256 * 2**20
+"""Weights timed per layout at most (the packed candidates double it while timing): the whole of a small
+model, the first layers of a large one."""
+PASSES = 5
+
+Timer = Callable[["Group", str, int], float]
+"""(group, layout, rows) → seconds for one pass over the group's sampled weights in that layout."""
+
+
+@dataclass
+class Group:
+    """Linears that share a shape, a dtype and their candidate layouts."""
+
+    shape: tuple[int, int]
+    dtype: torch.dtype
+    layouts: tuple[str, ...]
+    parts: int  # row blocks for "rows"
+    members: list[Linear] = field(default_factory=list)
+    sampled: list[Linear] = field(default_factory=list)
+    trial_packs: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) → its packed weight
+
+    def describe(self) -> str:
+        out, inp = self.shape
+        return f"{len(self.members)}x {out}x{inp} {str(self.dtype).removeprefix('torch.')}"
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has oneDNN's packed linear on x86 (what torch.compile uses on the CPU)."""
+    return torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64") \
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+
+
+def candidate_groups(model: nn.Module) -> list[Group]:
+    """The model's CPU float `Linear`s grouped by shape, dtype and candidate layouts, in model order."""
+    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    onednn = onednn_available()
+    onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    threads = torch.get_num_threads()
+    groups: dict[tuple, Group] = {}
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.weight is None:
+            continue
+        w = module.weight.data
+        if w.device.type != "cpu" or not w.is_contiguous():
+            continue
+        fp32 = w.dtype == torch.float32
+        owned = shared[id(module.weight)] == 1 and w.untyped_storage().nbytes() == w.nbytes
+        parts = max(p for p in range(1, threads + 1) if module.out_features % p == 0) if fp32 else 1
+        layouts = ("dense",) + (("rows",) if parts > 1 else ()) \
+            + (("packed",) if owned and onednn and (fp32 or (w.dtype == torch.bfloat16 and onednn_bf16)) else ())
+        key = (tuple(w.shape), w.dtype, layouts)
+        groups.setdefault(key, Group(tuple(w.shape), w.dtype, layouts, parts)).members.append(module)
+    return list(groups.values())
+
+
+def prefer_cpu_layout(model: nn.Module, batch_hint: int, timer: Timer | None = None) -> dict[str, int]:
+    """Give each CPU float `Linear` of `model` the fastest layout for decode steps of up to `batch_hint` rows
+    on this machine; returns how many linears got each layout. `timer` replaces the real timing (tests)."""
+    groups = [g for g in candidate_groups(model) if len(g.layouts) > 1]
+    chosen: Counter[str] = Counter()
+    if not groups:
+        return dict(chosen)
+    start = time.perf_counter()
+    _sample(groups)
+    rows = (1,) if batch_hint == 1 else (1, batch_hint)
+    try:
+        times = _time_layouts(groups, rows, batch_hint, timer or _time_pass)
+    finally:
+        for g in groups:
+            _set_layout(g.sampled, "dense", g)
+    for g in groups:
+        # "rows" changes one-row inputs only: at more rows it runs as "dense"
+        scores = {lay: sum(times[id(g), "dense" if lay == "rows" and m > 1 else lay, m] for m in rows)
+                  for lay in g.layouts}
+        best = min(scores, key=scores.get)
+        _apply(g, best, batch_hint)
+        chosen[best] += len(g.members)
+        log.debug("cpu layout: %s -> %s (%s per weight)", g.describe(), best, ", ".join(
+            f"{lay} {1e6 * s / len(g.sampled):.0f} us" for lay, s in scores.items()))
+    log.info("cpu layout of the linear weights, timed at %s rows in %.2f s: %s", "/".join(map(str, rows)),
+             time.perf_counter() - start, ", ".join(f"{n} {lay}" for lay, n in sorted(chosen.items())))
+    return dict(chosen)
+
+
+def _sample(groups: list[Group]) -> None:
+    """Pick the weights to time: every group's first, then the rest in model order while SAMPLE_BYTES last."""
+    budget = SAMPLE_BYTES
+    for g in groups:
+        g.sampled = g.members[:1]
+        budget -= g.members[0].weight.nbytes
+    for g in groups:
+        for module in g.members[1:]:
+            if module.weight.nbytes > budget:
+                break
+            g.sampled.append(module)
+            budget -= module.weight.nbytes
+
+
+def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, timer: Timer
+                  ) -> dict[tuple[int, str, int], float]:
+    """Best time of each (group, layout, rows) over PASSES passes, after one warm-up pass."""
+    for g in groups:
+        if "packed" in g.layouts:
+            g.trial_packs = {id(m): torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
+                             for m in g.sampled}
+    best: dict[tuple[int, str, int], float] = defaultdict(lambda: float("inf"))
+    for i in range(PASSES + 1):
+        for layout in LAYOUTS:
+            for m in rows:
+                if layout == "rows" and m > 1:
+                    continue
+                for g in groups:
+                    if layout in g.layouts:
+                        seconds = timer(g, layout, m)
+                        if i:
+                            best[id(g), layout, m] = min(best[id(g), layout, m], seconds)
+    return best
+
+
+@torch.inference_mode()
+def _time_pass(group: Group, layout: str, rows: int) -> float:
+    _set_layout(group.sampled, layout, group)
+    x = torch.randn(rows, group.shape[1], dtype=group.dtype)
+    start = time.perf_counter()
+    for module in group.sampled:
+        module(x)
+    return time.perf_counter() - start
+
+
+def _set_layout(modules: list[Linear], layout: str, group: Group) -> None:
+    """Switch sampled modules between layouts while timing (their dense weight stays)."""
+    for module in modules:
+        module.gemv_parts = group.parts if layout == "rows" else 1
+        module.packed = group.trial_packs.get(id(module)) if layout == "packed" else None
+
+
+def _apply(group: Group, layout: str, batch_hint: int) -> None:
+    packs, group.trial_packs = group.trial_packs, {}
+    for module in group.members:
+        if layout == "rows":
+            module.gemv_parts = group.parts
+        elif layout == "packed":
+            pack = packs.get(id(module))
+            if pack is None:
+                module.pack_for_onednn(batch_hint)
+            else:
+                module.packed, module.weight = pack, None
