@@ -1,7 +1,12 @@
-"""The KV cache: one preallocated tensor pair holding a batch of sequences of different lengths.
+"""The KV cache: a preallocated key and value tensor per layer, each holding a batch of sequences of different
+lengths.
 
 Each running sequence owns one slot (a row of the cache) for its whole life;
-its keys and values for position p live at [layer, slot, :, p]. Slots are
+its keys and values for position p live at k[layer][slot, :, p]. One tensor
+per layer rather than one for all layers: a step compiled by torch.compile
+writes each layer's cache in place only when that cache is a tensor of its
+own (into a view of a bigger one, Inductor copied the whole layer's cache
+twice a step: the 130M LLaMA's compiled decode step took 31 ms instead of 18). Slots are
 handed out lowest-first so a batch tends to occupy a contiguous range, which
 attention reads as a view instead of a gather.
 
@@ -18,23 +23,23 @@ import torch
 
 
 class KVCache:
-    """Keys and values [layers, slots, kv_heads, context, head_dim] plus a slot allocator.
+    """Keys and values, per layer [slots, kv_heads, context, head_dim], plus a slot allocator.
 
-    With `cross_context` > 0, also `cross_k` / `cross_v` [layers, slots, kv_heads, cross_context, head_dim]
+    With `cross_context` > 0, also `cross_k` / `cross_v`, per layer [slots, kv_heads, cross_context, head_dim],
     and `cross_lens`, the encoder length each slot holds (0: none yet).
     """
 
     def __init__(self, num_layers: int, num_slots: int, context: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device, cross_context: int = 0) -> None:
-        shape = (num_layers, num_slots, num_kv_heads, context, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.cross_k: torch.Tensor | None = None
-        self.cross_v: torch.Tensor | None = None
+        def layers(length: int) -> list[torch.Tensor]:
+            shape = (num_slots, num_kv_heads, length, head_dim)
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+        self.k, self.v = layers(context), layers(context)
+        self.cross_k: list[torch.Tensor] | None = None
+        self.cross_v: list[torch.Tensor] | None = None
         if cross_context:
-            cross_shape = (num_layers, num_slots, num_kv_heads, cross_context, head_dim)
-            self.cross_k = torch.zeros(cross_shape, dtype=dtype, device=device)
-            self.cross_v = torch.zeros(cross_shape, dtype=dtype, device=device)
+            self.cross_k, self.cross_v = layers(cross_context), layers(cross_context)
         self.cross_lens = [0] * num_slots
         self.num_slots = num_slots
         self.context = context
@@ -46,8 +51,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        cross = 0 if self.cross_k is None else self.cross_k.nbytes + self.cross_v.nbytes
-        return self.k.nbytes + self.v.nbytes + cross
+        tensors = [*self.k, *self.v, *(self.cross_k or ()), *(self.cross_v or ())]
+        return sum(t.nbytes for t in tensors)
 
     def allocate(self) -> int:
         """Take the lowest free slot; raises RuntimeError when all are taken."""

@@ -85,7 +85,7 @@ class ModelRunner:
         return False
 
     def _decode_logits(self, ids: torch.Tensor, meta: AttentionMetadata,
-                       cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                       cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         return self.model.compute_logits(self.model(ids, meta, cache))
 
     @torch.inference_mode()

@@ -81,8 +81,8 @@ class CausalLM(nn.Module, ABC):
 
     @abstractmethod
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Hidden states [N, hidden] for packed tokens [N]; cache is (k, v) [layers, slots, ...]."""
+                cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        """Hidden states [N, hidden] for packed tokens [N]; cache is (k, v), per layer [slots, ...]."""
 
     @abstractmethod
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

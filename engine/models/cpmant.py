@@ -158,7 +158,7 @@ class CpmAntForCausalLM(CausalLM):
         self.prompt_ids = torch.arange(first, first + self.prompt_length, device=device)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         ids, meta, rows = self.with_prompt_tokens(input_ids, meta)
         segments = self.position_bias.segments(meta.positions)
         x = self.input_embedding(ids) + self.segment_embedding(segments)

@@ -119,7 +119,7 @@ class GPT2LMHeadModel(CausalLM):
         """Learned positions need no tables."""
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         x = self.wte(input_ids) + self.wpe(meta.positions)
         cache_k, cache_v = cache
         for i, block in self.decoder_layers():

@@ -154,7 +154,7 @@ class LlamaForCausalLM(CausalLM):
         self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, context, device, dtype)
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+                cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(meta.positions)
         cache_k, cache_v = cache

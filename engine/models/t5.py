@@ -246,9 +246,9 @@ class T5ForConditionalGeneration(CausalLM):
         """Relative positions need no tables."""
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                cache: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                cache: tuple[list[torch.Tensor], ...]) -> torch.Tensor:
         """Decoder hidden states for the packed decoder tokens, after encoding this step's encoder inputs;
-        cache is (k, v, cross_k, cross_v), each [decoder layers, slots, ...]."""
+        cache is (k, v, cross_k, cross_v), each per decoder layer [slots, ...]."""
         encoder = meta.cross.encoder
         encoded = None if encoder is None else self.encode(encoder)
         bias = self.decoder_attention_bias(meta)
