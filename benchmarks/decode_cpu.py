@@ -5,11 +5,10 @@
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
-bf16, and int8 weights with fp32 or bf16 activations, and at batch 1 also
-fp32 and bf16 with `compile_decode` (which compiles while loading: the
-load_s column). Decode time is the time to produce N tokens minus the time
-to produce 1 (prefill + first token), best of `--repeats`, the
-implementations taking turns. Prints a table; writes
+bf16, and int8 weights with fp32 or bf16 activations, and fp32 and bf16 with
+`compile_decode` (which compiles while loading: the load_s column). Decode
+time is the time to produce N tokens minus the time to produce 1 (prefill +
+first token), best of `--repeats`, the implementations taking turns. Prints a table; writes
 benchmarks/results/decode_cpu.json.
 """
 
@@ -35,7 +34,6 @@ COLUMNS = ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformer
 OURS = (("vramlite fp32", "fp32", None, False), ("vramlite bf16", "bf16", None, False),
         ("vramlite int8 w / fp32 act", "fp32", "int8", False), ("vramlite int8 w / bf16 act", "bf16", "int8", False),
         ("vramlite fp32 compiled", "fp32", None, True), ("vramlite bf16 compiled", "bf16", None, True))
-# compile_decode compiles single-sequence steps only: the compiled rows are measured at batch 1
 
 
 def random_llama_130m(out: Path) -> Path:
@@ -86,8 +84,6 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
     runs: dict[str, Callable[[int], None]] = {"transformers fp32": run_hf}
     ids = prompts.tolist()
     for label, dtype, quantize, compiled in OURS:
-        if compiled and batch > 1:
-            continue
         start = time.perf_counter()
         engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
                                  quantize=quantize, compile_decode=compiled)

@@ -84,9 +84,9 @@ class Engine:
         memory_limit: a device-memory budget in bytes or as "5GiB", "512MiB"
         (default: none); layers that do not fit are streamed from host memory,
         `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
-        the transfer accounting. compile_decode: run the decode steps of a
-        single sequence compiled by torch.compile, compiled here at load (CPU,
-        float models wholly resident; see `ModelRunner`).
+        the transfer accounting. compile_decode: run decode steps compiled by
+        torch.compile, compiled here at load (CPU, float models wholly
+        resident; see `ModelRunner`).
         """
         start = time.perf_counter()
         model_dir = Path(path)

@@ -30,8 +30,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="device memory budget such as 5GiB; layers beyond it are streamed (env VRAMLITE_MEMORY_LIMIT)")
     p.add_argument("--compile-decode", action="store_true",
                    default=os.environ.get("VRAMLITE_COMPILE_DECODE", "").lower() in ("1", "true", "yes", "on"),
-                   help="CPU: run a single sequence's decode steps compiled by torch.compile, compiled at load "
-                   "(tens of seconds; pays on small models) (env VRAMLITE_COMPILE_DECODE)")
+                   help="CPU: run decode steps compiled by torch.compile, compiled at load (tens of seconds; "
+                   "pays most on small models) (env VRAMLITE_COMPILE_DECODE)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -58,9 +58,8 @@ class Settings(BaseModel):
     memory_limit: str | None = Field(None, description="VRAM budget such as 5GiB; layers beyond it are streamed")
     prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
-    compile_decode: bool = Field(False, description="CPU: run a single sequence's decode steps compiled by "
-                                 "torch.compile, compiled at load (on the demo model 1.06-1.4x faster, by CPU; "
-                                 "slower on big ones)")
+    compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
+                                 "compiled at load (the demo model 1.4-1.8x faster on 2 Intel cores)")
     allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
                                        "text as those tokens (default: as plain text)")
     log_prompts: bool = Field(False, description="put prompt and output text in the request log lines")

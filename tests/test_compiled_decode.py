@@ -83,12 +83,27 @@ def test_each_cpu_layout_compiles(runners, model_dir, monkeypatch, layout):
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [
     {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]},  # different lengths: a length mask
-    {0: PROMPTS[1], 2: PROMPTS[2]},  # slots 0 and 2: gathered, not a view
+    {0: PROMPTS[1], 2: PROMPTS[1]},  # slots 0 and 2, equal lengths: gathered, not a view, and no mask
 ], ids=["lengths", "gathered-slots"])
-def test_batches_decode_eagerly_beside_compiled_steps(runners, batch):
+def test_batches_decode_compiled_in_the_graphs_compiled_at_load(runners, batch):
     eager, compiled = runners
+    graphs = counters["stats"]["unique_graphs"]
     for got, want in zip(decode(compiled, batch, 4), decode(eager, batch, 4), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled._decode_step is not None
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+@pytest.mark.slow
+def test_prefill_beside_decode_runs_eagerly(runners):
+    """A step that mixes a prefill with decode tokens is not compiled; the results still match."""
+    eager, compiled = runners
+    graphs = counters["stats"]["unique_graphs"]
+    for runner in (eager, compiled):
+        runner.forward([Chunk(0, PROMPTS[0], 0)])
+    mixed = [Chunk(0, [3], len(PROMPTS[0])), Chunk(1, PROMPTS[1], 0)]
+    torch.testing.assert_close(compiled.forward(mixed), eager.forward(mixed), atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):

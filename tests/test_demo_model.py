@@ -109,7 +109,7 @@ def test_cli_generate_compiled_prints_the_same(capsys, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="engine.runner"):
         assert cli_main(args) == 0
     assert capsys.readouterr().out == eager
-    assert "compiled the decode step in" in caplog.text
+    assert "compiled the decode steps in" in caplog.text
 
 
 def test_cli_reports_bad_model_dir(tmp_path, capsys):
