@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import Sequence
@@ -51,7 +52,9 @@ class ModelRunner:
                 # static: else a cache dimension equal to the warm-up batch size (2 KV heads) would be
                 # unified with it, and every other batch size would compile a graph of its own
                 torch._dynamo.mark_static(t)
-            self._decode_step = torch.compile(self._decode_logits, dynamic=True)
+            # isolated: every runner compiles the same function, and Dynamo counts the graphs of a function
+            # together; past its limit (8), a third engine that batches in one process would run eagerly
+            self._decode_step = torch.compile(self._decode_logits, dynamic=True, isolate_recompiles=True)
             self._compile_now()
 
     def _compile_now(self) -> None:
@@ -87,6 +90,8 @@ class ModelRunner:
             reason = "encoder-decoder models decode eagerly"
         elif self.model.config.quantization:
             reason = "Inductor cannot lower torch's int8 CPU matmul (torch 2.13)"
+        elif "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+            reason = f"torch {torch.__version__} cannot keep each engine's graphs apart (isolate_recompiles: 2.13)"
         else:
             log.info("compiled decode: compiling the decode steps (tens of seconds)")
             return True
