@@ -59,8 +59,8 @@ class ModelRunner:
 
     def _compile_now(self) -> None:
         """Run decode steps in slots 0 and 1 so that they compile at load, not in a user's first request: one
-        sequence, and for an engine that batches, two of equal and of different lengths (three graphs; any
-        batch size reuses them). The slots' cache is overwritten by the next prefill there."""
+        sequence, and for an engine that batches, two (two graphs; any batch size reuses the second). The
+        slots' cache is overwritten by the next prefill there."""
         if self.context < 3:
             return
         start = time.perf_counter()
@@ -68,7 +68,6 @@ class ModelRunner:
         self.forward([Chunk(0, [0, 0], 0), *([Chunk(1, [0, 0], 0)] if batched else [])])
         self.forward([Chunk(0, [0], 2)])
         if batched:
-            self.forward([Chunk(0, [0], 2), Chunk(1, [0], 2)])
             self.forward([Chunk(0, [0], 2), Chunk(1, [0], 1)])
         if self._decode_step is not None:
             log.info("compiled the decode steps in %.1f s", time.perf_counter() - start)
@@ -110,6 +109,9 @@ class ModelRunner:
         if self._decode_step is not None and not meta.prefills:
             # slots as a tensor, not a slice: a slice's start would be compiled in (slots 0 and 1 apart)
             meta.decode_slots = meta.write_slots
+            if meta.num_decode > 1 and meta.decode_mask is None:  # one graph for batches, lengths equal or not
+                meta.decode_mask = torch.ones(meta.num_decode, 1, 1, meta.decode_kv_len, dtype=torch.bool,
+                                              device=self.device)
             try:
                 logits = self._decode_step(ids, meta, (self.cache.k, self.cache.v))
             except Exception:  # a compiler that fails here must not take the server down: go on eagerly
