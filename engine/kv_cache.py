@@ -2,13 +2,14 @@
 lengths.
 
 Each running sequence owns one slot (a row of the cache) for its whole life;
-its keys and values for position p live at k[layer][slot, :, p]. One tensor
-per layer rather than one for all layers: a step compiled by torch.compile
-writes each layer's cache in place only when that cache is a tensor of its
-own (into a view of a bigger one, Inductor copied the whole layer's cache
-twice a step: the 130M LLaMA's compiled decode step took 31 ms instead of 18). Slots are
+its keys and values for position p live at k[layer][slot, :, p]. Slots are
 handed out lowest-first so a batch tends to occupy a contiguous range, which
 attention reads as a view instead of a gather.
+
+One tensor per layer rather than one for all layers: a step compiled by
+torch.compile writes a layer's cache in place only when it is a tensor of its
+own (into a view of a bigger one, Inductor copied the layer's whole cache
+twice a step: a 130M LLaMA's compiled decode step took 31 ms instead of 18).
 
 An encoder-decoder model also keeps a cross cache: each decoder layer's keys
 and values of the slot's encoder output, written once when the sequence's
