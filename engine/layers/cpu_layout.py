@@ -104,7 +104,7 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, timer: Timer | None = N
         times = _time_layouts(groups, rows, batch_hint, timer or _time_pass)
     finally:
         for g in groups:
-            _set_layout(g.sampled, "dense", g)
+            _set_layout(g, "dense")
     for g in groups:
         # "rows" changes one-row inputs only: at more rows it runs as "dense"
         scores = {lay: sum(times[id(g), "dense" if lay == "rows" and m > 1 else lay, m] for m in rows)
@@ -120,7 +120,7 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, timer: Timer | None = N
 
 
 def _sample(groups: list[Group]) -> None:
-    """Pick the weights to time: every group's first, then the rest in model order while SAMPLE_BYTES last."""
+    """Pick the weights to time: every group's first, then more of each group in turn while SAMPLE_BYTES last."""
     budget = SAMPLE_BYTES
     for g in groups:
         g.sampled = g.members[:1]
@@ -156,17 +156,17 @@ def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, t
 
 @torch.inference_mode()
 def _time_pass(group: Group, layout: str, rows: int) -> float:
-    _set_layout(group.sampled, layout, group)
-    x = torch.randn(rows, group.shape[1], dtype=group.dtype)
+    _set_layout(group, layout)
+    x = torch.ones(rows, group.shape[1], dtype=group.dtype)  # not random: loading leaves torch's RNG alone
     start = time.perf_counter()
     for module in group.sampled:
         module(x)
     return time.perf_counter() - start
 
 
-def _set_layout(modules: list[Linear], layout: str, group: Group) -> None:
-    """Switch sampled modules between layouts while timing (their dense weight stays)."""
-    for module in modules:
+def _set_layout(group: Group, layout: str) -> None:
+    """Switch the sampled modules between layouts while timing (their dense weight stays)."""
+    for module in group.sampled:
         module.gemv_parts = group.parts if layout == "rows" else 1
         module.packed = group.trial_packs.get(id(module)) if layout == "packed" else None
 
