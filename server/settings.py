@@ -59,7 +59,7 @@ class Settings(BaseModel):
     prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
-                                 "compiled at load (the demo model 1.6x faster on 2 Intel cores)")
+                                 "compiled at load (the demo model 1.3-1.6x faster on 2 Intel cores)")
     allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
                                        "text as those tokens (default: as plain text)")
     log_prompts: bool = Field(False, description="put prompt and output text in the request log lines")
