@@ -73,7 +73,7 @@ class Engine:
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
                  max_tokens_per_step: int = 512, quantize: str | None = None,
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
-                 compile_decode: bool = False) -> Engine:
+                 compile_decode: bool = False, cpu_layout: str = "auto") -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -86,7 +86,9 @@ class Engine:
         `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
         the transfer accounting. compile_decode: run decode steps compiled by
         torch.compile, compiled here at load (CPU, float models wholly
-        resident; see `ModelRunner`).
+        resident; see `ModelRunner`). cpu_layout: how CPU float linear weights
+        are laid out, "auto" (timed at load: the fastest here) or "dense",
+        "rows", "packed" (see `engine.layers.cpu_layout`).
         """
         start = time.perf_counter()
         model_dir = Path(path)
@@ -99,7 +101,7 @@ class Engine:
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
                                         max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second)
-            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode)
+            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode, cpu_layout)
         except torch.cuda.OutOfMemoryError as e:
             limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
             raise LoadOutOfMemoryError(model_dir, e, free, total, limit) from None

@@ -37,7 +37,7 @@ class ModelRunner:
     """Runs one forward pass over a packed batch of chunks (decode tokens and prefill pieces mixed)."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, num_slots: int,
-                 context: int, compile_decode: bool = False) -> None:
+                 context: int, compile_decode: bool = False, cpu_layout: str = "auto") -> None:
         cfg = model.config
         self.model = model
         self.device = device
@@ -45,7 +45,7 @@ class ModelRunner:
         self.context = context
         self.cache = KVCache(cfg.num_layers, num_slots, context + cfg.cache_prefix, cfg.num_kv_heads, cfg.head_dim,
                              dtype, device, cross_context=context if cfg.is_encoder_decoder else 0)
-        prefer_cpu_layout(model, batch_hint=num_slots)
+        prefer_cpu_layout(model, batch_hint=num_slots, layout=cpu_layout)
         self._decode_step = None
         if compile_decode and self._compilable():
             for t in (*self.cache.k, *self.cache.v):

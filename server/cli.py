@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from engine import Engine
 from engine.errors import ModelLoadError, PromptTooLongError
@@ -32,6 +33,16 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    default=os.environ.get("VRAMLITE_COMPILE_DECODE", "").lower() in ("1", "true", "yes", "on"),
                    help="CPU: run decode steps compiled by torch.compile, compiled at load (tens of seconds; "
                    "pays most on small models) (env VRAMLITE_COMPILE_DECODE)")
+    p.add_argument("--cpu-layout", default=os.environ.get("VRAMLITE_CPU_LAYOUT", "auto"),
+                   choices=["auto", "dense", "rows", "packed"],
+                   help="CPU: layout of float linear weights; auto: the fastest, timed at load; a name: that layout "
+                   "wherever it applies, the same on every load (env VRAMLITE_CPU_LAYOUT)")
+
+
+def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `Engine.from_dir` arguments of the flags `add_model_args` adds (all but --model)."""
+    return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize, "memory_limit": args.memory_limit,
+            "compile_decode": args.compile_decode, "cpu_layout": args.cpu_layout}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -52,9 +63,7 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_pen
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
-                             max_batch_size=1, quantize=args.quantize, memory_limit=args.memory_limit,
-                             compile_decode=args.compile_decode)
+    engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=1, **model_kwargs(args))
     params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
     out = sys.stdout
     out.write(args.prompt)
@@ -71,9 +80,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_fill_blank(args: argparse.Namespace) -> int:
     from engine.fill_blank import fill_blank
 
-    engine = Engine.from_dir(args.model or demo_models.path(demo_models.FILL_BLANK), device=args.device,
-                             dtype=args.dtype, max_batch_size=1, quantize=args.quantize,
-                             memory_limit=args.memory_limit, compile_decode=args.compile_decode)
+    engine = Engine.from_dir(args.model or demo_models.path(demo_models.FILL_BLANK), max_batch_size=1,
+                             **model_kwargs(args))
     result = fill_blank(engine, args.prompt, **{f: getattr(args, f) for f in SAMPLING_FIELDS})
     if args.json:
         print(json.dumps({"blanks": [dataclasses.asdict(b) for b in result.blanks], "text": result.text},
@@ -89,9 +97,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from engine.bench import bench, hardware
 
     context = args.prompt_len + args.tokens
-    engine = Engine.from_dir(args.model or demo_models.path(), device=args.device, dtype=args.dtype,
-                             max_batch_size=max(args.batch), context=context, quantize=args.quantize,
-                             memory_limit=args.memory_limit, compile_decode=args.compile_decode)
+    engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=max(args.batch), context=context,
+                             **model_kwargs(args))
     bench(engine, 1, min(args.prompt_len, 8), 3)  # warm-up: first calls allocate and pick kernels
     results = [bench(engine, b, args.prompt_len, args.tokens) for b in args.batch]
     weights = engine.config.quantization or str(engine.dtype).removeprefix("torch.")

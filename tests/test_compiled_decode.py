@@ -9,8 +9,6 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
-from engine import runner as runner_module
-from engine.layers.cpu_layout import prefer_cpu_layout
 from engine.loader import load_model
 from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
@@ -39,12 +37,13 @@ def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
     return make_runner(model_dir, False), make_runner(model_dir, True)
 
 
-def make_runner(model_dir, compile_decode: bool, slots: int = 3) -> ModelRunner:
+def make_runner(model_dir, compile_decode: bool, slots: int = 3, cpu_layout: str = "auto") -> ModelRunner:
     """A runner of its own load of the model; compiled, it must have compiled graphs of its own (two when it
     batches), however many runners this process compiled before."""
     graphs = counters["stats"]["unique_graphs"]
     model, context = load_model(model_dir, CPU, torch.float32)
-    runner = ModelRunner(model, CPU, torch.float32, slots, context, compile_decode=compile_decode)
+    runner = ModelRunner(model, CPU, torch.float32, slots, context, compile_decode=compile_decode,
+                         cpu_layout=cpu_layout)
     if compile_decode:
         assert counters["stats"]["unique_graphs"] == graphs + (2 if slots > 1 else 1)
     return runner
@@ -73,14 +72,11 @@ def test_single_sequence_decode_compiled_matches_eager(runners):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["dense", "rows", "packed"])
-def test_each_cpu_layout_compiles(runners, model_dir, monkeypatch, layout):
-    """Whichever layout the linears get (chosen by timing, so it depends on the machine): plain weights,
-    row blocks (`split_gemv`) or oneDNN's packed weights (a custom op in the graph) compile to eager's logits."""
+def test_each_cpu_layout_compiles(runners, model_dir, layout):
+    """Whichever layout the linears get (by timing, it depends on the machine): plain weights, row blocks
+    (`split_gemv`) or oneDNN's packed weights (a custom op in the graph) compile to eager's logits."""
     eager, _ = runners
-    order = (layout, *(other for other in ("dense", "rows", "packed") if other != layout))
-    monkeypatch.setattr(runner_module, "prefer_cpu_layout", lambda model, batch_hint: prefer_cpu_layout(
-        model, batch_hint, timer=lambda group, lay, rows: float(order.index(lay))))
-    compiled = make_runner(model_dir, True, slots=1)
+    compiled = make_runner(model_dir, True, slots=1, cpu_layout=layout)
     for got, want in zip(decode(compiled, {0: PROMPTS[2]}, 4), decode(eager, {0: PROMPTS[2]}, 4), strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert compiled._decode_step is not None

@@ -114,6 +114,29 @@ def test_rows_count_as_dense_beyond_one_row(batch_hint: int, want: str) -> None:
     assert (layer.packed is not None) == (want == "packed") and layer.gemv_parts == (2 if want == "rows" else 1)
 
 
+@pytest.mark.parametrize("layout", ["dense", "rows", "packed"])
+def test_a_layout_asked_for_goes_wherever_it_applies_untimed(onednn: bool, layout: str) -> None:
+    def timer(group: Group, lay: str, rows: int) -> float:
+        raise AssertionError("a layout asked for is not timed")
+
+    model = Tiny()
+    chosen = prefer_cpu_layout(model, batch_hint=4, layout=layout, timer=timer)
+    can = {"dense": [], "rows": ["wide", "tall", "head", "streamed"],
+           "packed": ["wide", "tall", "odd"] if onednn else []}[layout]
+    for name in ("wide", "tall", "head", "streamed", "odd"):
+        layer = getattr(model, name)
+        assert (layer.packed is not None) == (layout == "packed" and name in can)
+        assert layer.gemv_parts == (2 if layout == "rows" and name in can else 1)
+    assert sum(chosen.values()) == (5 if onednn else 4)  # odd has no other layout without oneDNN
+    if layout != "dense":
+        assert chosen.get(layout, 0) == len(can)
+
+
+def test_unknown_layout_is_refused() -> None:
+    with pytest.raises(ValueError, match="'sparse' is not one of auto, dense, rows, packed"):
+        prefer_cpu_layout(Tiny(), batch_hint=1, layout="sparse")
+
+
 def test_groups_by_shape_dtype_and_candidates(onednn: bool) -> None:
     model = Tiny()
     groups = {(g.shape, g.layouts): len(g.members) for g in candidate_groups(model)}

@@ -102,14 +102,18 @@ def test_cli_generate_prints_poetry(capsys):
 
 @pytest.mark.slow
 def test_cli_generate_compiled_prints_the_same(capsys, caplog, monkeypatch):
+    """Both loads with the layout pinned (untimed, so the same layout twice), through the flags' env variables."""
+    monkeypatch.setenv("VRAMLITE_CPU_LAYOUT", "rows")
     args = ["generate", "--temperature", "0", "--max-tokens", "24", "床前明月光，"]
-    assert cli_main(args) == 0
+    with caplog.at_level(logging.INFO):
+        assert cli_main(args) == 0
     eager = capsys.readouterr().out
-    monkeypatch.setenv("VRAMLITE_COMPILE_DECODE", "1")  # the flag's environment variable
-    with caplog.at_level(logging.INFO, logger="engine.runner"):
+    monkeypatch.setenv("VRAMLITE_COMPILE_DECODE", "1")
+    with caplog.at_level(logging.INFO):
         assert cli_main(args) == 0
     assert capsys.readouterr().out == eager
     assert "compiled the decode steps in" in caplog.text
+    assert caplog.text.count("cpu layout of the linear weights, as asked (rows): 25 rows") == 2
 
 
 def test_cli_reports_bad_model_dir(tmp_path, capsys):

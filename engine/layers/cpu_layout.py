@@ -35,6 +35,9 @@ from engine.layers.linear import Linear
 log = logging.getLogger(__name__)
 
 LAYOUTS = ("dense", "rows", "packed")
+CHOICES = ("auto", *LAYOUTS)
+"""What a user may ask for: "auto" times the candidates; a layout name gives every linear that layout where it
+is a candidate, else "dense", untimed (the same layout on every load)."""
 SAMPLE_BYTES = 256 * 2**20
 """Weights timed per layout at most (the packed candidates double it while timing): the whole of a small
 model, the first layers of a large one."""
@@ -90,12 +93,23 @@ def candidate_groups(model: nn.Module) -> list[Group]:
     return list(groups.values())
 
 
-def prefer_cpu_layout(model: nn.Module, batch_hint: int, timer: Timer | None = None) -> dict[str, int]:
+def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", timer: Timer | None = None
+                      ) -> dict[str, int]:
     """Give each CPU float `Linear` of `model` the fastest layout for decode steps of up to `batch_hint` rows
-    on this machine; returns how many linears got each layout. `timer` replaces the real timing (tests)."""
+    on this machine, or the `layout` asked for (see CHOICES); returns how many linears got each layout.
+    `timer` replaces the real timing (tests)."""
+    if layout not in CHOICES:
+        raise ValueError(f"cpu layout {layout!r} is not one of {', '.join(CHOICES)}")
     groups = [g for g in candidate_groups(model) if len(g.layouts) > 1]
     chosen: Counter[str] = Counter()
     if not groups:
+        return dict(chosen)
+    if layout != "auto":
+        for g in groups:
+            given = layout if layout in g.layouts else "dense"
+            _apply(g, given, batch_hint)
+            chosen[given] += len(g.members)
+        log.info("cpu layout of the linear weights, as asked (%s): %s", layout, _counts(chosen))
         return dict(chosen)
     start = time.perf_counter()
     _sample(groups)
@@ -115,8 +129,12 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, timer: Timer | None = N
         log.debug("cpu layout: %s -> %s (%s per weight)", g.describe(), best, ", ".join(
             f"{lay} {1e6 * s / len(g.sampled):.0f} us" for lay, s in scores.items()))
     log.info("cpu layout of the linear weights, timed at %s rows in %.2f s: %s", "/".join(map(str, rows)),
-             time.perf_counter() - start, ", ".join(f"{n} {lay}" for lay, n in sorted(chosen.items())))
+             time.perf_counter() - start, _counts(chosen))
     return dict(chosen)
+
+
+def _counts(chosen: Counter[str]) -> str:
+    return ", ".join(f"{n} {lay}" for lay, n in sorted(chosen.items()))
 
 
 def _sample(groups: list[Group]) -> None:
