@@ -5,7 +5,7 @@
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
-bf16, and int8 weights with fp32 or bf16 activations, and fp32 and bf16 with
+bf16, and int8 weights with fp32 or bf16 activations, and fp32, bf16 and int8 with
 `compile_decode` (which compiles while loading: the load_s column). Decode
 time is the time to produce N tokens minus the time to produce 1 (prefill +
 first token), best of `--repeats`, the implementations taking turns. Prints a table; writes
@@ -33,7 +33,8 @@ PROMPT_LEN = 16
 COLUMNS = ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32", "load_s"]
 OURS = (("vramlite fp32", "fp32", None, False), ("vramlite bf16", "bf16", None, False),
         ("vramlite int8 w / fp32 act", "fp32", "int8", False), ("vramlite int8 w / bf16 act", "bf16", "int8", False),
-        ("vramlite fp32 compiled", "fp32", None, True), ("vramlite bf16 compiled", "bf16", None, True))
+        ("vramlite fp32 compiled", "fp32", None, True), ("vramlite bf16 compiled", "bf16", None, True),
+        ("vramlite int8 w / fp32 act compiled", "fp32", "int8", True))
 
 
 def random_llama_130m(out: Path) -> Path:

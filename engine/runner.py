@@ -87,8 +87,6 @@ class ModelRunner:
             reason = "layers are streamed under a memory limit"
         elif self.cache.cross_k is not None:
             reason = "encoder-decoder models decode eagerly"
-        elif self.model.config.quantization:
-            reason = "Inductor cannot lower torch's int8 CPU matmul (torch 2.13)"
         elif "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
             reason = f"torch {torch.__version__} cannot keep each engine's graphs apart (isolate_recompiles: 2.13)"
         else:

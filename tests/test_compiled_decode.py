@@ -37,11 +37,12 @@ def runners(model_dir) -> tuple[ModelRunner, ModelRunner]:
     return make_runner(model_dir, False), make_runner(model_dir, True)
 
 
-def make_runner(model_dir, compile_decode: bool, slots: int = 3, cpu_layout: str = "auto") -> ModelRunner:
+def make_runner(model_dir, compile_decode: bool, slots: int = 3, cpu_layout: str = "auto",
+                quantize: str | None = None) -> ModelRunner:
     """A runner of its own load of the model; compiled, it must have compiled graphs of its own (two when it
     batches), however many runners this process compiled before."""
     graphs = counters["stats"]["unique_graphs"]
-    model, context = load_model(model_dir, CPU, torch.float32)
+    model, context = load_model(model_dir, CPU, torch.float32, quantize=quantize)
     runner = ModelRunner(model, CPU, torch.float32, slots, context, compile_decode=compile_decode,
                          cpu_layout=cpu_layout)
     if compile_decode:
@@ -123,13 +124,21 @@ def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("load, reason", [
-    ({"memory_limit": "1GiB"}, "layers are streamed under a memory limit"),
-    ({"quantize": "int8"}, "Inductor cannot lower torch's int8 CPU matmul"),
-], ids=["streamed", "int8"])
-def test_compiling_is_refused_with_the_reason(model_dir, caplog, load, reason):
-    model, context = load_model(model_dir, CPU, torch.float32, **load)
+@pytest.mark.slow
+def test_int8_weights_compile_to_eager_logits(model_dir):
+    """int8 linears reach the graph as one custom op (`vramlite::int8_linear`). Activations are rounded to bf16
+    for torch's int8 kernel, so a last-bit difference in a fused op can move one by a bf16 step (seen on a
+    130M LLaMA: logits up to 0.016 apart): hence the tolerance."""
+    eager, compiled = (make_runner(model_dir, c, quantize="int8") for c in (False, True))
+    batch = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]}
+    for prompts in ({1: PROMPTS[2]}, batch):
+        for got, want in zip(decode(compiled, prompts, 4), decode(eager, prompts, 4), strict=True):
+            torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+
+
+def test_streamed_layers_are_not_compiled(model_dir, caplog):
+    model, context = load_model(model_dir, CPU, torch.float32, memory_limit="1GiB")
     with caplog.at_level(logging.WARNING, logger="engine.runner"):
         runner = ModelRunner(model, CPU, torch.float32, 1, context, compile_decode=True)
     assert runner._decode_step is None
-    assert f"compiled decode is off: {reason}" in caplog.text
+    assert "compiled decode is off: layers are streamed under a memory limit" in caplog.text

@@ -25,6 +25,8 @@ class QuantizedLinear(nn.Module):
         self.scale = scale.float().contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return int8_linear_op(x, self.qweight, self.scale, self.bias)
         return int8_linear(x, self.qweight, self.scale, self.bias)
 
     def extra_repr(self) -> str:
@@ -72,6 +74,19 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 @onednn_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
+
+
+@torch.library.custom_op("vramlite::int8_linear", mutates_args=())
+def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """`kernels.int8_linear` as an op torch.compile calls as it is (Inductor cannot lower torch's int8 CPU
+    matmul)."""
+    return int8_linear(x, qweight, scale, bias)
+
+
+@int8_linear_op.register_fake
+def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
