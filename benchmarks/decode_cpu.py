@@ -5,11 +5,11 @@
 Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 768, 12 layers, vocab 32000) written to a temporary directory. For each,
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
-bf16, and int8 weights with fp32 or bf16 activations, and fp32, bf16 and int8 with
-`compile_decode` (which compiles while loading: the load_s column). Decode
-time is the time to produce N tokens minus the time to produce 1 (prefill +
-first token), best of `--repeats`, the implementations taking turns. Prints a table; writes
-benchmarks/results/decode_cpu.json.
+bf16, and int8 weights with fp32 or bf16 activations, and fp32, bf16 and
+int8 with `compile_decode` (which compiles while loading: the load_s
+column). Decode time is the time to produce N tokens minus the time to
+produce 1 (prefill + first token), best of `--repeats`, the implementations
+taking turns. Prints a table; writes benchmarks/results/decode_cpu.json.
 """
 
 from __future__ import annotations

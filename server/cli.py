@@ -13,6 +13,7 @@ from typing import Any
 
 from engine import Engine
 from engine.errors import ModelLoadError, PromptTooLongError
+from engine.layers.cpu_layout import CHOICES as CPU_LAYOUTS
 from server.settings import DEFAULT_PROFILE, Settings, load_settings
 from vramlite import __version__
 from vramlite import models as demo_models
@@ -34,7 +35,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="CPU: run decode steps compiled by torch.compile, compiled at load (tens of seconds; "
                    "pays most on small models) (env VRAMLITE_COMPILE_DECODE)")
     p.add_argument("--cpu-layout", default=os.environ.get("VRAMLITE_CPU_LAYOUT", "auto"),
-                   choices=["auto", "dense", "rows", "packed"],
+                   choices=CPU_LAYOUTS,
                    help="CPU: layout of float linear weights; auto: the fastest, timed at load; a name: that layout "
                    "wherever it applies, the same on every load (env VRAMLITE_CPU_LAYOUT)")
 

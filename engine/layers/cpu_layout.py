@@ -120,9 +120,7 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", t
         for g in groups:
             _set_layout(g, "dense")
     for g in groups:
-        # "rows" changes one-row inputs only: at more rows it runs as "dense"
-        scores = {lay: sum(times[id(g), "dense" if lay == "rows" and m > 1 else lay, m] for m in rows)
-                  for lay in g.layouts}
+        scores = {lay: sum(times[id(g), _runs_as(lay, m), m] for m in rows) for lay in g.layouts}
         best = min(scores, key=scores.get)
         _apply(g, best, batch_hint)
         chosen[best] += len(g.members)
@@ -131,6 +129,11 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", t
     log.info("cpu layout of the linear weights, timed at %s rows in %.2f s: %s", "/".join(map(str, rows)),
              time.perf_counter() - start, _counts(chosen))
     return dict(chosen)
+
+
+def _runs_as(layout: str, rows: int) -> str:
+    """The layout that multiplies `rows` rows: "rows" changes one-row inputs only, more run as "dense"."""
+    return "dense" if layout == "rows" and rows > 1 else layout
 
 
 def _counts(chosen: Counter[str]) -> str:
@@ -162,7 +165,7 @@ def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, t
     for i in range(PASSES + 1):
         for layout in LAYOUTS:
             for m in rows:
-                if layout == "rows" and m > 1:
+                if _runs_as(layout, m) != layout:
                     continue
                 for g in groups:
                     if layout in g.layouts:
