@@ -45,9 +45,10 @@ class ModelRunner:
         self.context = context
         self.cache = KVCache(cfg.num_layers, num_slots, context + cfg.cache_prefix, cfg.num_kv_heads, cfg.head_dim,
                              dtype, device, cross_context=context if cfg.is_encoder_decoder else 0)
-        prefer_cpu_layout(model, batch_hint=num_slots, layout=cpu_layout)
+        compiled = compile_decode and self._compilable()
+        prefer_cpu_layout(model, batch_hint=num_slots, layout=cpu_layout, dtype=dtype, compiled=compiled)
         self._decode_step = None
-        if compile_decode and self._compilable():
+        if compiled:
             for t in (*self.cache.k, *self.cache.v):
                 # static: else a cache dimension equal to the warm-up batch size (2 KV heads) would be
                 # unified with it, and every other batch size would compile a graph of its own

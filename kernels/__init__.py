@@ -19,6 +19,7 @@ from .dispatch import (
     w8a16_linear,
 )
 from .quant import dequantize_weight, quantize_weight
+from .w8a8 import w8a8_linear_with
 
 __all__ = [
     "W8A16_MAX_M",
@@ -29,5 +30,6 @@ __all__ = [
     "quantize_activation_per_token",
     "quantize_weight",
     "w8a8_linear",
+    "w8a8_linear_with",
     "w8a16_linear",
 ]

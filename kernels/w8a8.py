@@ -13,6 +13,8 @@ How the int8 tiles are multiplied (`DOT`):
   run inline PTX. It is what tests the packing on CPU.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -183,10 +185,20 @@ def w8a8_linear_ref(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Torch reference of `w8a8_linear_triton` for x [..., K], same quantization and epilogue order."""
+    return w8a8_linear_with(lambda xq: _int8_matmul_ref(xq, qweight), x, scale, bias)
+
+
+def w8a8_linear_with(
+    int8_matmul: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`w8a8_linear_ref` with another product of the weight: `int8_matmul` maps x's codes [M, K] (int8) to the
+    exact sums [M, N] (int32, or fp32 as `_int8_matmul_ref` gives them); quantization and epilogue are the
+    reference's."""
     xq, xs = quantize_activation_per_token_ref(x)
     k = x.shape[-1]
-    acc = _int8_matmul_ref(xq.reshape(-1, k), qweight).float()
+    acc = int8_matmul(xq.reshape(-1, k)).float()
     y = acc * xs.reshape(-1, 1) * scale
     if bias is not None:
         y = y + bias.float()
-    return y.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+    return y.to(x.dtype).reshape(*x.shape[:-1], acc.shape[-1])

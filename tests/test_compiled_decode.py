@@ -9,6 +9,7 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
+from engine.layers.cpu_layout import onednn_int8_available
 from engine.loader import load_model
 from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
@@ -125,11 +126,14 @@ def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
 
 
 @pytest.mark.slow
-def test_int8_weights_compile_to_eager_logits(model_dir):
-    """int8 linears reach the graph as one custom op (`vramlite::int8_linear`). Activations are rounded to bf16
-    for torch's int8 kernel, so a last-bit difference in a fused op can move one by a bf16 step (seen on a
-    130M LLaMA: logits up to 0.016 apart): hence the tolerance."""
-    eager, compiled = (make_runner(model_dir, c, quantize="int8") for c in (False, True))
+@pytest.mark.parametrize("layout", ["dense", pytest.param("packed", marks=pytest.mark.skipif(
+    not onednn_int8_available(), reason="no exact oneDNN int8 linear on this CPU"))])
+def test_int8_weights_compile_to_eager_logits(model_dir, layout):
+    """int8 linears reach the graph as one custom op: `vramlite::int8_linear` (dense), or oneDNN's int8 product
+    (`vramlite::onednn_int8_matmul`, packed) after the per-token quantization of x, which Inductor fuses.
+    Activations are rounded to bf16 for torch's int8 kernel, or to int8 codes, so a last-bit difference in a
+    fused op can move one by a step (seen on a 130M LLaMA: logits up to 0.016 apart): hence the tolerance."""
+    eager, compiled = (make_runner(model_dir, c, cpu_layout=layout, quantize="int8") for c in (False, True))
     batch = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]}
     for prompts in ({1: PROMPTS[2]}, batch):
         for got, want in zip(decode(compiled, prompts, 4), decode(eager, prompts, 4), strict=True):

@@ -1,5 +1,6 @@
 """prefer_cpu_layout: CPU float linears kept dense, multiplied a row at a time in row blocks (split_gemv) or
-packed for oneDNN, whichever timed fastest, compute what they did; the choice follows the timings."""
+packed for oneDNN, whichever timed fastest, compute what they did; int8 linears packed for oneDNN compute
+kernels' W8A8 reference exactly; the choice follows the timings."""
 
 from collections.abc import Iterator
 
@@ -9,8 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.layers import cpu_layout
-from engine.layers.cpu_layout import Group, candidate_groups, onednn_available, prefer_cpu_layout
-from engine.layers.linear import Linear, make_linear, split_gemv
+from engine.layers.cpu_layout import (
+    Group,
+    candidate_groups,
+    onednn_available,
+    onednn_int8_available,
+    prefer_cpu_layout,
+)
+from engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
+from kernels import quantize_weight
+from kernels.w8a8 import w8a8_linear_ref
+from kernels.w8a16 import w8a16_linear_ref
 
 ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN packed linear")),
           False]
@@ -165,7 +175,7 @@ def test_packed_linear_takes_any_leading_dims_and_keeps_its_bias() -> None:
     torch.manual_seed(1)
     layer = Linear(16, 40)
     w, b = layer.weight.detach().clone(), layer.bias.detach().clone()
-    layer.pack_for_onednn(batch_hint=1)
+    layer.use_packed(layer.onednn_pack(batch_hint=1))
     x = torch.randn(2, 3, 16)
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
@@ -176,3 +186,77 @@ def test_split_gemv_is_f_linear(parts: int) -> None:
     x, w, b = torch.randn(1, 40), torch.randn(24, 40), torch.randn(24)
     torch.testing.assert_close(split_gemv(x, w, b, parts), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split_gemv(x, w, None, parts), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+ONEDNN_INT8 = pytest.mark.skipif(not onednn_int8_available(), reason="no exact oneDNN int8 linear on this CPU")
+
+
+def int8_linear(in_features: int, out_features: int, bias: bool) -> QuantizedLinear:
+    layer = make_linear(in_features, out_features, bias, "int8")
+    layer.set_weight(*quantize_weight(torch.randn(out_features, in_features)))
+    if bias:
+        layer.bias.data.normal_()
+    return layer
+
+
+class TinyInt8(nn.Module):
+    """Two int8 linears of one shape, one of another, and a float one beside them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.up = nn.ModuleList(int8_linear(32, 80, False) for _ in range(2))
+        self.down = int8_linear(80, 32, True)
+        self.head = make_linear(32, 50, False, None)
+
+
+@pytest.mark.parametrize("available", [True, False])
+def test_int8_linears_group_apart_from_float_ones(monkeypatch: pytest.MonkeyPatch, available: bool) -> None:
+    monkeypatch.setattr(cpu_layout, "onednn_int8_available", lambda: available)
+    groups = {(g.shape, g.dtype, g.x_dtype, g.layouts): len(g.members)
+              for g in candidate_groups(TinyInt8(), torch.bfloat16)}
+    packed = ("packed",) if available else ()
+    assert {k: n for k, n in groups.items() if k[1] == torch.int8} == {
+        ((80, 32), torch.int8, torch.bfloat16, ("dense", *packed)): 2,
+        ((32, 80), torch.int8, torch.bfloat16, ("dense", *packed)): 1}
+
+
+@ONEDNN_INT8
+def test_int8_packed_fastest_moves_the_int8_weights() -> None:
+    model = TinyInt8()
+    chosen = prefer_cpu_layout(model, batch_hint=4, timer=ranked("packed", "rows", "dense"))
+    assert chosen.get("packed", 0) >= 3
+    for layer in (*model.up, model.down):
+        assert layer.qweight is None and layer.packed is not None
+
+
+@ONEDNN_INT8
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_packed_is_the_w8a8_reference_exactly(dtype: torch.dtype) -> None:
+    """Any leading dims, with a bias; each row's result is what it is alone (integer sums: batch-invariant)."""
+    layer = int8_linear(80, 32, True)
+    qweight, scale, bias = layer.qweight, layer.scale, layer.bias.data
+    layer.use_packed(layer.onednn_pack(batch_hint=8))
+    x = torch.randn(2, 9, 80, dtype=dtype)
+    with torch.inference_mode():
+        y = layer(x)
+        torch.testing.assert_close(y, w8a8_linear_ref(x, qweight, scale, bias), rtol=0, atol=0)
+        torch.testing.assert_close(layer(x[1, 4:5]), y[1, 4:5], rtol=0, atol=0)
+        # W8A8 stays near the W8A16 product, its activations rounded to int8 codes
+        torch.testing.assert_close(y.float(), w8a16_linear_ref(x.float(), qweight, scale, bias), rtol=0.05, atol=0.1)
+
+
+@ONEDNN_INT8
+@pytest.mark.parametrize("compiled", [False, True])
+def test_timed_int8_layouts_compute_what_they_did(compiled: bool) -> None:
+    """The real timing, eager and as for a compiled engine (without the activations' quantization): whichever
+    layout wins, dense is kernels' W8A16 and packed the W8A8 reference."""
+    model = TinyInt8()
+    x = torch.randn(3, 32)
+    with torch.inference_mode():
+        dense = [model.up[0](x), model.up[1](x)]
+        refs = [w8a8_linear_ref(x, m.qweight, m.scale) for m in model.up]
+        chosen = prefer_cpu_layout(model, batch_hint=4, compiled=compiled)
+        for layer, want, ref in zip(model.up, dense, refs, strict=True):
+            torch.testing.assert_close(layer(x), ref if layer.packed is not None else want, rtol=0, atol=0)
+    assert sum(chosen.values()) == 4

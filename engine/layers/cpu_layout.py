@@ -1,4 +1,4 @@
-"""The layout of each CPU float linear weight, chosen at load by timing the candidates on this machine.
+"""The layout of each CPU linear weight, float or int8, chosen at load by timing the candidates on this machine.
 
 A decode step multiplies a few rows by every weight, and which way of doing it is fastest depends on the CPU,
 not only on the shape. Measured on 2 cores, fp32, one row: on an AMD EPYC, `split_gemv` (row blocks of the
@@ -12,6 +12,14 @@ Candidates per `Linear` that owns a contiguous CPU weight:
 - "packed": oneDNN's packed copy (fp32, and bf16 where the CPU has it), when the module alone owns the weight:
   a tied LM head or a view into an offload slot keeps its place.
 
+Per `QuantizedLinear` (int8 weights):
+- "dense": the row-major int8 weight, `kernels.int8_linear` (torch's int8-weight kernel, W8A16);
+- "packed": oneDNN's packed int8 copy, x quantized per token and multiplied in int8 (W8A8, exact int32 sums),
+  on CPUs with VNNI only: without it, oneDNN adds u8·s8 products in pairs in int16, which can saturate.
+  Measured on 2 Intel Xeon cores (AMX), a 130M LLaMA's int8 weights streamed from memory: 1.4x faster than
+  W8A16 at one row and 3.8x at 8 rows; but weights of 256x256 and the like fall to oneDNN's reference code,
+  50x slower. W8A8 has more error than W8A16 (activations rounded to 8 bits, not to bf16).
+
 Linears of one shape, dtype and set of candidates form a group and get one layout. Each timing pass runs
 every sampled weight of the model once in one layout, as a decode step does, so weights come from wherever
 a step would find them (cache or DRAM); a group's time is its best pass. The score of a layout sums its times
@@ -20,6 +28,7 @@ at one row and, for an engine that batches, at `batch_hint` rows.
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import time
@@ -30,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.layers.linear import Linear
+from engine.layers.linear import Linear, QuantizedLinear, onednn_int8_matmul
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +58,15 @@ Timer = Callable[["Group", str, int], float]
 
 @dataclass
 class Group:
-    """Linears that share a shape, a dtype and their candidate layouts."""
+    """Linears that share a shape, a weight dtype and their candidate layouts."""
 
     shape: tuple[int, int]
     dtype: torch.dtype
+    x_dtype: torch.dtype  # the activations'
     layouts: tuple[str, ...]
     parts: int  # row blocks for "rows"
-    members: list[Linear] = field(default_factory=list)
-    sampled: list[Linear] = field(default_factory=list)
+    members: list[Linear | QuantizedLinear] = field(default_factory=list)
+    sampled: list[Linear | QuantizedLinear] = field(default_factory=list)
     trial_packs: dict[int, torch.Tensor] = field(default_factory=dict)  # id(member) → its packed weight
 
     def describe(self) -> str:
@@ -70,37 +80,54 @@ def onednn_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
-def candidate_groups(model: nn.Module) -> list[Group]:
-    """The model's CPU float `Linear`s grouped by shape, dtype and candidate layouts, in model order."""
-    shared = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+def onednn_int8_available() -> bool:
+    """Whether oneDNN's int8 linear is there and exact: x86 with VNNI (see the module's docstring)."""
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return onednn_available() and hasattr(torch.ops.onednn, "qlinear_prepack") and is_vnni is not None \
+        and is_vnni()
+
+
+def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[Group]:
+    """The model's CPU `Linear`s and `QuantizedLinear`s grouped by shape, dtype and candidate layouts, in model
+    order; `dtype` is the activations'."""
+    shared = Counter(id(t) for t in (*(p for _, p in model.named_parameters(remove_duplicate=False)),
+                                     *(b for _, b in model.named_buffers(remove_duplicate=False))))
     onednn = onednn_available()
     onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    onednn_int8 = onednn_int8_available()
     threads = torch.get_num_threads()
     groups: dict[tuple, Group] = {}
     for module in model.modules():
-        if not isinstance(module, Linear) or module.weight is None:
+        if not isinstance(module, Linear | QuantizedLinear) or module.dense_weight is None:
             continue
-        w = module.weight.data
+        w = module.dense_weight
         if w.device.type != "cpu" or not w.is_contiguous():
             continue
-        fp32 = w.dtype == torch.float32
-        owned = shared[id(module.weight)] == 1 and w.untyped_storage().nbytes() == w.nbytes
-        parts = max(p for p in range(1, threads + 1) if module.out_features % p == 0) if fp32 else 1
-        layouts = ("dense",) + (("rows",) if parts > 1 else ()) \
-            + (("packed",) if owned and onednn and (fp32 or (w.dtype == torch.bfloat16 and onednn_bf16)) else ())
+        owned = shared[id(module.weight if isinstance(module, Linear) else w)] == 1 \
+            and w.untyped_storage().nbytes() == w.nbytes
+        if isinstance(module, QuantizedLinear):
+            parts, packs = 1, onednn_int8
+        else:
+            fp32 = w.dtype == torch.float32
+            parts = max(p for p in range(1, threads + 1) if module.out_features % p == 0) if fp32 else 1
+            packs = onednn and (fp32 or (w.dtype == torch.bfloat16 and onednn_bf16))
+        layouts = ("dense",) + (("rows",) if parts > 1 else ()) + (("packed",) if owned and packs else ())
+        x_dtype = dtype if isinstance(module, QuantizedLinear) else w.dtype
         key = (tuple(w.shape), w.dtype, layouts)
-        groups.setdefault(key, Group(tuple(w.shape), w.dtype, layouts, parts)).members.append(module)
+        groups.setdefault(key, Group(tuple(w.shape), w.dtype, x_dtype, layouts, parts)).members.append(module)
     return list(groups.values())
 
 
-def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", timer: Timer | None = None
-                      ) -> dict[str, int]:
-    """Give each CPU float `Linear` of `model` the fastest layout for decode steps of up to `batch_hint` rows
-    on this machine, or the `layout` asked for (see CHOICES); returns how many linears got each layout.
+def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", timer: Timer | None = None,
+                      dtype: torch.dtype = torch.float32, compiled: bool = False) -> dict[str, int]:
+    """Give each CPU `Linear` and `QuantizedLinear` of `model` the fastest layout for decode steps of up to
+    `batch_hint` rows of `dtype` activations on this machine, or the `layout` asked for (see CHOICES); returns
+    how many linears got each layout. `compiled`: decode steps will run compiled, where the per-token
+    quantization of a packed int8 linear's input fuses into the graph's loops, so it is timed without it.
     `timer` replaces the real timing (tests)."""
     if layout not in CHOICES:
         raise ValueError(f"cpu layout {layout!r} is not one of {', '.join(CHOICES)}")
-    groups = [g for g in candidate_groups(model) if len(g.layouts) > 1]
+    groups = [g for g in candidate_groups(model, dtype) if len(g.layouts) > 1]
     chosen: Counter[str] = Counter()
     if not groups:
         return dict(chosen)
@@ -115,7 +142,7 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", t
     _sample(groups)
     rows = (1,) if batch_hint == 1 else (1, batch_hint)
     try:
-        times = _time_layouts(groups, rows, batch_hint, timer or _time_pass)
+        times = _time_layouts(groups, rows, batch_hint, timer or functools.partial(_time_pass, compiled=compiled))
     finally:
         for g in groups:
             _set_layout(g, "dense")
@@ -145,13 +172,13 @@ def _sample(groups: list[Group]) -> None:
     budget = SAMPLE_BYTES
     for g in groups:
         g.sampled = g.members[:1]
-        budget -= g.members[0].weight.nbytes
+        budget -= g.members[0].dense_weight.nbytes
     for g in groups:
         for module in g.members[1:]:
-            if module.weight.nbytes > budget:
+            if module.dense_weight.nbytes > budget:
                 break
             g.sampled.append(module)
-            budget -= module.weight.nbytes
+            budget -= module.dense_weight.nbytes
 
 
 def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, timer: Timer
@@ -159,8 +186,7 @@ def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, t
     """Best time of each (group, layout, rows) over PASSES passes, after one warm-up pass."""
     for g in groups:
         if "packed" in g.layouts:
-            g.trial_packs = {id(m): torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), batch_hint)
-                             for m in g.sampled}
+            g.trial_packs = {id(m): m.onednn_pack(batch_hint) for m in g.sampled}
     best: dict[tuple[int, str, int], float] = defaultdict(lambda: float("inf"))
     for i in range(PASSES + 1):
         for layout in LAYOUTS:
@@ -176,9 +202,15 @@ def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, t
 
 
 @torch.inference_mode()
-def _time_pass(group: Group, layout: str, rows: int) -> float:
+def _time_pass(group: Group, layout: str, rows: int, compiled: bool = False) -> float:
     _set_layout(group, layout)
-    x = torch.ones(rows, group.shape[1], dtype=group.dtype)  # not random: loading leaves torch's RNG alone
+    x = torch.ones(rows, group.shape[1], dtype=group.x_dtype)  # not random: loading leaves torch's RNG alone
+    if compiled and layout == "packed" and group.dtype == torch.int8:
+        xq = x.to(torch.int8)
+        start = time.perf_counter()
+        for module in group.sampled:
+            onednn_int8_matmul(xq, module.packed)
+        return time.perf_counter() - start
     start = time.perf_counter()
     for module in group.sampled:
         module(x)
@@ -188,7 +220,8 @@ def _time_pass(group: Group, layout: str, rows: int) -> float:
 def _set_layout(group: Group, layout: str) -> None:
     """Switch the sampled modules between layouts while timing (their dense weight stays)."""
     for module in group.sampled:
-        module.gemv_parts = group.parts if layout == "rows" else 1
+        if "rows" in group.layouts:
+            module.gemv_parts = group.parts if layout == "rows" else 1
         module.packed = group.trial_packs.get(id(module)) if layout == "packed" else None
 
 
@@ -199,7 +232,4 @@ def _apply(group: Group, layout: str, batch_hint: int) -> None:
             module.gemv_parts = group.parts
         elif layout == "packed":
             pack = packs.get(id(module))
-            if pack is None:
-                module.pack_for_onednn(batch_hint)
-            else:
-                module.packed, module.weight = pack, None
+            module.use_packed(module.onednn_pack(batch_hint) if pack is None else pack)

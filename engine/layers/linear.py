@@ -5,13 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import int8_linear
+from kernels import int8_linear, w8a8_linear_with
 
 QUANTIZATIONS = ("int8",)
 
 
 class QuantizedLinear(nn.Module):
-    """y = x · (qweight ∘ scale)ᵀ + bias, with qweight int8 [out, in] and one fp32 scale per output row."""
+    """y = x · (qweight ∘ scale)ᵀ + bias, with qweight int8 [out, in] and one fp32 scale per output row.
+
+    On the CPU the weight may be handed to oneDNN instead (`use_packed`): x is then quantized per token and
+    multiplied in int8 (W8A8, `kernels.w8a8_linear_with`), where torch's int8-weight kernel (W8A16) reads the
+    weight at a fraction of the memory's speed. `engine.layers.cpu_layout` chooses, by timing."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -19,13 +23,31 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=torch.float32))
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None
+        self.register_buffer("packed", None, persistent=False)
 
     def set_weight(self, qweight: torch.Tensor, scale: torch.Tensor) -> None:
         self.qweight = qweight.contiguous()
         self.scale = scale.float().contiguous()
 
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        return self.qweight
+
+    def onednn_pack(self, batch_hint: int) -> torch.Tensor:
+        """oneDNN's packed copy of qweight (same size), blocked for `batch_hint` rows."""
+        return torch.ops.onednn.qlinear_prepack(self.qweight, [batch_hint, self.in_features])
+
+    def use_packed(self, packed: torch.Tensor) -> None:
+        """Multiply by `packed` (from `onednn_pack`) from now on, in place of qweight."""
+        self.packed, self.qweight = packed, None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling():
+        compiling = torch.compiler.is_compiling()
+        if self.packed is not None:
+            matmul = onednn_int8_matmul if compiling else _onednn_int8_matmul
+            return w8a8_linear_with(lambda xq: matmul(xq, self.packed), x, self.scale, self.bias)
+        if compiling:
             return int8_linear_op(x, self.qweight, self.scale, self.bias)
         return int8_linear(x, self.qweight, self.scale, self.bias)
 
@@ -34,7 +56,7 @@ class QuantizedLinear(nn.Module):
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU weight may be handed to oneDNN (`pack_for_onednn`), or multiplied one row at a time
+    """nn.Linear whose CPU weight may be handed to oneDNN (`use_packed`), or multiplied one row at a time
     in row blocks (`gemv_parts`): `engine.layers.cpu_layout` chooses, by timing."""
 
     gemv_parts = 1
@@ -44,10 +66,17 @@ class Linear(nn.Linear):
         self.packed: torch.Tensor | None
         self.register_buffer("packed", None, persistent=False)  # a buffer, so memory accounting counts it
 
-    def pack_for_onednn(self, batch_hint: int) -> None:
-        """Replace the weight by oneDNN's packed copy of it (same size, blocked for `batch_hint` rows)."""
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
-        self.weight = None
+    @property
+    def dense_weight(self) -> torch.Tensor | None:
+        return None if self.weight is None else self.weight.data
+
+    def onednn_pack(self, batch_hint: int) -> torch.Tensor:
+        """oneDNN's packed copy of the weight (same size), blocked for `batch_hint` rows."""
+        return torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), batch_hint)
+
+    def use_packed(self, packed: torch.Tensor) -> None:
+        """Multiply by `packed` (from `onednn_pack`) from now on, in place of the weight."""
+        self.packed, self.weight = packed, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -66,7 +95,7 @@ class Linear(nn.Linear):
 
 @torch.library.custom_op("vramlite::onednn_linear", mutates_args=())
 def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [M, in] times a weight packed by oneDNN (`Linear.pack_for_onednn`), as an op torch.compile calls
+    """x [M, in] times a weight packed by oneDNN (`Linear.onednn_pack`), as an op torch.compile calls
     as it is (Inductor lowers oneDNN's own op only for weights that are constants of a frozen graph)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
@@ -74,6 +103,28 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
 @onednn_linear.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty(x.shape[0], packed.shape[0])
+
+
+_ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.long)
+
+
+def _onednn_int8_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    # unit scales and zero points: oneDNN returns the int32 sums as fp32 (as kernels' reference does) and
+    # the scales are applied by w8a8_linear_with, in the reference's order
+    return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, _ONE, _ZERO, None, 1.0, 0, torch.float32,
+                                              "none", [], "")
+
+
+@torch.library.custom_op("vramlite::onednn_int8_matmul", mutates_args=())
+def onednn_int8_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """xq [M, in] int8 times an int8 weight packed by oneDNN (`QuantizedLinear.onednn_pack`): the exact sums
+    as fp32 [M, out], as an op torch.compile calls as it is."""
+    return _onednn_int8_matmul(xq, packed)
+
+
+@onednn_int8_matmul.register_fake
+def _(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    return xq.new_empty(xq.shape[0], packed.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("vramlite::int8_linear", mutates_args=())
