@@ -32,6 +32,7 @@ class QuantizedLinear(nn.Module):
 
     @property
     def dense_weight(self) -> torch.Tensor | None:
+        """The row-major int8 weight; None once packed."""
         return self.qweight
 
     def onednn_pack(self, batch_hint: int) -> torch.Tensor:
@@ -68,6 +69,7 @@ class Linear(nn.Linear):
 
     @property
     def dense_weight(self) -> torch.Tensor | None:
+        """The row-major weight; None once packed."""
         return None if self.weight is None else self.weight.data
 
     def onednn_pack(self, batch_hint: int) -> torch.Tensor:
