@@ -260,3 +260,15 @@ def test_timed_int8_layouts_compute_what_they_did(compiled: bool) -> None:
         for layer, want, ref in zip(model.up, dense, refs, strict=True):
             torch.testing.assert_close(layer(x), ref if layer.packed is not None else want, rtol=0, atol=0)
     assert sum(chosen.values()) == 4
+
+
+def test_a_near_tie_keeps_the_dense_weight() -> None:
+    """Within MARGIN of dense, packed is not taken: loads agree rather than flip with the timing noise."""
+    near = 1 / (1 + cpu_layout.MARGIN / 2)
+    layer = make_linear(24, 72, False, None)
+
+    def timer(group: Group, layout: str, rows: int) -> float:
+        return {"dense": 1.0, "rows": 1.0, "packed": near}[layout]
+
+    assert prefer_cpu_layout(layer, batch_hint=1, timer=timer) == {"dense": 1}
+    assert layer.packed is None and layer.gemv_parts == 1

@@ -23,7 +23,8 @@ Per `QuantizedLinear` (int8 weights):
 Linears of one shape, dtype and set of candidates form a group and get one layout. Each timing pass runs
 every sampled weight of the model once in one layout, as a decode step does, so weights come from wherever
 a step would find them (cache or DRAM); a group's time is its best pass. The score of a layout sums its times
-at one row and, for an engine that batches, at `batch_hint` rows.
+at one row and, for an engine that batches, at `batch_hint` rows; a layout other than "dense" must score
+MARGIN better.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ SAMPLE_BYTES = 256 * 2**20
 """Weights timed per layout at most (the packed candidates double it while timing): the whole of a small
 model, the first layers of a large one."""
 PASSES = 5
+MARGIN = 0.1
+"""How much faster than "dense" another layout must time to be chosen: where two tie, loads agree on dense
+rather than flip with the noise, which for int8 weights would change the arithmetic (W8A8 or W8A16)."""
 
 Timer = Callable[["Group", str, int], float]
 """(group, layout, rows) → seconds for one pass over the group's sampled weights in that layout."""
@@ -148,7 +152,7 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", t
             _set_layout(g, "dense")
     for g in groups:
         scores = {lay: sum(times[id(g), _runs_as(lay, m), m] for m in rows) for lay in g.layouts}
-        best = min(scores, key=scores.get)
+        best = min(scores, key=lambda lay: scores[lay] * (1.0 if lay == "dense" else 1.0 + MARGIN))
         _apply(g, best, batch_hint)
         chosen[best] += len(g.members)
         log.debug("cpu layout: %s -> %s (%s per weight)", g.describe(), best, ", ".join(
