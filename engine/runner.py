@@ -79,8 +79,8 @@ class ModelRunner:
         A decode step is mostly per-op overhead on a small model (norms, rotary, residuals: ~150 small ops),
         which Inductor fuses into a few loops. On 2 Intel Xeon cores, compiled steps ran faster: the demo model
         1.6x at batch 1 and 1.3-1.6x at batch 8 in fp32, 1.2x at batch 1 with int8 weights; a 130M LLaMA
-        1.2x at batch 1 in fp32, 1.3x at batch 8 in bf16, and with int8 weights in oneDNN's layout 1.5x at
-        batch 1 and 1.6x at batch 8, the per-token quantization of their inputs fused
+        1.2x at batch 1 in fp32, 1.3x at batch 8 in bf16, and with int8 weights in oneDNN's layout 1.4-1.5x at
+        batch 1 and 1.6-1.75x at batch 8, the per-token quantization of their inputs fused
         (benchmarks/decode_cpu.py). Prefill and mixed steps run eagerly. Compiling takes 10-60 s on 2 cores,
         at load, so it is opt-in.
         """
