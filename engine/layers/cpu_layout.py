@@ -107,16 +107,15 @@ def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
         w = module.dense_weight
         if w.device.type != "cpu" or not w.is_contiguous():
             continue
-        owned = shared[id(module.weight if isinstance(module, Linear) else w)] == 1 \
-            and w.untyped_storage().nbytes() == w.nbytes
         if isinstance(module, QuantizedLinear):
-            parts, packs = 1, onednn_int8
+            held, parts, packs, x_dtype = w, 1, onednn_int8, dtype
         else:
             fp32 = w.dtype == torch.float32
             parts = max(p for p in range(1, threads + 1) if module.out_features % p == 0) if fp32 else 1
             packs = onednn and (fp32 or (w.dtype == torch.bfloat16 and onednn_bf16))
+            held, x_dtype = module.weight, w.dtype
+        owned = shared[id(held)] == 1 and w.untyped_storage().nbytes() == w.nbytes  # held: as `shared` counts it
         layouts = ("dense",) + (("rows",) if parts > 1 else ()) + (("packed",) if owned and packs else ())
-        x_dtype = dtype if isinstance(module, QuantizedLinear) else w.dtype
         key = (tuple(w.shape), w.dtype, layouts)
         groups.setdefault(key, Group(tuple(w.shape), w.dtype, x_dtype, layouts, parts)).members.append(module)
     return list(groups.values())
@@ -209,15 +208,13 @@ def _time_layouts(groups: list[Group], rows: tuple[int, ...], batch_hint: int, t
 def _time_pass(group: Group, layout: str, rows: int, compiled: bool = False) -> float:
     _set_layout(group, layout)
     x = torch.ones(rows, group.shape[1], dtype=group.x_dtype)  # not random: loading leaves torch's RNG alone
-    if compiled and layout == "packed" and group.dtype == torch.int8:
-        xq = x.to(torch.int8)
-        start = time.perf_counter()
-        for module in group.sampled:
-            onednn_int8_matmul(xq, module.packed)
-        return time.perf_counter() - start
+    if compiled and layout == "packed" and group.dtype == torch.int8:  # the product alone: see prefer_cpu_layout
+        calls = [functools.partial(onednn_int8_matmul, x.to(torch.int8), m.packed) for m in group.sampled]
+    else:
+        calls = [functools.partial(m, x) for m in group.sampled]
     start = time.perf_counter()
-    for module in group.sampled:
-        module(x)
+    for call in calls:
+        call()
     return time.perf_counter() - start
 
 
