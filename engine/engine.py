@@ -86,9 +86,9 @@ class Engine:
         `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
         the transfer accounting. compile_decode: run decode steps compiled by
         torch.compile, compiled here at load (CPU, float models wholly
-        resident; see `ModelRunner`). cpu_layout: how CPU float linear weights
-        are laid out, "auto" (timed at load: the fastest here) or "dense",
-        "rows", "packed" (see `engine.layers.cpu_layout`).
+        resident; see `ModelRunner`). cpu_layout: how CPU linear weights (float
+        and int8) are laid out, "auto" (timed at load: the fastest here) or
+        "dense", "rows", "packed" (see `engine.layers.cpu_layout`).
         """
         start = time.perf_counter()
         model_dir = Path(path)

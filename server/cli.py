@@ -36,8 +36,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "pays most on small models) (env VRAMLITE_COMPILE_DECODE)")
     p.add_argument("--cpu-layout", default=os.environ.get("VRAMLITE_CPU_LAYOUT", "auto"),
                    choices=CPU_LAYOUTS,
-                   help="CPU: layout of float linear weights; auto: the fastest, timed at load; a name: that layout "
-                   "wherever it applies, the same on every load (env VRAMLITE_CPU_LAYOUT)")
+                   help="CPU: layout of linear weights (float and int8); auto: the fastest, timed at load; "
+                   "a name: that layout wherever it applies, the same on every load (env VRAMLITE_CPU_LAYOUT)")
 
 
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -61,8 +61,8 @@ class Settings(BaseModel):
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
                                  "compiled at load (the demo model 1.3-1.6x faster on 2 Intel cores)")
     cpu_layout: Literal["auto", "dense", "rows", "packed"] = Field(
-        "auto", description="CPU: layout of float linear weights; auto: the fastest, timed at load; a name: that "
-        "layout wherever it applies, the same on every load")
+        "auto", description="CPU: layout of linear weights (float and int8); auto: the fastest, timed at load; "
+        "a name: that layout wherever it applies, the same on every load")
     allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
                                        "text as those tokens (default: as plain text)")
     log_prompts: bool = Field(False, description="put prompt and output text in the request log lines")
