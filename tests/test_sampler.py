@@ -263,6 +263,15 @@ def test_temperature_zero_is_argmax(seed: int, rows: int, dtype: torch.dtype) ->
     assert out.tolist() == logits.float().argmax(-1).tolist()
 
 
+def test_greedy_ties_go_to_the_first_maximum() -> None:
+    """As `argmax`: bf16 logits of a large vocabulary tie often; a tie must not pick by the CPU's thread split."""
+    logits = torch.zeros(3, 40000, dtype=torch.bfloat16)
+    logits[0, [7, 20000, 39999]] = 1
+    logits[1, 39999] = 1
+    states = [SamplerState(SamplingParams(temperature=0.0), []) for _ in range(3)]
+    assert Sampler()(logits, states).tolist() == [7, 39999, 0] == logits.argmax(-1).tolist()
+
+
 def test_greedy_rows_in_a_mixed_batch_are_argmax() -> None:
     logits = random_logits(3, 4, 50)
     states = [SamplerState(SamplingParams(temperature=t, seed=7), []) for t in (0.0, 1.0, 0.0, 1.5)]
