@@ -227,7 +227,8 @@ class Engine:
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
         tokens: list[int | None] = [None] * len(batch)
         if rows:
-            sampled = self.sampler(logits[rows], [batch[row][0].sampler for row in rows]).tolist()
+            sampled = self.sampler(logits if len(rows) == len(batch) else logits[rows],
+                                   [batch[row][0].sampler for row in rows]).tolist()
             for row, token in zip(rows, sampled, strict=True):
                 tokens[row] = token
         return tokens

@@ -99,6 +99,29 @@ def test_batches_decode_compiled_in_the_graphs_compiled_at_load(runners, batch):
 
 
 @pytest.mark.slow
+def test_runners_of_alike_models_keep_their_own_graphs(tmp_path, spm_tokenizer_dir):
+    """A compiled step guards its arguments, not the runner's model (runner._argument_guards), so each runner
+    must look up only the graphs it compiled: two models of equal shapes whose graphs differ (the MLP's
+    activation, baked into the graph), both alive, each decode as their eager runners do."""
+    compiled, eager = [], []
+    for act in ("silu", "gelu"):
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, hidden_act=act))
+        model_dir = save_tiny_model(model.eval(), tmp_path / act, spm_tokenizer_dir)
+        compiled.append(make_runner(model_dir, True, slots=1))
+        eager.append(make_runner(model_dir, False, slots=1))
+    first = decode(eager[0], {0: PROMPTS[2]}, 4)
+    for c, e in zip(compiled, eager, strict=True):
+        want = decode(e, {0: PROMPTS[2]}, 4)
+        for got, w in zip(decode(c, {0: PROMPTS[2]}, 4), want, strict=True):
+            torch.testing.assert_close(got, w, atol=1e-5, rtol=1e-5)
+        assert c._decode_step is not None
+    assert not torch.allclose(want[-1], first[-1], atol=1e-3)  # the two models do differ
+
+
+@pytest.mark.slow
 def test_prefill_beside_decode_runs_eagerly(runners):
     """A step that mixes a prefill with decode tokens is not compiled; the results still match."""
     eager, compiled = runners
