@@ -22,24 +22,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _argument_guards(entries: Sequence[GuardFilterEntry]) -> list[bool]:
-    """Dynamo's guard filter for a decode step: keep the guards on its arguments (token ids, metadata, cache:
-    they pick the graph) and on global state; drop those on the runner and its model (`self`), which are fixed
-    once the runner is built (weights laid out, nothing reassigned). Checking the model's ~1000 attributes
-    took 0.07 ms of the demo model's 1.2 ms step. Inductor still asserts the weights' sizes and strides."""
+def _step_guards(entries: Sequence[GuardFilterEntry]) -> list[bool]:
+    """Dynamo's guard filter for a decode step: keep the guards on what changes from step to step (the token
+    ids and the metadata: they pick the graph), on global state (grad mode and the like) and the relations of
+    the dynamic sizes; drop those on what is fixed once the runner is built: the runner and its model (`self`:
+    weights laid out, nothing reassigned), its KV cache tensors (`cache`, static) and module globals (the
+    functions the model calls). Checking those ~1100 guards took 0.1 ms of the demo model's 1.2 ms step; Inductor
+    still asserts the weights' sizes and strides."""
     keep = []
     for entry in entries:
         source = entry.orig_guard.originating_source
         while getattr(source, "base", None) is not None:
             source = source.base
-        keep.append(getattr(source, "local_name", None) != "self")
+        keep.append(not entry.is_global and getattr(source, "local_name", None) not in ("self", "cache"))
     return keep
 
 
 # Inductor options for the decode step. Each took 5-8% off a step of the demo model at batch 1 (fp32, bf16) and
 # 5-10% off the 130M LLaMA's (benchmarks/decode_cpu.py), compiling takes about twice as long.
 DECODE_COMPILE_OPTIONS = {
-    "guard_filter_fn": _argument_guards,
+    "guard_filter_fn": _step_guards,
     # the step's graph calls its kernels from C++, not from a Python wrapper (~60 calls a step)
     "cpp_wrapper": True,
     # a one-row product with a weight of at most 2048 x 2048 becomes a loop of Inductor's, fused with what is

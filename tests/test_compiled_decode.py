@@ -100,7 +100,7 @@ def test_batches_decode_compiled_in_the_graphs_compiled_at_load(runners, batch):
 
 @pytest.mark.slow
 def test_runners_of_alike_models_keep_their_own_graphs(tmp_path, spm_tokenizer_dir):
-    """A compiled step guards its arguments, not the runner's model (runner._argument_guards), so each runner
+    """A compiled step guards its inputs, not the runner's model (runner._step_guards), so each runner
     must look up only the graphs it compiled: two models of equal shapes whose graphs differ (the MLP's
     activation, baked into the graph), both alive, each decode as their eager runners do."""
     compiled, eager = [], []
