@@ -38,8 +38,9 @@ def _step_guards(entries: Sequence[GuardFilterEntry]) -> list[bool]:
     return keep
 
 
-# Inductor options for the decode step. Each took 5-8% off a step of the demo model at batch 1 (fp32, bf16) and
-# 5-10% off the 130M LLaMA's (benchmarks/decode_cpu.py), compiling takes about twice as long.
+# Inductor options for the decode step. Side by side on 2 Intel Xeon cores, the demo model at batch 1 in fp32: the
+# guard filter took 10-14% off a step, the C++ wrapper 7%, the fused products 5%: about 1.25 -> 1.07 ms; the
+# 130M LLaMA's step at batch 1 and 8, fp32 or int8, 6-10%. Compiling takes about twice as long.
 DECODE_COMPILE_OPTIONS = {
     "guard_filter_fn": _step_guards,
     # the step's graph calls its kernels from C++, not from a Python wrapper (~60 calls a step)
@@ -111,12 +112,12 @@ class ModelRunner:
         """Whether decode steps can run compiled by torch.compile (`_decode_logits`); logs why not.
 
         A decode step is mostly per-op overhead on a small model (norms, rotary, residuals: ~150 small ops),
-        which Inductor fuses into a few loops. On 2 Intel Xeon cores, compiled steps ran faster: the demo model
-        1.6x at batch 1 and 1.3-1.6x at batch 8 in fp32, 1.2x at batch 1 with int8 weights; a 130M LLaMA
-        1.2x at batch 1 in fp32, 1.3x at batch 8 in bf16, and with int8 weights in oneDNN's layout 1.4-1.5x at
-        batch 1 and 1.6-1.75x at batch 8, the per-token quantization of their inputs fused
-        (benchmarks/decode_cpu.py). Prefill and mixed steps run eagerly. Compiling takes 10-60 s on 2 cores,
-        at load, so it is opt-in.
+        which Inductor fuses into a few loops (DECODE_COMPILE_OPTIONS). On 2 Intel Xeon cores, compiled steps
+        ran faster: the demo model 1.85x at batch 1 and 1.45x at batch 8 in fp32, 1.3x at batch 1 with int8
+        weights; a 130M LLaMA 1.2x at batch 1 in fp32, 1.4x at batch 8 in bf16, and with int8 weights in
+        oneDNN's layout 1.45x at batch 1 and 1.7x at batch 8, the per-token quantization of their inputs fused
+        (benchmarks/decode_cpu.py). Prefill and mixed steps run eagerly. Compiling takes 8-70 s on 2 cores, at
+        load, so it is opt-in.
         """
         if self.device.type != "cpu":
             reason = "it is measured and tested on the CPU only"
