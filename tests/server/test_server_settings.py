@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import get_args
 
 import httpx
 import pytest
 
+from engine.layers.cpu_layout import CHOICES as CPU_LAYOUTS
 from server.settings import CONFIGS_DIR, Settings, SettingsError, load_settings, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,6 +34,11 @@ def test_shipped_profiles():
     assert load_settings({}, {}, "default").model is None  # the shipped demo model
     small = load_settings({}, {}, "gtx1060-6gb")
     assert small.quantize == "int8" and small.memory_limit_bytes == 5 * 2**30 and small.max_batch_size <= 4
+
+
+def test_cpu_layout_setting_takes_the_engines_layouts():
+    """The setting's choices are written out for pydantic; they must stay the engine's (and the CLI's)."""
+    assert get_args(Settings.model_fields["cpu_layout"].annotation) == CPU_LAYOUTS
 
 
 def test_bad_values_name_the_setting_and_source(tmp_path):
