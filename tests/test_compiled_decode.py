@@ -165,7 +165,7 @@ def test_int8_weights_compile_to_eager_logits(model_dir, layout):
 @pytest.mark.slow
 def test_bf16_compiles_to_eager_logits(model_dir):
     """In bf16 the compiled step's products differ from eager's in rounding only: one-row products of small
-    weights become Inductor's loops (fp32 sums, one rounding at the end) where eager calls oneDNN. Logits of
+    weights become Inductor's loops (fp32 sums, one rounding at the end) where eager calls torch's matmul. Logits of
     about 1 were seen up to 0.004 (one bf16 step) apart."""
     eager, compiled = (make_runner(model_dir, c, dtype=torch.bfloat16) for c in (False, True))
     batch = {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]}
