@@ -1,7 +1,7 @@
 """Public entry points: pick the kernel variant for the tensors' device.
 
 - CPU tensors: the torch references (`F.linear` on the int8 weight cast to x's dtype), or for a few rows
-  torch's own int8-weight CPU kernel;
+  torch's own int8-weight CPU kernel, and for many rows of fp32 a bf16 product where the CPU has bf16 math;
 - CUDA, CC >= 8.0: tensor-core kernels (fp16/bf16 dots, int8 mma);
 - CUDA, CC 6.1-7.5: Pascal/Turing-safe kernels (fp32 math, dp4a); bf16 activations are upcast to fp32 around
   them, as these GPUs have no bf16 arithmetic;
@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from ._common import HAS_TRITON, Backend, check_linear_args
 from .quant import quantize_activation_per_token_ref, quantize_activation_per_token_triton
@@ -36,6 +37,13 @@ W8A8 above (prefill: compute-bound, so int8 tensor cores / dp4a win). Provisiona
 # the scales in x's dtype, and small ones underflow fp16. K must be a multiple of 16 (torch 2.13: other K give
 # inf or crash).
 _INT8PACK_MAX_ROWS = 32
+
+
+@functools.cache
+def _cpu_has_bf16_math() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16, which AMX CPUs have too)."""
+    is_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    return is_bf16 is not None and is_bf16()
 
 
 @functools.cache
@@ -69,18 +77,28 @@ def _rows(x: torch.Tensor, backend: Backend) -> torch.Tensor:
 def _w8a16_reference(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """The reference, or torch's int8-weight CPU kernel where that is faster and safe."""
+    """The reference, or on the CPU a faster way with the same rounding of fp32 activations to bf16:
+
+    - up to `_INT8PACK_MAX_ROWS` rows (decode), torch's int8-weight kernel;
+    - more rows (prefill) of fp32 on a CPU with bf16 math, x and the int8 weight (exact in bf16) multiplied in
+      bf16, the scale applied after in fp32. On 2 Intel Xeon cores (AMX) at 500 rows, 4x faster than the fp32
+      product of the reference (a 130M LLaMA's weights), the same error as the decode rows'.
+    """
     k = x.shape[-1]
     rows = x.numel() // k
-    int8pack = getattr(torch, "_weight_int8pack_mm", None)
-    if (x.device.type != "cpu" or int8pack is None or k % 16 or not 0 < rows <= _INT8PACK_MAX_ROWS
-            or x.dtype not in (torch.bfloat16, torch.float32)):
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32):
         return w8a16_linear_ref(x, qweight, scale, bias)
-    y = int8pack(x.reshape(rows, k).to(torch.bfloat16).contiguous(), qweight.contiguous(),
-                 scale.to(torch.bfloat16)).to(x.dtype)
-    if bias is not None:
-        y = y + bias.to(x.dtype)
-    return y.reshape(*x.shape[:-1], qweight.shape[0])
+    int8pack = getattr(torch, "_weight_int8pack_mm", None)
+    if int8pack is not None and k % 16 == 0 and 0 < rows <= _INT8PACK_MAX_ROWS:
+        y = int8pack(x.reshape(rows, k).to(torch.bfloat16).contiguous(), qweight.contiguous(),
+                     scale.to(torch.bfloat16)).to(x.dtype)
+        if bias is not None:
+            y = y + bias.to(x.dtype)
+        return y.reshape(*x.shape[:-1], qweight.shape[0])
+    if x.dtype == torch.float32 and rows > _INT8PACK_MAX_ROWS and _cpu_has_bf16_math():
+        y = F.linear(x.to(torch.bfloat16), qweight.to(torch.bfloat16)).float().mul_(scale)
+        return y if bias is None else y.add_(bias)
+    return w8a16_linear_ref(x, qweight, scale, bias)
 
 
 def _linear(reference: Callable[..., torch.Tensor], kernel: Callable[..., torch.Tensor], x: torch.Tensor,

@@ -71,7 +71,8 @@ def test_cpu_is_reference_without_warning(fresh_dispatch, caplog: pytest.LogCapt
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_entry_points_are_the_references(dtype: torch.dtype) -> None:
+def test_cpu_entry_points_are_the_references(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch, "_cpu_has_bf16_math", lambda: False)  # else fp32 rows multiply in bf16 (below)
     x, qweight, scale, bias, _ = linear_operands(40, 37, 45, dtype, "cpu", with_bias=True)
     x = x.reshape(2, 20, 45)  # 40 rows: W8A8 on a GPU, but the reference backend keeps W8A16
     for entry, ref in [
@@ -193,3 +194,21 @@ def test_cpu_int8_weight_kernel_for_few_rows(
         assert ((y.double() - expected).norm() / expected.norm()).item() < 4e-3
     else:
         assert_close_to(y, expected, dtype)
+
+
+@pytest.mark.parametrize("rows,k", [(33, 128), (40, 45), (300, 688)])
+@pytest.mark.parametrize("bf16_math", [True, False])
+def test_cpu_prefill_rows_of_fp32_multiply_in_bf16(
+    rows: int, k: int, bf16_math: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More rows than torch's int8-weight kernel takes, fp32 on a CPU with bf16 math: x and the weight in bf16,
+    the scale and bias after in fp32, within the error of the decode rows' bf16 rounding; without bf16 math,
+    the fp32 reference."""
+    monkeypatch.setattr(dispatch, "_cpu_has_bf16_math", lambda: bf16_math)
+    x, qweight, scale, bias, _ = linear_operands(rows, 37, k, torch.float32, "cpu", with_bias=True)
+    y = kernels.int8_linear(x.reshape(1, rows, k), qweight, scale, bias).reshape(rows, 37)
+    in_bf16 = torch.nn.functional.linear(x.bfloat16(), qweight.bfloat16()).float() * scale + bias
+    reference = w8a16_linear_ref(x, qweight, scale, bias)
+    torch.testing.assert_close(y, in_bf16 if bf16_math else reference, rtol=0, atol=0)
+    expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 4e-3
