@@ -1,9 +1,11 @@
-"""Helpers shared by the benchmark scripts: the hardware record and the result file."""
+"""Helpers shared by the benchmark scripts: the hardware record and the result file, timing implementations in
+turns, and the random 130M LLaMA of the CPU benchmarks."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,3 +29,35 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)))
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
+
+
+def best_in_turns(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
+    """For each implementation, the least of `repeats` measurements (seconds) after one warm-up.
+
+    The implementations take turns, one measurement each per round, so a noisy spell of a shared machine falls
+    on all of them alike rather than on whichever ran through it.
+    """
+    for measure in measures.values():
+        measure()
+    best = dict.fromkeys(measures, float("inf"))
+    for _ in range(repeats):
+        for label, measure in measures.items():
+            best[label] = min(best[label], measure())
+    return best
+
+
+def random_llama_130m(out: Path) -> Path:
+    """A ~130M-parameter LLaMA with random weights and a 32000-word word-level tokenizer, written to `out`."""
+    import torch
+    import transformers as tf
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
+                         bos_token_id=1, eos_token_id=2)
+    tf.LlamaForCausalLM(cfg).save_pretrained(out)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(32000)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.save(str(out / "tokenizer.json"))
+    return out

@@ -23,9 +23,8 @@ from typing import Any
 
 import torch
 import transformers as tf
-from tokenizers import Tokenizer, models, pre_tokenizers
 
-from benchmarks.common import print_table, write_results
+from benchmarks.common import best_in_turns, print_table, random_llama_130m, write_results
 from engine import Engine, SamplingParams
 from vramlite import models as demo_models
 
@@ -37,37 +36,15 @@ OURS = (("vramlite fp32", "fp32", None, False), ("vramlite bf16", "bf16", None, 
         ("vramlite int8 w / fp32 act compiled", "fp32", "int8", True))
 
 
-def random_llama_130m(out: Path) -> Path:
-    """A ~130M-parameter LLaMA with random weights and a 32000-word word-level tokenizer."""
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                         num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512,
-                         bos_token_id=1, eos_token_id=2)
-    tf.LlamaForCausalLM(cfg).save_pretrained(out)
-    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(32000)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.save(str(out / "tokenizer.json"))
-    return out
-
-
-def best_decode_seconds(runs: dict[str, Callable[[int], None]], tokens: int, repeats: int) -> dict[str, float]:
-    """For each implementation, min over repeats of time(N tokens) - time(1 token).
-
-    The implementations take turns, one repeat each per round, so a noisy spell of a shared machine falls on
-    all of them alike rather than on whichever ran through it.
-    """
-    for run in runs.values():
-        run(2)  # warm-up
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for label, run in runs.items():
-            t0 = time.perf_counter()
-            run(1)
-            t1 = time.perf_counter()
-            run(tokens)
-            t2 = time.perf_counter()
-            best[label] = min(best[label], (t2 - t1) - (t1 - t0))
-    return best
+def decode_seconds(run: Callable[[int], None], tokens: int) -> Callable[[], float]:
+    """A measurement of `run`'s decode time: time(N tokens) - time(1 token)."""
+    def measure() -> float:
+        t0 = time.perf_counter()
+        run(1)
+        t1 = time.perf_counter()
+        run(tokens)
+        return (time.perf_counter() - t1) - (t1 - t0)
+    return measure
 
 
 def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
@@ -94,7 +71,7 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
             engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
         runs[label] = run_ours
-    timings = best_decode_seconds(runs, tokens, repeats)
+    timings = best_in_turns({label: decode_seconds(run, tokens) for label, run in runs.items()}, repeats)
     base = timings["transformers fp32"]
     return [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
