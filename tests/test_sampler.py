@@ -9,11 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from engine import sampler
 from engine.sampler import (
     Sampler,
     SamplerState,
     SamplingParams,
     apply_penalties,
+    inverse_cdf_pick,
     top_k_mask,
     top_k_top_p_mask,
     top_p_mask,
@@ -246,6 +248,59 @@ def test_top_k_then_top_p_equals_the_two_masks_applied_in_turn(
     both = top_k_top_p_mask(logits, k, p)
     assert both.any(-1).all()
     assert both.tolist() == (top_k_mask(logits, k) & top_p_mask(after_k, p)).tolist()
+
+
+@FAST
+@given(logits=tied_logits, data=st.data())
+def test_top_p_among_the_most_likely_tokens_is_what_a_full_sort_keeps(
+    logits: torch.Tensor, data: st.DataObject
+) -> None:
+    """However few candidates top-p looks among, ties and short masses included, it keeps what sorting whole
+    rows keeps (these vocabularies are below TOP_P_CANDIDATES: unpatched, every row is sorted whole)."""
+    rows, vocab = logits.shape
+    k = torch.tensor(data.draw(st.lists(st.integers(0, vocab), min_size=rows, max_size=rows)))
+    p = torch.tensor(data.draw(st.lists(st.floats(0.01, 1.0), min_size=rows, max_size=rows)))
+    full = top_k_top_p_mask(logits, k, p)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sampler, "TOP_P_CANDIDATES", data.draw(st.integers(1, vocab)))
+        assert top_k_top_p_mask(logits, k, p).tolist() == full.tolist()
+
+
+def test_top_p_sorts_whole_rows_only_where_the_candidates_fall_short(monkeypatch: pytest.MonkeyPatch) -> None:
+    widths = []
+    among = sampler._top_p_among
+    monkeypatch.setattr(sampler, "_top_p_among", lambda x, *a: widths.append((len(x), a[-1])) or among(x, *a))
+    peaked = torch.cat([torch.tensor([[12.0, 11.0, 10.0]]), torch.zeros(1, 997)], dim=-1)  # top 3: mass 0.9
+    flat = random_logits(0, 1, 1000, scale=0.1)
+    top_k_top_p_mask(torch.cat([peaked, flat]), torch.zeros(2, dtype=torch.long), torch.tensor([0.8, 0.8]))
+    assert widths == [(2, sampler.TOP_P_CANDIDATES), (1, 1000)]  # the flat row, sorted whole
+
+
+def test_top_p_below_float32s_smallest_keeps_the_most_likely_token() -> None:
+    logits = random_logits(3, 2, 40)
+    keep = top_p_mask(logits, torch.tensor([5e-324, 1e-46], dtype=torch.float64).float())  # both 0 in float32
+    assert keep.tolist() == torch.nn.functional.one_hot(logits.argmax(-1), 40).bool().tolist()
+
+
+def test_inverse_cdf_pick_gives_a_vocabulary_id_for_nan_logits() -> None:
+    assert 0 <= inverse_cdf_pick(torch.full((1, 5), math.nan), torch.tensor([0.3])).item() < 5
+
+
+def test_inverse_cdf_pick_never_lands_on_a_masked_token() -> None:
+    inf = math.inf
+    logits = torch.tensor([[-inf, 0.0, 0.0, -inf], [-inf, 0.0, 0.0, -inf], [0.0, -inf, 5.0, -inf]])
+    u = torch.tensor([0.0, 1 - 2**-24, 0.5])
+    assert inverse_cdf_pick(logits, u).tolist() == [1, 2, 2]
+
+
+def test_inverse_cdf_draws_follow_the_softmax() -> None:
+    probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
+    draws = 20000
+    u = torch.rand(draws, generator=torch.Generator().manual_seed(0))
+    picks = inverse_cdf_pick(probs.log().expand(draws, -1), u)
+    share = torch.bincount(picks, minlength=6) / draws
+    sigma = (probs * (1 - probs) / draws).sqrt()
+    assert ((share - probs).abs() <= 5 * sigma).all(), share  # the zero-probability token: never
 
 
 # --- sampling ---------------------------------------------------------------------------------------

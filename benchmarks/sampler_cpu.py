@@ -1,0 +1,100 @@
+"""Sampling cost per decode step on the CPU: vramlite's sampler vs transformers' (its logits warpers, softmax and
+`torch.multinomial`, as `generate` samples), on the same logits, threads and run.
+
+    python -m benchmarks.sampler_cpu [--threads 2] [--repeats 20]
+
+Logits: the shipped demo model's own, over held-out text (8192 words; how peaked a trained model's next-word
+distribution is decides how often top-p must sort whole rows), and random normal ones over 32000 words (flat:
+top-p's worst case). Batches of 1, 8 and 32 rows; temperature alone, top-k 50, top-p 0.9 and both. Each
+implementation's mean over `--repeats` calls, best of 3 rounds taken in turns. Prints a table; writes
+benchmarks/results/sampler_cpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from benchmarks.common import best_in_turns, print_table, write_results
+from engine import Engine
+from engine.runner import Chunk
+from engine.sampler import Sampler, SamplerState, SamplingParams
+from vramlite import models as demo_models
+
+COLUMNS = ["logits", "vocab", "batch", "sampling", "transformers_ms", "vramlite_ms", "vs_transformers"]
+CASES = {
+    "temperature 0.7": {"temperature": 0.7},
+    "top-k 50": {"temperature": 0.7, "top_k": 50},
+    "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
+    "top-k 50, top-p 0.9": {"temperature": 0.7, "top_k": 50, "top_p": 0.9},
+}
+
+
+def demo_logits(rows: int) -> torch.Tensor:
+    """The demo model's logits at `rows` positions of its held-out text (fp32 [rows, 8192])."""
+    engine = Engine.from_dir(demo_models.path(), device="cpu", dtype="fp32", max_batch_size=1)
+    ids = engine.tokenizer.encode((demo_models.path() / "heldout.txt").read_text(encoding="utf-8"))
+    return engine.runner.forward_all([Chunk(0, ids[: min(rows + 1, engine.context)], 0)])[0][1:rows + 1]
+
+
+def mean_seconds(run: Callable[[], object], calls: int) -> Callable[[], float]:
+    def measure() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        return (time.perf_counter() - start) / calls
+    return measure
+
+
+def bench_case(logits: torch.Tensor, params: dict[str, Any], repeats: int) -> dict[str, float]:
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(params["temperature"])])
+    if params.get("top_k"):
+        warpers.append(TopKLogitsWarper(params["top_k"]))
+    if params.get("top_p"):
+        warpers.append(TopPLogitsWarper(params["top_p"]))
+    input_ids = torch.ones(logits.size(0), 1, dtype=torch.long)
+    generator = torch.Generator().manual_seed(0)
+
+    def theirs() -> torch.Tensor:
+        return torch.multinomial(warpers(input_ids, logits).softmax(dim=-1), 1, generator=generator)
+
+    states = [SamplerState(SamplingParams(seed=i, **params), []) for i in range(logits.size(0))]
+    sampler = Sampler()
+    return best_in_turns({"transformers": mean_seconds(theirs, repeats),
+                          "vramlite": mean_seconds(lambda: sampler(logits, states), repeats)}, 3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--repeats", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    batches = (1, 8, 32)
+    demo = demo_logits(400)
+    sources = {"demo model": lambda b: demo[torch.arange(b) * (len(demo) // b)],
+               "random normal": lambda b: torch.randn(b, 32000, generator=torch.Generator().manual_seed(b))}
+    rows: list[dict[str, Any]] = []
+    for name, make in sources.items():
+        for batch in batches:
+            logits = make(batch)
+            for case, params in CASES.items():
+                t = bench_case(logits, params, args.repeats)
+                rows.append({"logits": name, "vocab": logits.size(-1), "batch": batch, "sampling": case,
+                             "transformers_ms": round(1000 * t["transformers"], 3),
+                             "vramlite_ms": round(1000 * t["vramlite"], 3),
+                             "vs_transformers": round(t["transformers"] / t["vramlite"], 2)})
+                print_table(rows[-1:], COLUMNS)
+    print()
+    print_table(rows, COLUMNS)
+    path = write_results("sampler_cpu", rows, threads=args.threads, repeats=args.repeats)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
