@@ -5,7 +5,8 @@
 
 Logits: the shipped demo model's own, over held-out text (8192 words; how peaked a trained model's next-word
 distribution is decides how often top-p must sort whole rows), and random normal ones over 32000 words (flat:
-top-p's worst case). Batches of 1, 8 and 32 rows; temperature alone, top-k 50, top-p 0.9 and both. Each
+top-p's worst case). Batches of 1, 8 and 32 rows; temperature alone, top-k 50, top-p 0.9, both, and a
+repetition penalty over 300 tokens seen. Each
 implementation's mean over `--repeats` calls, best of 3 rounds taken in turns. Prints a table; writes
 benchmarks/results/sampler_cpu.json.
 """
@@ -18,7 +19,13 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from benchmarks.common import best_in_turns, print_table, write_results
 from engine import Engine
@@ -32,7 +39,10 @@ CASES = {
     "top-k 50": {"temperature": 0.7, "top_k": 50},
     "top-p 0.9": {"temperature": 0.7, "top_p": 0.9},
     "top-k 50, top-p 0.9": {"temperature": 0.7, "top_k": 50, "top_p": 0.9},
+    "repetition penalty 1.2": {"temperature": 0.7, "repetition_penalty": 1.2},
 }
+HISTORY = 300
+"""Tokens each sequence has seen (prompt and output), for the repetition penalty."""
 
 
 def demo_logits(rows: int) -> torch.Tensor:
@@ -52,18 +62,26 @@ def mean_seconds(run: Callable[[], object], calls: int) -> Callable[[], float]:
 
 
 def bench_case(logits: torch.Tensor, params: dict[str, Any], repeats: int) -> dict[str, float]:
-    warpers = LogitsProcessorList([TemperatureLogitsWarper(params["temperature"])])
+    rows, vocab = logits.shape
+    history = torch.randint(0, vocab, (rows, HISTORY), generator=torch.Generator().manual_seed(1))
+    warpers = LogitsProcessorList()
+    if "repetition_penalty" in params:
+        warpers.append(RepetitionPenaltyLogitsProcessor(params["repetition_penalty"]))
+    warpers.append(TemperatureLogitsWarper(params["temperature"]))
     if params.get("top_k"):
         warpers.append(TopKLogitsWarper(params["top_k"]))
     if params.get("top_p"):
         warpers.append(TopPLogitsWarper(params["top_p"]))
-    input_ids = torch.ones(logits.size(0), 1, dtype=torch.long)
     generator = torch.Generator().manual_seed(0)
 
     def theirs() -> torch.Tensor:
-        return torch.multinomial(warpers(input_ids, logits).softmax(dim=-1), 1, generator=generator)
+        return torch.multinomial(warpers(history, logits).softmax(dim=-1), 1, generator=generator)
 
-    states = [SamplerState(SamplingParams(seed=i, **params), []) for i in range(logits.size(0))]
+    states = []
+    for i, seen in enumerate(history.tolist()):  # the first half as the prompt, the rest as generated
+        states.append(SamplerState(SamplingParams(seed=i, **params), seen[: HISTORY // 2]))
+        for token in seen[HISTORY // 2 :]:
+            states[-1].append(token)
     sampler = Sampler()
     return best_in_turns({"transformers": mean_seconds(theirs, repeats),
                           "vramlite": mean_seconds(lambda: sampler(logits, states), repeats)}, 3)

@@ -129,11 +129,6 @@ class SamplingParams:
         return cls(**kw)
 
 
-def _ids_tensor(ids: Sequence[int], vocab_size: int, device: torch.device) -> torch.Tensor:
-    # Ids outside the logits' vocabulary (tokenizer-only added tokens) have no logit to penalize.
-    return torch.tensor([i for i in ids if 0 <= i < vocab_size], dtype=torch.long, device=device)
-
-
 class SamplerState:
     """Per-sequence sampling state: parameters, seeded generator, prompt and generated token ids."""
 
@@ -151,8 +146,10 @@ class SamplerState:
             or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0
         )
-        self._counts: torch.Tensor | None = None
-        self._prompt_mask: torch.Tensor | None = None
+        self._vocab_size = 0
+        self._position: dict[int, int] = {}  # seen token -> its place in _seen and _counts
+        self._seen = torch.empty(0, dtype=torch.long, device=self.device)
+        self._counts = torch.empty(0, dtype=torch.float32, device=self.device)
         self._counted = 0
 
     def append(self, token_id: int) -> None:
@@ -160,41 +157,58 @@ class SamplerState:
         self.output_ids.append(int(token_id))
 
     def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Generated-token counts (float32 [V]) and a prompt-token mask (bool [V]) on this state's device.
+        """The tokens seen so far, prompt and generated (int64 [n], each once, in order of first sight), and how
+        often each was generated (float32 [n]), on this state's device. Ids outside the logits' vocabulary
+        (tokenizer-only added tokens) have no logit to penalize and are left out.
 
-        Built on first use and then updated with only the tokens appended since the last call.
+        Built on first use, then updated with only the tokens appended since the last call.
         """
-        if self._counts is None or self._prompt_mask is None or self._counts.numel() != vocab_size:
-            self._prompt_mask = torch.zeros(vocab_size, dtype=torch.bool, device=self.device)
-            self._prompt_mask[_ids_tensor(self.prompt_ids, vocab_size, self.device)] = True
-            self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=self.device)
+        if vocab_size != self._vocab_size:
+            self._vocab_size = vocab_size
+            prompt = [t for t in dict.fromkeys(self.prompt_ids) if 0 <= t < vocab_size]
+            self._position = {t: i for i, t in enumerate(prompt)}
+            self._seen = torch.tensor(prompt, dtype=torch.long, device=self.device)
+            self._counts = torch.zeros(len(prompt), dtype=torch.float32, device=self.device)
             self._counted = 0
-        if self._counted < len(self.output_ids):
-            new = _ids_tensor(self.output_ids[self._counted :], vocab_size, self.device)
-            self._counts.index_put_((new,), torch.ones_like(new, dtype=torch.float32), accumulate=True)
-            self._counted = len(self.output_ids)
-        return self._counts, self._prompt_mask
+        fresh, generated = [], []
+        for t in self.output_ids[self._counted :]:
+            if 0 <= t < vocab_size:
+                if t not in self._position:
+                    self._position[t] = len(self._position)
+                    fresh.append(t)
+                generated.append(self._position[t])
+        self._counted = len(self.output_ids)
+        if fresh:
+            self._seen = torch.cat([self._seen, torch.tensor(fresh, dtype=torch.long, device=self.device)])
+            self._counts = torch.cat([self._counts, self._counts.new_zeros(len(fresh))])
+        if generated:
+            at = torch.tensor(generated, dtype=torch.long, device=self.device)
+            self._counts.index_put_((at,), torch.ones_like(at, dtype=torch.float32), accumulate=True)
+        return self._seen, self._counts
 
 
-def apply_penalties(
-    logits: torch.Tensor,
-    counts: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    repetition_penalty: torch.Tensor,
-    frequency_penalty: torch.Tensor,
-    presence_penalty: torch.Tensor,
-) -> torch.Tensor:
-    """Penalize logits [B, V] given generated-token counts [B, V] and prompt masks [B, V]; penalties are [B].
+def apply_penalties_(logits: torch.Tensor, rows: Sequence[int], states: Sequence[SamplerState]) -> None:
+    """Penalize, in place, row rows[i] of float32 logits [B, V] by states[i]'s penalties.
 
     Repetition penalty (HF) covers prompt and generated tokens: a positive logit is divided by it, any
     other multiplied. Frequency and presence penalties (OpenAI) cover generated tokens only:
-    logit -= frequency * count + presence * (count > 0).
+    logit -= frequency * count + presence * (count > 0). Only the seen tokens' logits are read and written,
+    not whole rows.
     """
-    rep = repetition_penalty.unsqueeze(-1)
-    generated = counts > 0
-    seen = prompt_mask | generated
-    out = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return out - frequency_penalty.unsqueeze(-1) * counts - presence_penalty.unsqueeze(-1) * generated
+    vocab = logits.size(-1)
+    stats = [s.penalty_tensors(vocab) for s in states]
+    seen = torch.cat([ids for ids, _ in stats])
+    counts = torch.cat([c for _, c in stats])
+    device = logits.device
+    lengths = torch.tensor([len(ids) for ids, _ in stats], device=device)
+    per_row = torch.tensor([[r * vocab, s.params.repetition_penalty, s.params.frequency_penalty,
+                             s.params.presence_penalty] for r, s in zip(rows, states, strict=True)],
+                           dtype=torch.float64, device=device).repeat_interleave(lengths, dim=0)
+    flat = seen + per_row[:, 0].long()
+    rep, frequency, presence = per_row[:, 1:].float().unbind(-1)
+    x = logits.view(-1)[flat]
+    x = torch.where(x > 0, x / rep, x * rep) - frequency * counts - presence * (counts > 0)
+    logits.view(-1)[flat] = x
 
 
 def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -314,22 +328,13 @@ class Sampler:
             raise ValueError(f"expected logits [{len(states)}, vocab], got {list(logits.shape)}")
         if all(s.greedy and not s.penalized for s in states):
             return argmax(logits)
-        x = logits.float()
-        device = x.device
+        device = logits.device
         penalized = [i for i, s in enumerate(states) if s.penalized]
-        if penalized:
-            rows = [states[i] for i in penalized]
-            stats = [s.penalty_tensors(x.size(1)) for s in rows]
-            index = torch.tensor(penalized, dtype=torch.long, device=device)
-            penalized_logits = apply_penalties(
-                x[index],
-                torch.stack([counts for counts, _ in stats]),
-                torch.stack([mask for _, mask in stats]),
-                _column(rows, "repetition_penalty", torch.float32, device),
-                _column(rows, "frequency_penalty", torch.float32, device),
-                _column(rows, "presence_penalty", torch.float32, device),
-            )
-            x = x.index_copy(0, index, penalized_logits)
+        if penalized:  # on a copy: the caller's logits stay as they are
+            x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+            apply_penalties_(x, penalized, [states[i] for i in penalized])
+        else:
+            x = logits.float()
         sampled = [i for i, s in enumerate(states) if not s.greedy]
         if len(sampled) == len(states):
             return _sample(x, states)

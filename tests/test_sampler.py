@@ -14,7 +14,7 @@ from engine.sampler import (
     Sampler,
     SamplerState,
     SamplingParams,
-    apply_penalties,
+    apply_penalties_,
     inverse_cdf_pick,
     top_k_mask,
     top_k_top_p_mask,
@@ -157,15 +157,8 @@ def test_penalties_match_per_token_reference(rows: list, seed: int) -> None:
         for t in output:
             state.append(t)
         states.append(state)
-    stats = [s.penalty_tensors(vocab) for s in states]
-    got = apply_penalties(
-        logits,
-        torch.stack([c for c, _ in stats]),
-        torch.stack([m for _, m in stats]),
-        torch.tensor([p.repetition_penalty for p, _, _ in rows]),
-        torch.tensor([p.frequency_penalty for p, _, _ in rows]),
-        torch.tensor([p.presence_penalty for p, _, _ in rows]),
-    )
+    got = logits.clone()
+    apply_penalties_(got, range(len(states)), states)
     want = torch.tensor(
         [reference_penalties(logits[i].tolist(), pr, out, p) for i, (p, pr, out) in enumerate(rows)]
     )
@@ -176,16 +169,27 @@ def test_penalties_match_per_token_reference(rows: list, seed: int) -> None:
 
 def test_penalty_counts_follow_appends_incrementally() -> None:
     state = SamplerState(SamplingParams(frequency_penalty=1.0), [1, 1, 2, 99])  # 99 is outside the vocab
-    counts, prompt_mask = state.penalty_tensors(8)
-    assert counts.sum() == 0
-    assert prompt_mask.nonzero().flatten().tolist() == [1, 2]
-    for t in (3, 3, 5):
+    seen, counts = state.penalty_tensors(8)
+    assert seen.tolist() == [1, 2] and counts.tolist() == [0, 0]
+    for t in (3, 3, 5, 2):
         state.append(t)
-    counts, _ = state.penalty_tensors(8)
-    assert counts.tolist() == [0, 0, 0, 2, 0, 1, 0, 0]
+    seen, counts = state.penalty_tensors(8)
+    assert seen.tolist() == [1, 2, 3, 5] and counts.tolist() == [0, 1, 2, 1]
     state.append(5)
-    assert state.penalty_tensors(8)[0].tolist() == [0, 0, 0, 2, 0, 2, 0, 0]
-    assert state.penalty_tensors(4)[0].tolist() == [0, 0, 0, 2]  # a new vocabulary size rebuilds
+    assert state.penalty_tensors(8)[1].tolist() == [0, 1, 2, 2]
+    seen, counts = state.penalty_tensors(4)  # a new vocabulary size rebuilds
+    assert seen.tolist() == [1, 2, 3] and counts.tolist() == [0, 1, 2]
+
+
+def test_penalties_of_some_rows_leave_the_others_alone() -> None:
+    logits = random_logits(1, 3, 12)
+    state = SamplerState(SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5), [4, 7])
+    state.append(7)
+    got = logits.clone()
+    apply_penalties_(got, [1], [state])
+    want = torch.tensor(reference_penalties(logits[1].tolist(), [4, 7], [7], state.params))
+    torch.testing.assert_close(got[1], want)
+    assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])
 
 
 def test_sampler_does_not_modify_the_callers_logits() -> None:
