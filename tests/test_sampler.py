@@ -446,3 +446,39 @@ def test_samples_stay_inside_top_k_and_top_p() -> None:
 def test_rejects_logits_that_do_not_match_the_states() -> None:
     with pytest.raises(ValueError, match="expected logits"):
         Sampler()(torch.zeros(2, 5), [SamplerState(SamplingParams(), [])])
+
+
+# --- on a GPU ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_masks_on_the_gpu_are_the_cpus() -> None:
+    """Peaked rows (settled among the candidates) and flat ones (sorted whole), with and without top-k."""
+    peaked = random_logits(0, 4, 32000, scale=3.0)
+    peaked[:, :40] += 12.0
+    logits = torch.cat([peaked, random_logits(1, 4, 32000, scale=0.5)]).bfloat16().float()  # ties, as bf16 gives
+    k = torch.tensor([0, 50, 0, 1000] * 2)
+    p = torch.tensor([0.9, 0.9, 1.0, 0.95] * 2)
+    cpu = top_k_top_p_mask(logits, k, p)
+    assert top_k_top_p_mask(logits.cuda(), k.cuda(), p.cuda()).cpu().tolist() == cpu.tolist()
+
+
+@pytest.mark.gpu
+def test_seeded_sampling_on_the_gpu_repeats_and_stays_in_the_mask() -> None:
+    logits = random_logits(2, 3, 32000).cuda()
+    params = [SamplingParams(temperature=0.8, top_p=0.9, seed=5), SamplingParams(temperature=1.0, top_k=20, seed=6),
+              SamplingParams(temperature=0.7, repetition_penalty=1.3, seed=7)]
+
+    def run() -> list[list[int]]:
+        states = [SamplerState(p, [1, 2, 3], device="cuda") for p in params]
+        for _ in range(20):
+            for state, token in zip(states, Sampler()(logits, states).tolist(), strict=True):
+                state.append(token)
+        return [s.output_ids for s in states]
+
+    first = run()
+    assert run() == first
+    scaled = logits[:2] / torch.tensor([[0.8], [1.0]], device="cuda")  # top-p acts after the temperature
+    allowed = top_k_top_p_mask(scaled, torch.tensor([0, 20], device="cuda"), torch.tensor([0.9, 1.0], device="cuda"))
+    for row, tokens in enumerate(first[:2]):
+        assert allowed[row, tokens].all()
