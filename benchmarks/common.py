@@ -23,6 +23,13 @@ def write_results(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
     return path
 
 
+def report(name: str, rows: list[dict[str, Any]], columns: list[str], **extra: Any) -> None:
+    """Print the table of every row, write the result file (`write_results`) and say where."""
+    print()
+    print_table(rows, columns)
+    print(f"\nwrote {write_results(name, rows, **extra)}")
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
     cells = [[str(r.get(c, "")) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
@@ -44,6 +51,22 @@ def best_in_turns(measures: dict[str, Callable[[], float]], repeats: int) -> dic
         for label, measure in measures.items():
             best[label] = min(best[label], measure())
     return best
+
+
+def over_cpu_models(batches: list[int], bench: Callable[[str, Path, int], list[dict[str, Any]]]
+                    ) -> list[dict[str, Any]]:
+    """The rows of `bench(name, model_dir, batch)` for each batch size on each of the CPU benchmarks' models:
+    the shipped demo model and the random 130M LLaMA (written to a temporary directory)."""
+    import tempfile
+
+    from vramlite import models
+
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, model_dir in {"demo-llama": models.path(), "llama-130m-random": random_llama_130m(Path(tmp))}.items():
+            for batch in batches:
+                rows += bench(name, model_dir, batch)
+    return rows
 
 
 def random_llama_130m(out: Path) -> Path:

@@ -15,7 +15,6 @@ taking turns. Prints a table; writes benchmarks/results/decode_cpu.json.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 import torch
 import transformers as tf
 
-from benchmarks.common import best_in_turns, print_table, random_llama_130m, write_results
+from benchmarks.common import best_in_turns, over_cpu_models, print_table, report
 from engine import Engine, SamplingParams
-from vramlite import models as demo_models
 
 PROMPT_LEN = 16
 COLUMNS = ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32", "load_s"]
@@ -73,11 +71,13 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
         runs[label] = run_ours
     timings = best_in_turns({label: decode_seconds(run, tokens) for label, run in runs.items()}, repeats)
     base = timings["transformers fp32"]
-    return [{"model": name, "batch": batch, "impl": impl,
+    rows = [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
              "ms_per_step": round(1000 * s / (tokens - 1), 2),
              "vs_transformers_fp32": round(base / s, 2),
              "load_s": round(load_seconds[impl], 2)} for impl, s in timings.items()]
+    print_table(rows, COLUMNS)
+    return rows
 
 
 def main() -> None:
@@ -88,17 +88,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        targets = {"demo-llama": demo_models.path(), "llama-130m-random": random_llama_130m(Path(tmp))}
-        for name, model_dir in targets.items():
-            for batch in args.batches:
-                rows += bench_model(name, model_dir, batch, args.tokens, args.repeats)
-                print_table([r for r in rows if r["model"] == name and r["batch"] == batch], COLUMNS)
-    print()
-    print_table(rows, COLUMNS)
-    path = write_results("decode_cpu", rows, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN)
-    print(f"\nwrote {path}")
+    rows = over_cpu_models(args.batches, lambda name, model_dir, batch: bench_model(
+        name, model_dir, batch, args.tokens, args.repeats))
+    report("decode_cpu", rows, COLUMNS, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN)
 
 
 if __name__ == "__main__":

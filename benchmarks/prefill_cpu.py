@@ -13,7 +13,6 @@ there are no compiled rows. Prints a table; writes benchmarks/results/prefill_cp
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,9 +21,8 @@ from typing import Any
 import torch
 import transformers as tf
 
-from benchmarks.common import best_in_turns, print_table, random_llama_130m, write_results
+from benchmarks.common import best_in_turns, over_cpu_models, print_table, report
 from engine import Engine, SamplingParams
-from vramlite import models as demo_models
 
 CONTEXT = 512
 COLUMNS = ["model", "batch", "prompt", "impl", "ms", "tok_per_s", "vs_transformers_fp32"]
@@ -82,16 +80,9 @@ def main() -> None:
     if max(args.prompts) >= CONTEXT:
         ap.error(f"prompts must be shorter than the context, {CONTEXT}")
     torch.set_num_threads(args.threads)
-    rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory() as tmp:
-        targets = {"demo-llama": demo_models.path(), "llama-130m-random": random_llama_130m(Path(tmp))}
-        for name, model_dir in targets.items():
-            for batch in args.batches:
-                rows += bench_model(name, model_dir, batch, args.prompts, args.repeats)
-    print()
-    print_table(rows, COLUMNS)
-    path = write_results("prefill_cpu", rows, threads=args.threads, repeats=args.repeats, context=CONTEXT)
-    print(f"\nwrote {path}")
+    rows = over_cpu_models(args.batches, lambda name, model_dir, batch: bench_model(
+        name, model_dir, batch, args.prompts, args.repeats))
+    report("prefill_cpu", rows, COLUMNS, threads=args.threads, repeats=args.repeats, context=CONTEXT)
 
 
 if __name__ == "__main__":

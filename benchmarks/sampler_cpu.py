@@ -27,7 +27,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from benchmarks.common import best_in_turns, print_table, write_results
+from benchmarks.common import best_in_turns, print_table, report
 from engine import Engine
 from engine.runner import Chunk
 from engine.sampler import Sampler, SamplerState, SamplingParams
@@ -108,10 +108,7 @@ def main() -> None:
                              "vramlite_ms": round(1000 * t["vramlite"], 3),
                              "vs_transformers": round(t["transformers"] / t["vramlite"], 2)})
                 print_table(rows[-1:], COLUMNS)
-    print()
-    print_table(rows, COLUMNS)
-    path = write_results("sampler_cpu", rows, threads=args.threads, repeats=args.repeats)
-    print(f"\nwrote {path}")
+    report("sampler_cpu", rows, COLUMNS, threads=args.threads, repeats=args.repeats)
 
 
 if __name__ == "__main__":
