@@ -228,10 +228,15 @@ def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     x = logits[rows].masked_fill(~keep[rows], -math.inf)
     p = p[rows].unsqueeze(-1)
     probs = x.softmax(dim=-1)
-    top_p, exact = _top_p_among(x, probs, p, min(TOP_P_CANDIDATES, x.size(-1)))
+    vocab, n = x.size(-1), min(TOP_P_CANDIDATES, x.size(-1))
+    # a row's n most likely tokens can hold p of its mass only if n times its largest probability does
+    if n < vocab and bool((probs.amax(dim=-1, keepdim=True) * n >= p).any()):
+        top_p, exact = _top_p_among(x, probs, p, n)
+    else:
+        top_p, exact = _top_p_among(x, probs, p, vocab)
     if not exact.all():
         slow = (~exact).nonzero().flatten()
-        top_p[slow] = _top_p_among(x[slow], probs[slow], p[slow], x.size(-1))[0]
+        top_p[slow] = _top_p_among(x[slow], probs[slow], p[slow], vocab)[0]
     keep[rows] &= top_p
     return keep
 

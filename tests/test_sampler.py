@@ -278,6 +278,9 @@ def test_top_p_sorts_whole_rows_only_where_the_candidates_fall_short(monkeypatch
     flat = random_logits(0, 1, 1000, scale=0.1)
     top_k_top_p_mask(torch.cat([peaked, flat]), torch.zeros(2, dtype=torch.long), torch.tensor([0.8, 0.8]))
     assert widths == [(2, sampler.TOP_P_CANDIDATES), (1, 1000)]  # the flat row, sorted whole
+    widths.clear()
+    top_k_top_p_mask(flat, torch.zeros(1, dtype=torch.long), torch.tensor([0.8]))
+    assert widths == [(1, 1000)]  # no row's largest probability could make 256 tokens hold 0.8
 
 
 def test_top_p_below_float32s_smallest_keeps_the_most_likely_token() -> None:
