@@ -321,7 +321,13 @@ def inverse_cdf_pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     # where rounding puts u * mass at the top: the last token of nonzero probability, where the CDF first peaks
     # (and a vocabulary id whatever the logits: NaN ones leave no peak)
     last = torch.searchsorted(cdf, mass).clamp_(max=cdf.size(-1) - 1)
-    return torch.minimum(picked, last).squeeze(-1)
+    picked = torch.minimum(picked, last)
+    # A parallel scan (CUDA's cumsum) may round the running sum up at a token of zero probability, which
+    # u * mass can then fall under: never return a masked (-inf) token; take the row's most likely instead.
+    masked = logits.gather(-1, picked) == -math.inf
+    if masked.any():
+        picked = torch.where(masked, argmax(logits).unsqueeze(-1), picked)
+    return picked.squeeze(-1)
 
 
 class Sampler:

@@ -300,6 +300,16 @@ def test_inverse_cdf_pick_never_lands_on_a_masked_token() -> None:
     assert inverse_cdf_pick(logits, u).tolist() == [1, 2, 2]
 
 
+def test_inverse_cdf_pick_never_returns_a_masked_token_a_rounded_scan_points_at(monkeypatch: pytest.MonkeyPatch
+                                                                                  ) -> None:
+    logits = torch.tensor([[0.0, -math.inf, 2.0, -math.inf], [1.0, 0.0, -math.inf, 0.5]])
+    search = torch.searchsorted
+    # as if the CUDA scan had put the running sum at token 1 (row 0) and token 2 (row 1) a hair above the last
+    monkeypatch.setattr(torch, "searchsorted", lambda cdf, v, **kw: torch.minimum(
+        search(cdf, v, **kw), torch.tensor([[1], [2]])))
+    assert inverse_cdf_pick(logits, torch.tensor([0.9, 0.9])).tolist() == [2, 0]
+
+
 def test_inverse_cdf_draws_follow_the_softmax() -> None:
     probs = torch.tensor([0.4, 0.3, 0.15, 0.1, 0.05, 0.0])
     draws = 20000
