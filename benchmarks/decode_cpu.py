@@ -9,29 +9,35 @@ bf16, and int8 weights with fp32 or bf16 activations, and fp32, bf16 and
 int8 with `compile_decode` (which compiles while loading: the load_s
 column). Decode time is the time to produce N tokens minus the time to
 produce 1 (prefill + first token), best of `--repeats`, the implementations
-taking turns. Prints a table; writes benchmarks/results/decode_cpu.json.
+taking turns. Each implementation runs in a process of its own, loaded one
+after the other and then idle while the others run: in one process, where
+each model's memory lands (which follows the order of loading) moved a step
+by up to 12%. Prints a table; writes benchmarks/results/decode_cpu.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-import transformers as tf
 
 from benchmarks.common import best_in_turns, over_cpu_models, print_table, report
-from engine import Engine, SamplingParams
 
 PROMPT_LEN = 16
 COLUMNS = ["model", "batch", "impl", "tok_per_s", "ms_per_step", "vs_transformers_fp32", "load_s"]
-OURS = (("vramlite fp32", "fp32", None, False), ("vramlite bf16", "bf16", None, False),
-        ("vramlite int8 w / fp32 act", "fp32", "int8", False), ("vramlite int8 w / bf16 act", "bf16", "int8", False),
-        ("vramlite fp32 compiled", "fp32", None, True), ("vramlite bf16 compiled", "bf16", None, True),
-        ("vramlite int8 w / fp32 act compiled", "fp32", "int8", True))
+THEIRS = "transformers fp32"
+OURS = {"vramlite fp32": ("fp32", None, False), "vramlite bf16": ("bf16", None, False),
+        "vramlite int8 w / fp32 act": ("fp32", "int8", False), "vramlite int8 w / bf16 act": ("bf16", "int8", False),
+        "vramlite fp32 compiled": ("fp32", None, True), "vramlite bf16 compiled": ("bf16", None, True),
+        "vramlite int8 w / fp32 act compiled": ("fp32", "int8", True)}
+REPLY = "@decode_cpu "
+"""Marks the worker's replies on its stdout, which libraries may print to as well."""
 
 
 def decode_seconds(run: Callable[[int], None], tokens: int) -> Callable[[], float]:
@@ -45,37 +51,82 @@ def decode_seconds(run: Callable[[int], None], tokens: int) -> Callable[[], floa
     return measure
 
 
-def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: int) -> list[dict[str, Any]]:
-    g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    load_seconds = {"transformers fp32": time.perf_counter() - start}
-    prompts = torch.randint(3, hf.config.vocab_size, (batch, PROMPT_LEN), generator=g)
-    params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts)}
+def load(impl: str, model_dir: Path, batch: int) -> Callable[[int], None]:
+    """`run(n)`: generate n tokens for `batch` fixed random prompts with implementation `impl`."""
+    if impl == THEIRS:
+        import transformers as tf
 
-    @torch.inference_mode()
-    def run_hf(n: int) -> None:
-        hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **params)
+        hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+        vocab = hf.config.vocab_size
+    else:
+        from engine import Engine, SamplingParams
 
-    runs: dict[str, Callable[[int], None]] = {"transformers fp32": run_hf}
-    ids = prompts.tolist()
-    for label, dtype, quantize, compiled in OURS:
-        start = time.perf_counter()
+        dtype, quantize, compiled = OURS[impl]
         engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
-                                 quantize=quantize, compile_decode=compiled)
-        load_seconds[label] = time.perf_counter() - start  # with compile_decode, compiling is part of loading
+                                 quantize=quantize, compile_decode=compiled)  # compiling is part of loading
+        vocab = engine.config.vocab_size
+    prompts = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+    if impl == THEIRS:
+        params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts)}
+        return torch.inference_mode()(lambda n: hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **params))
+    ids = prompts.tolist()
+    return lambda n: engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-        def run_ours(n: int, engine: Engine = engine) -> None:
-            engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
-        runs[label] = run_ours
-    timings = best_in_turns({label: decode_seconds(run, tokens) for label, run in runs.items()}, repeats)
-    base = timings["transformers fp32"]
+def worker(impl: str, model_dir: Path, batch: int, tokens: int) -> None:
+    """Load `impl`, say so with its load time, then answer each line of stdin with one decode measurement."""
+    start = time.perf_counter()
+    measure = decode_seconds(load(impl, model_dir, batch), tokens)
+    print(f"{REPLY}{time.perf_counter() - start}", flush=True)
+    for _ in sys.stdin:
+        print(f"{REPLY}{measure()}", flush=True)
+
+
+class Worker:
+    """One implementation in a process of its own (`worker`)."""
+
+    def __init__(self, impl: str, model_dir: Path, batch: int, tokens: int, threads: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.decode_cpu", "--worker", impl, str(model_dir), "--batches",
+             str(batch), "--tokens", str(tokens), "--threads", str(threads)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.load_seconds = self._reply()
+
+    def _reply(self) -> float:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith(REPLY):
+                return float(line.removeprefix(REPLY))
+        raise RuntimeError(f"the worker exited with {self.proc.wait()}")
+
+    def measure(self) -> float:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        return self._reply()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(60)
+
+
+def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: int, threads: int
+                ) -> list[dict[str, Any]]:
+    workers: dict[str, Worker] = {}
+    try:
+        for impl in (THEIRS, *OURS):  # one after the other: compiling takes both cores
+            workers[impl] = Worker(impl, model_dir, batch, tokens, threads)
+        timings = best_in_turns({impl: w.measure for impl, w in workers.items()}, repeats)
+    finally:
+        for w in workers.values():
+            w.close()
+    base = timings[THEIRS]
     rows = [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
              "ms_per_step": round(1000 * s / (tokens - 1), 2),
              "vs_transformers_fp32": round(base / s, 2),
-             "load_s": round(load_seconds[impl], 2)} for impl, s in timings.items()]
+             "load_s": round(workers[impl].load_seconds, 2)} for impl, s in timings.items()]
     print_table(rows, COLUMNS)
     return rows
 
@@ -86,11 +137,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--worker", nargs=2, metavar=("IMPL", "MODEL_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.worker:
+        worker(args.worker[0], Path(args.worker[1]), args.batches[0], args.tokens)
+        return
     rows = over_cpu_models(args.batches, lambda name, model_dir, batch: bench_model(
-        name, model_dir, batch, args.tokens, args.repeats))
-    report("decode_cpu", rows, COLUMNS, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN)
+        name, model_dir, batch, args.tokens, args.repeats, args.threads))
+    report("decode_cpu", rows, COLUMNS, threads=args.threads, tokens=args.tokens, prompt_len=PROMPT_LEN,
+           protocol="a process per implementation")
 
 
 if __name__ == "__main__":

@@ -113,11 +113,11 @@ class ModelRunner:
 
         A decode step is mostly per-op overhead on a small model (norms, rotary, residuals: ~150 small ops),
         which Inductor fuses into a few loops (DECODE_COMPILE_OPTIONS). On 2 Intel Xeon cores, compiled steps
-        ran faster: the demo model 1.85x at batch 1 and 1.45x at batch 8 in fp32, 1.3x at batch 1 with int8
-        weights; a 130M LLaMA 1.2x at batch 1 in fp32, 1.4x at batch 8 in bf16, and with int8 weights in
-        oneDNN's layout 1.45x at batch 1 and 1.7x at batch 8, the per-token quantization of their inputs fused
-        (benchmarks/decode_cpu.py). Prefill and mixed steps run eagerly. Compiling takes 8-70 s on 2 cores, at
-        load, so it is opt-in.
+        ran faster: the demo model 1.4x at batch 1 and 1.45x at batch 8 in fp32, 1.45x at batch 1 with int8
+        weights; a 130M LLaMA 1.15x at batch 1 in fp32, 1.45x at batch 8 in bf16, and with int8 weights in
+        oneDNN's layout 1.9x at batch 1 and 2x at batch 8, the per-token quantization of their inputs fused
+        (benchmarks/decode_cpu.py, each implementation in a process of its own). Prefill and mixed steps run
+        eagerly. Compiling takes 8-70 s on 2 cores, at load, so it is opt-in.
         """
         if self.device.type != "cpu":
             reason = "it is measured and tested on the CPU only"

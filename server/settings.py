@@ -59,7 +59,7 @@ class Settings(BaseModel):
     prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
-                                 "compiled at load (the demo model 1.45-1.85x faster on 2 Intel cores)")
+                                 "compiled at load (the demo model 1.4-1.45x faster on 2 Intel cores)")
     cpu_layout: Literal["auto", "dense", "rows", "packed"] = Field(
         "auto", description="CPU: layout of linear weights (float and int8); auto: the fastest, timed at load; "
         "a name: that layout wherever it applies, the same on every load")
