@@ -32,7 +32,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY configs configs
 COPY engine engine
-COPY kernels kernels
+COPY vramlite_kernels vramlite_kernels
 COPY server server
 COPY vramlite vramlite
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \

@@ -26,7 +26,7 @@ from engine.loader import INT8_METHOD
 from engine.models import family
 from engine.models.base import SCALE_SUFFIX
 from engine.weights import INDEX_FILE, CheckpointReader
-from kernels import quantize_weight
+from vramlite_kernels import quantize_weight
 
 log = logging.getLogger(__name__)
 

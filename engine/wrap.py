@@ -16,7 +16,7 @@ from engine.config import parse_size
 from engine.device import pick_device
 from engine.layers.linear import QUANTIZATIONS, QuantizedLinear
 from engine.offload import WeightStore, layer_sizes, plan_offload, tensor_bytes
-from kernels import quantize_weight
+from vramlite_kernels import quantize_weight
 
 
 def wrap(model: nn.Module, quantize: str | None = None, memory_limit: int | str | None = None,

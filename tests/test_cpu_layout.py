@@ -18,9 +18,9 @@ from engine.layers.cpu_layout import (
     prefer_cpu_layout,
 )
 from engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
-from kernels import quantize_weight
-from kernels.w8a8 import w8a8_linear_ref
-from kernels.w8a16 import w8a16_linear_ref
+from vramlite_kernels import quantize_weight
+from vramlite_kernels.w8a8 import w8a8_linear_ref
+from vramlite_kernels.w8a16 import w8a16_linear_ref
 
 ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN packed linear")),
           False]

@@ -197,7 +197,7 @@ def test_wheel_carries_the_profiles_and_the_demo_model(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("configs", "engine", "kernels", "server", "vramlite"):
+    for name in ("configs", "engine", "server", "vramlite", "vramlite_kernels"):
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     try:
         import setuptools  # noqa: F401

@@ -13,7 +13,7 @@ Candidates per `Linear` that owns a contiguous CPU weight:
   a tied LM head or a view into an offload slot keeps its place.
 
 Per `QuantizedLinear` (int8 weights):
-- "dense": the row-major int8 weight, `kernels.int8_linear` (torch's int8-weight kernel, W8A16);
+- "dense": the row-major int8 weight, `vramlite_kernels.int8_linear` (torch's int8-weight kernel, W8A16);
 - "packed": oneDNN's packed int8 copy, x quantized per token and multiplied in int8 (W8A8, exact int32 sums),
   on CPUs with VNNI only: without it, oneDNN adds u8·s8 products in pairs in int16, which can saturate.
   Measured on 2 Intel Xeon cores (AMX), a 130M LLaMA's int8 weights streamed from memory: 1.4x faster than

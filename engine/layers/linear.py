@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kernels import int8_linear, w8a8_linear_with
+from vramlite_kernels import int8_linear, w8a8_linear_with
 
 QUANTIZATIONS = ("int8",)
 
@@ -14,7 +14,7 @@ class QuantizedLinear(nn.Module):
     """y = x · (qweight ∘ scale)ᵀ + bias, with qweight int8 [out, in] and one fp32 scale per output row.
 
     On the CPU the weight may be handed to oneDNN instead (`use_packed`): x is then quantized per token and
-    multiplied in int8 (W8A8, `kernels.w8a8_linear_with`), where torch's int8-weight kernel (W8A16) reads the
+    multiplied in int8 (W8A8, `vramlite_kernels.w8a8_linear_with`), where torch's int8-weight kernel (W8A16) reads the
     weight at a fraction of the memory's speed. `engine.layers.cpu_layout` chooses, by timing."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
@@ -132,7 +132,7 @@ def _(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("vramlite::int8_linear", mutates_args=())
 def int8_linear_op(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
                    ) -> torch.Tensor:
-    """`kernels.int8_linear` as an op torch.compile calls as it is (Inductor cannot lower torch's int8 CPU
+    """`vramlite_kernels.int8_linear` as an op torch.compile calls as it is (Inductor cannot lower torch's int8 CPU
     matmul)."""
     return int8_linear(x, qweight, scale, bias)
 

@@ -16,7 +16,7 @@ from engine.layers.attention import AttentionMetadata
 from engine.layers.embedding import Embedding
 from engine.layers.linear import QuantizedLinear
 from engine.weights import CheckpointReader
-from kernels import quantize_weight
+from vramlite_kernels import quantize_weight
 
 if TYPE_CHECKING:
     from engine.offload import WeightStore

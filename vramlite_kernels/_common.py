@@ -14,7 +14,7 @@ try:
     import triton.language as tl
     from triton.runtime.errors import OutOfResources
     from triton.testing import do_bench
-except ImportError:  # `kernels` still imports; dispatch then uses the torch references
+except ImportError:  # `vramlite_kernels` still imports; dispatch then uses the torch references
     triton = None
     # Kernel signatures evaluate `tl.constexpr` annotations at definition time.
     tl = SimpleNamespace(constexpr=None)
@@ -25,7 +25,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 class Backend(enum.Enum):
-    """Which kernel variants a device gets (see `kernels.dispatch.backend_for`)."""
+    """Which kernel variants a device gets (see `vramlite_kernels.dispatch.backend_for`)."""
 
     TENSORCORE = "tensorcore"  # CC >= 8.0: fp16/bf16 tensor-core dots, int8 mma
     PASCAL = "pascal"  # CC 6.1-7.5: fp32 math (Pascal's fp16 runs at 1/64 rate), dp4a for int8
@@ -111,7 +111,7 @@ def check_kernel_operands(x: torch.Tensor, backend: Backend | None = None, **ope
     if backend is Backend.PASCAL and x.dtype == torch.bfloat16:
         raise ValueError("bfloat16 needs the tensor-core backend (CC >= 8.0): pass float32 or float16")
     if x.dim() != 2 or x.shape[1] == 0:
-        raise ValueError(f"x must be 2-D [M, K] with K > 0, got {tuple(x.shape)}: kernels.dispatch reshapes")
+        raise ValueError(f"x must be 2-D [M, K] with K > 0, got {tuple(x.shape)}: vramlite_kernels.dispatch reshapes")
     for name, t in {"x": x, **operands}.items():
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")

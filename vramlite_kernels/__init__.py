@@ -4,9 +4,9 @@ and per-token activation quantization, dispatched by the GPU's compute capabilit
 One module per op (`quant`, `w8a16`, `w8a8`), each with its Triton kernel, launcher and torch reference;
 `dispatch` picks among them. Importing does no compiling and works without triton.
 
-Note: this package shares its import name with Hugging Face's `kernels` (hub kernels), which transformers
-probes for; it must never define a `__version__` that transformers would take for theirs (see
-tests/kernels/test_import_hazard.py).
+Named `vramlite_kernels`, not `kernels`: transformers (5.25 and later depend on it) imports Hugging Face's hub
+`kernels` package by that name, and would take a `kernels` of ours ahead of it on sys.path for theirs
+(tests/kernels/test_import_hazard.py).
 """
 
 from ._common import Backend
