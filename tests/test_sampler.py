@@ -466,14 +466,20 @@ def test_rejects_logits_that_do_not_match_the_states() -> None:
 
 @pytest.mark.gpu
 def test_masks_on_the_gpu_are_the_cpus() -> None:
-    """Peaked rows (settled among the candidates) and flat ones (sorted whole), with and without top-k."""
+    """Peaked rows (settled among the candidates) and flat ones (sorted whole), with and without top-k.
+
+    A flat row with top-p alone sums ~29000 probabilities of ~3e-5 before reaching p; the GPU's float32 scan and
+    the CPU's may differ there by about one such step, so its kept prefix may end a token or two apart."""
     peaked = random_logits(0, 4, 32000, scale=3.0)
     peaked[:, :40] += 12.0
     logits = torch.cat([peaked, random_logits(1, 4, 32000, scale=0.5)]).bfloat16().float()  # ties, as bf16 gives
     k = torch.tensor([0, 50, 0, 1000] * 2)
     p = torch.tensor([0.9, 0.9, 1.0, 0.95] * 2)
     cpu = top_k_top_p_mask(logits, k, p)
-    assert top_k_top_p_mask(logits.cuda(), k.cuda(), p.cuda()).cpu().tolist() == cpu.tolist()
+    gpu = top_k_top_p_mask(logits.cuda(), k.cuda(), p.cuda()).cpu()
+    differ = (gpu != cpu).sum(dim=-1).tolist()
+    assert differ[:4] == [0, 0, 0, 0] and differ[5:] == [0, 0, 0]
+    assert differ[4] <= 2
 
 
 @pytest.mark.gpu
