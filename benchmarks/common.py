@@ -4,6 +4,7 @@ turns, and the random 130M LLaMA of the CPU benchmarks."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,16 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)))
 
 
+def call_seconds(run: Callable[[], object], calls: int = 1) -> Callable[[], float]:
+    """A measurement: the mean time of `calls` calls of `run`, in seconds."""
+    def measure() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            run()
+        return (time.perf_counter() - start) / calls
+    return measure
+
+
 def best_in_turns(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
     """For each implementation, the least of `repeats` measurements (seconds) after one warm-up.
 
@@ -57,8 +68,6 @@ def over_cpu_models(batches: list[int], bench: Callable[[str, Path, int], list[d
                     ) -> list[dict[str, Any]]:
     """The rows of `bench(name, model_dir, batch)` for each batch size on each of the CPU benchmarks' models:
     the shipped demo model and the random 130M LLaMA (written to a temporary directory)."""
-    import tempfile
-
     from vramlite import models
 
     rows: list[dict[str, Any]] = []

@@ -51,26 +51,27 @@ def decode_seconds(run: Callable[[int], None], tokens: int) -> Callable[[], floa
     return measure
 
 
+def prompts(vocab: int, batch: int) -> torch.Tensor:
+    """The same `batch` random prompts [batch, PROMPT_LEN] in every worker."""
+    return torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
+
+
 def load(impl: str, model_dir: Path, batch: int) -> Callable[[int], None]:
     """`run(n)`: generate n tokens for `batch` fixed random prompts with implementation `impl`."""
     if impl == THEIRS:
         import transformers as tf
 
         hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        vocab = hf.config.vocab_size
-    else:
-        from engine import Engine, SamplingParams
+        ids = prompts(hf.config.vocab_size, batch)
+        params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(ids)}
+        return torch.inference_mode()(lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **params))
+    from engine import Engine, SamplingParams
 
-        dtype, quantize, compiled = OURS[impl]
-        engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
-                                 quantize=quantize, compile_decode=compiled)  # compiling is part of loading
-        vocab = engine.config.vocab_size
-    prompts = torch.randint(3, vocab, (batch, PROMPT_LEN), generator=torch.Generator().manual_seed(0))
-    if impl == THEIRS:
-        params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts)}
-        return torch.inference_mode()(lambda n: hf.generate(prompts, max_new_tokens=n, min_new_tokens=n, **params))
-    ids = prompts.tolist()
-    return lambda n: engine.generate_batch(ids, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    dtype, quantize, compiled = OURS[impl]
+    engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
+                             quantize=quantize, compile_decode=compiled)  # compiling is part of loading
+    rows = prompts(engine.config.vocab_size, batch).tolist()
+    return lambda n: engine.generate_batch(rows, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
 def worker(impl: str, model_dir: Path, batch: int, tokens: int) -> None:

@@ -13,15 +13,13 @@ there are no compiled rows. Prints a table; writes benchmarks/results/prefill_cp
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers as tf
 
-from benchmarks.common import best_in_turns, over_cpu_models, print_table, report
+from benchmarks.common import best_in_turns, call_seconds, over_cpu_models, print_table, report
 from engine import Engine, SamplingParams
 
 CONTEXT = 512
@@ -31,23 +29,14 @@ OURS = (("vramlite fp32", "fp32", None), ("vramlite bf16", "bf16", None),
         ("vramlite int8 w / fp32 act", "fp32", "int8"), ("vramlite int8 w / bf16 act", "bf16", "int8"))
 
 
-def seconds(run: Callable[[], object]) -> Callable[[], float]:
-    """A measurement of one call of `run`."""
-    def measure() -> float:
-        start = time.perf_counter()
-        run()
-        return time.perf_counter() - start
-    return measure
-
-
 def first_token_seconds(hfs: dict[str, Any], engines: dict[str, Engine], prompts: torch.Tensor, repeats: int
                         ) -> dict[str, float]:
     """Each implementation's best time from `prompts` [batch, len] to every sequence's first token."""
     params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(prompts), "max_new_tokens": 1}
-    measures = {label: seconds(torch.inference_mode()(lambda hf=hf: hf.generate(prompts, **params)))
+    measures = {label: call_seconds(torch.inference_mode()(lambda hf=hf: hf.generate(prompts, **params)))
                 for label, hf in hfs.items()}
     ids, first = prompts.tolist(), SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-    measures |= {label: seconds(lambda engine=engine: engine.generate_batch(ids, first))
+    measures |= {label: call_seconds(lambda engine=engine: engine.generate_batch(ids, first))
                  for label, engine in engines.items()}
     return best_in_turns(measures, repeats)
 

@@ -14,8 +14,6 @@ benchmarks/results/sampler_cpu.json.
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -27,7 +25,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from benchmarks.common import best_in_turns, print_table, report
+from benchmarks.common import best_in_turns, call_seconds, print_table, report
 from engine import Engine
 from engine.runner import Chunk
 from engine.sampler import Sampler, SamplerState, SamplingParams
@@ -52,15 +50,6 @@ def demo_logits(rows: int) -> torch.Tensor:
     return engine.runner.forward_all([Chunk(0, ids[: min(rows + 1, engine.context)], 0)])[0][1:rows + 1]
 
 
-def mean_seconds(run: Callable[[], object], calls: int) -> Callable[[], float]:
-    def measure() -> float:
-        start = time.perf_counter()
-        for _ in range(calls):
-            run()
-        return (time.perf_counter() - start) / calls
-    return measure
-
-
 def bench_case(logits: torch.Tensor, params: dict[str, Any], repeats: int) -> dict[str, float]:
     rows, vocab = logits.shape
     history = torch.randint(0, vocab, (rows, HISTORY), generator=torch.Generator().manual_seed(1))
@@ -83,8 +72,8 @@ def bench_case(logits: torch.Tensor, params: dict[str, Any], repeats: int) -> di
         for token in seen[HISTORY // 2 :]:
             states[-1].append(token)
     sampler = Sampler()
-    return best_in_turns({"transformers": mean_seconds(theirs, repeats),
-                          "vramlite": mean_seconds(lambda: sampler(logits, states), repeats)}, 3)
+    return best_in_turns({"transformers": call_seconds(theirs, repeats),
+                          "vramlite": call_seconds(lambda: sampler(logits, states), repeats)}, 3)
 
 
 def main() -> None:
