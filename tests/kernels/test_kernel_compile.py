@@ -35,6 +35,15 @@ def _triton_interpreter_without_gpu() -> None:
         pytest.skip("triton was imported with TRITON_INTERPRET=1: its own jit functions cannot compile")
 
 
+def _divisible_by_16(params: list[int]) -> Any:
+    """ASTSource's attributes saying that these parameters are multiples of 16, as each triton spells them."""
+    try:
+        from triton.backends.compiler import AttrsDescriptor  # triton 3.2 (torch 2.6)
+    except ImportError:
+        return {(i,): [["tt.divisibility", 16]] for i in params}
+    return AttrsDescriptor.from_dict({"arg_properties": {"tt.divisibility": params}, "cls": "AttrsDescriptor"})
+
+
 def _compile(kernel: Any, cc: int, config: Any, pointers: dict[str, str], **constexprs: Any) -> Any:
     """Compile `kernel` with `config` for sm_<cc>; parameters neither constexpr nor in `pointers` are i32.
 
@@ -44,9 +53,9 @@ def _compile(kernel: Any, cc: int, config: Any, pointers: dict[str, str], **cons
     from triton.compiler import ASTSource
 
     signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "i32") for p in kernel.params}
-    aligned = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(kernel.params)
-               if p.name in pointers or p.name.startswith("stride_") or p.name in ("N", "K")}
-    source = ASTSource(kernel, signature, {**config.kwargs, **constexprs}, aligned)
+    aligned = [i for i, p in enumerate(kernel.params)
+               if p.name in pointers or p.name.startswith("stride_") or p.name in ("N", "K")]
+    source = ASTSource(kernel, signature, {**config.kwargs, **constexprs}, _divisible_by_16(aligned))
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages, "enable_fp_fusion": FP_FUSION}
     try:
         compiled = triton.compile(source, target=GPUTarget("cuda", cc, 32), options=options)

@@ -12,7 +12,7 @@ from kernel_testing import assert_close_to, linear_operands
 
 import vramlite_kernels
 from vramlite_kernels import dispatch
-from vramlite_kernels._common import Backend
+from vramlite_kernels._common import Backend, interpreting
 from vramlite_kernels.w8a8 import w8a8_linear_ref, w8a8_linear_triton
 from vramlite_kernels.w8a16 import w8a16_linear_ref, w8a16_linear_triton
 
@@ -146,6 +146,19 @@ def test_entry_points_check_devices() -> None:
     operands["x"] = operands["x"].cuda()
     with pytest.raises(ValueError, match="different devices"):
         vramlite_kernels.w8a16_linear(**operands)
+
+
+def test_interpreter_switch_read_without_triton_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """triton before 3.4 (3.3 comes with torch 2.7, the Docker image's) has no `triton.knobs`: its jit reads
+    TRITON_INTERPRET itself, and so must the tuner, which asks before every tuned launch."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.delattr(triton, "knobs", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not interpreting()
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not interpreting()
 
 
 def test_imports_and_runs_without_triton() -> None:
