@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
+
 from engine import Engine
 from engine.bench import bench
 from engine.loader import load_model

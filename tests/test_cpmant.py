@@ -11,6 +11,8 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
+pytest.importorskip("jieba")  # not on a GPU host with only the engine's packages: see conftest
+
 from engine import Engine, SamplingParams
 from engine.cpm_tokenizer import CpmTokenizer
 from engine.errors import ModelLoadError

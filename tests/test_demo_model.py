@@ -9,6 +9,8 @@ import re
 import pytest
 import torch
 
+pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
+
 from engine import Engine, SamplingParams
 from engine.layers.cpu_layout import onednn_int8_available
 from engine.runner import Chunk

@@ -17,6 +17,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
+
 from server.settings import Settings
 from tests.server.conftest import Running, running_server
 from vramlite import models as demo_models

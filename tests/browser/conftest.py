@@ -14,6 +14,8 @@ from typing import Any
 
 import pytest
 
+pytest.importorskip("fastapi")  # not on a GPU host with only the engine's packages: see conftest
+
 from server.settings import load_settings
 from tests.server.conftest import Running, running_server, slow_loader
 from vramlite import models as demo_models

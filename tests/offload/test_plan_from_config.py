@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
+
 from engine import Engine
 from engine.loader import plan_from_config
 from server.cli import main

@@ -15,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+pytest.importorskip("fastapi")  # not on a GPU host with only the engine's packages: see conftest
+
 from engine import Engine
 from server.app import engine_loader, make_engine_loop
 from server.engine_loop import EngineLoop
