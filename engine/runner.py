@@ -51,6 +51,12 @@ DECODE_COMPILE_OPTIONS = {
 }
 
 
+def torch_compiles_decode() -> bool:
+    """Whether this torch can compile decode steps: it must keep each runner's graphs apart (torch.compile's
+    `isolate_recompiles`, torch 2.13)."""
+    return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
 @dataclass(frozen=True)
 class Chunk:
     """New tokens of one sequence: `token_ids` go at positions start, start+1, ... of cache `slot`.
@@ -125,7 +131,7 @@ class ModelRunner:
             reason = "layers are streamed under a memory limit"
         elif self.cache.cross_k is not None:
             reason = "encoder-decoder models decode eagerly"
-        elif "isolate_recompiles" not in inspect.signature(torch.compile).parameters:
+        elif not torch_compiles_decode():
             reason = f"torch {torch.__version__} cannot keep each engine's graphs apart (isolate_recompiles: 2.13)"
         else:
             log.info("compiled decode: compiling the decode steps (tens of seconds)")

@@ -11,7 +11,7 @@ from torch._dynamo.utils import counters
 
 from engine.layers.cpu_layout import onednn_int8_available
 from engine.loader import load_model
-from engine.runner import Chunk, ModelRunner
+from engine.runner import Chunk, ModelRunner, torch_compiles_decode
 from tests.conftest import save_tiny_model
 
 CPU = torch.device("cpu")
@@ -24,6 +24,7 @@ CASES = {
                                                       n_positions=64)),
 }
 PROMPTS = ([5, 9, 13, 2, 7], [40, 41, 42], list(range(100, 111)))
+COMPILES = pytest.mark.skipif(not torch_compiles_decode(), reason=f"torch {torch.__version__} decodes eagerly")
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -60,6 +61,7 @@ def decode(runner: ModelRunner, prompts: dict[int, list[int]], steps: int) -> li
             for t in range(steps)]
 
 
+@COMPILES
 @pytest.mark.slow
 def test_single_sequence_decode_compiled_matches_eager(runners):
     eager, compiled = runners
@@ -71,6 +73,7 @@ def test_single_sequence_decode_compiled_matches_eager(runners):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@COMPILES
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["dense", "rows", "packed"])
 def test_each_cpu_layout_compiles(runners, model_dir, layout):
@@ -88,6 +91,7 @@ def test_each_cpu_layout_compiles(runners, model_dir, layout):
     {0: PROMPTS[0], 1: PROMPTS[1], 2: PROMPTS[2]},  # different lengths: a length mask
     {0: PROMPTS[1], 2: PROMPTS[1]},  # slots 0 and 2, equal lengths: gathered, not a view, and no mask
 ], ids=["lengths", "gathered-slots"])
+@COMPILES
 def test_batches_decode_compiled_in_the_graphs_compiled_at_load(runners, batch):
     eager, compiled = runners
     graphs = counters["stats"]["unique_graphs"]
@@ -97,6 +101,7 @@ def test_batches_decode_compiled_in_the_graphs_compiled_at_load(runners, batch):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@COMPILES
 @pytest.mark.slow
 def test_runners_of_alike_models_keep_their_own_graphs(tmp_path, spm_tokenizer_dir):
     """A compiled step guards its inputs, not the runner's model (runner._step_guards), so each runner
@@ -120,6 +125,7 @@ def test_runners_of_alike_models_keep_their_own_graphs(tmp_path, spm_tokenizer_d
     assert not torch.allclose(want[-1], first[-1], atol=1e-3)  # the two models do differ
 
 
+@COMPILES
 @pytest.mark.slow
 def test_prefill_beside_decode_runs_eagerly(runners):
     """A step that mixes a prefill with decode tokens is not compiled; the results still match."""
@@ -132,6 +138,7 @@ def test_prefill_beside_decode_runs_eagerly(runners):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+@COMPILES
 def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
     eager, _ = runners
     runner = make_runner(model_dir, False, slots=1)
@@ -150,6 +157,7 @@ def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["dense", pytest.param("packed", marks=pytest.mark.skipif(
     not onednn_int8_available(), reason="no exact oneDNN int8 linear on this CPU"))])
+@COMPILES
 def test_int8_weights_compile_to_eager_logits(model_dir, layout):
     """int8 linears reach the graph as one custom op: `vramlite::int8_linear` (dense), or oneDNN's int8 product
     (`vramlite::onednn_int8_matmul`, packed) after the per-token quantization of x, which Inductor fuses.
@@ -162,6 +170,7 @@ def test_int8_weights_compile_to_eager_logits(model_dir, layout):
             torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
 
 
+@COMPILES
 @pytest.mark.slow
 def test_bf16_compiles_to_eager_logits(model_dir):
     """In bf16 the compiled step's products differ from eager's in rounding only: one-row products of small

@@ -18,6 +18,7 @@ from engine.layers.cpu_layout import (
     prefer_cpu_layout,
 )
 from engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
+from engine.runner import torch_compiles_decode
 from vramlite_kernels import quantize_weight
 from vramlite_kernels.quant import quantize_activation_per_token_ref
 from vramlite_kernels.w8a8 import w8a8_linear_ref
@@ -253,7 +254,8 @@ def test_int8_packed_is_the_w8a8_reference_exactly(dtype: torch.dtype) -> None:
 
 
 @ONEDNN_INT8
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.skipif(
+    not torch_compiles_decode(), reason=f"torch {torch.__version__} decodes eagerly"))])
 def test_timed_int8_layouts_compute_what_they_did(compiled: bool) -> None:
     """The real timing, eager and as for a compiled engine (without the activations' quantization): whichever
     layout wins, dense is kernels' W8A16 and packed the W8A8 reference."""

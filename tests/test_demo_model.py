@@ -13,7 +13,7 @@ pytest.importorskip("pydantic")  # not on a GPU host with only the engine's pack
 
 from engine import Engine, SamplingParams
 from engine.layers.cpu_layout import onednn_int8_available
-from engine.runner import Chunk
+from engine.runner import Chunk, torch_compiles_decode
 from server.cli import main as cli_main
 from vramlite import models as demo_models
 
@@ -109,6 +109,7 @@ def test_cli_generate_prints_poetry(capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not torch_compiles_decode(), reason=f"torch {torch.__version__} decodes eagerly")
 def test_cli_generate_compiled_prints_the_same(capsys, caplog, monkeypatch):
     """Both loads with the layout pinned (untimed, so the same layout twice), through the flags' env variables."""
     monkeypatch.setenv("VRAMLITE_CPU_LAYOUT", "rows")
