@@ -2,6 +2,7 @@
 packed for oneDNN, whichever timed fastest, compute what they did; int8 linears packed for oneDNN compute
 kernels' W8A8 reference exactly; the choice follows the timings."""
 
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -210,6 +211,28 @@ class TinyInt8(nn.Module):
         self.up = nn.ModuleList(int8_linear(32, 80, False) for _ in range(2))
         self.down = int8_linear(80, 32, True)
         self.head = make_linear(32, 50, False, None)
+
+
+@ONEDNN_INT8
+def test_onednn_int8_unusable_where_its_op_refuses_int8_or_is_inexact(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """torch 2.6's oneDNN int8 linear refuses signed activations (it wants uint8): the probe must say no, and
+    so it must where the sums are not exact, rather than let int8 weights be packed for it."""
+    exact = cpu_layout.onednn_int8_sums
+
+    def refuses(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("qlinear with mkldnn tensor: data type of input should be uint8 (unsigned char).")
+
+    try:
+        for sums, logged in ((refuses, True), (lambda xq, packed: exact(xq, packed) + 1, False)):
+            cpu_layout.onednn_int8_available.cache_clear()
+            monkeypatch.setattr(cpu_layout, "onednn_int8_sums", sums)
+            with caplog.at_level(logging.INFO, logger="engine.layers.cpu_layout"):
+                assert not cpu_layout.onednn_int8_available()
+            assert ("int8 weights stay dense" in caplog.text) is logged
+            caplog.clear()
+    finally:
+        cpu_layout.onednn_int8_available.cache_clear()
 
 
 @pytest.mark.parametrize("available", [True, False])

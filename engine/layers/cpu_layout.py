@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from engine.layers.linear import Linear, QuantizedLinear, onednn_int8_matmul
+from engine.layers.linear import Linear, QuantizedLinear, onednn_int8_matmul, onednn_int8_sums
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +84,24 @@ def onednn_available() -> bool:
         and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 
 
+@functools.cache
 def onednn_int8_available() -> bool:
-    """Whether oneDNN's int8 linear is there and exact: x86 with VNNI (see the module's docstring)."""
+    """Whether oneDNN's int8 linear is there and exact: x86 with VNNI (see the module's docstring), and a torch
+    whose op takes signed int8 activations and gives their exact sums (torch 2.6's wants uint8: tried once)."""
     is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return onednn_available() and hasattr(torch.ops.onednn, "qlinear_prepack") and is_vnni is not None \
-        and is_vnni()
+    if not (onednn_available() and hasattr(torch.ops.onednn, "qlinear_prepack") and is_vnni is not None
+            and is_vnni()):
+        return False
+    xq = torch.tensor([[127, -128, 127, -128] * 16, [-1, 2, -3, 4] * 16], dtype=torch.int8)
+    wq = torch.tensor([[127] * 64, [-127, 127] * 32, [1, -2, 3, -4] * 16], dtype=torch.int8)
+    try:
+        with torch.inference_mode():
+            sums = onednn_int8_sums(xq, torch.ops.onednn.qlinear_prepack(wq, [2, 64]))
+    except RuntimeError as e:
+        log.info("oneDNN's int8 linear is not usable with torch %s (%s): int8 weights stay dense",
+                 torch.__version__, str(e).splitlines()[0])
+        return False
+    return torch.equal(sums, (xq.long() @ wq.long().T).float())
 
 
 def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[Group]:

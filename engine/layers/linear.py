@@ -46,7 +46,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         compiling = torch.compiler.is_compiling()
         if self.packed is not None:
-            matmul = onednn_int8_matmul if compiling else _onednn_int8_matmul
+            matmul = onednn_int8_matmul if compiling else onednn_int8_sums
             return w8a8_linear_with(lambda xq: matmul(xq, self.packed), x, self.scale, self.bias)
         if compiling:
             return int8_linear_op(x, self.qweight, self.scale, self.bias)
@@ -110,7 +110,8 @@ def _(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch
 _ONE, _ZERO = torch.ones(1), torch.zeros(1, dtype=torch.long)
 
 
-def _onednn_int8_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def onednn_int8_sums(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """xq [M, in] int8 times an int8 weight packed by oneDNN: the int32 sums as fp32 [M, out]."""
     # unit scales and zero points: oneDNN returns the int32 sums as fp32 (as kernels' reference does) and
     # the scales are applied by w8a8_linear_with, in the reference's order
     return torch.ops.onednn.qlinear_pointwise(xq, 1.0, 0, packed, _ONE, _ZERO, None, 1.0, 0, torch.float32,
@@ -121,7 +122,7 @@ def _onednn_int8_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 def onednn_int8_matmul(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """xq [M, in] int8 times an int8 weight packed by oneDNN (`QuantizedLinear.onednn_pack`): the exact sums
     as fp32 [M, out], as an op torch.compile calls as it is."""
-    return _onednn_int8_matmul(xq, packed)
+    return onednn_int8_sums(xq, packed)
 
 
 @onednn_int8_matmul.register_fake
