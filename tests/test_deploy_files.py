@@ -74,6 +74,25 @@ def test_dockerfile_builds_the_gtx1060_image():
     assert not copied & ignored, "the Dockerfile copies what .dockerignore leaves out"
 
 
+def test_image_python_installs_the_runtime_dependencies(tmp_path):
+    """The image's Python takes the wheel's dependencies: pip resolves them as wheels for it, with the image's
+    torch, from the package index (jieba has no wheel: an sdist builds anywhere). sse-starlette 3.6 and FastAPI
+    0.162.6 need Python 3.11: asking for them made the image's `pip install` fail."""
+    text = (REPO / "Dockerfile").read_text()
+    (python,) = set(re.findall(r"\bpython(3\.\d+)-dev\b", text))
+    (torch_version,) = re.findall(r"^ARG TORCH_VERSION=(\S+)$", text, re.M)
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requires = [r for r in (*project["dependencies"], *project["optional-dependencies"]["gpu"])
+                if not r.startswith(("jieba", "torch"))]
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--only-binary=:all:",
+         "--python-version", python, "--target", str(tmp_path / "target"), "--report", str(tmp_path / "report.json"),
+         f"torch=={torch_version}", *requires], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    installed = {i["metadata"]["name"] for i in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert {"torch", "fastapi", "sse-starlette", "triton"} <= installed
+
+
 def test_compose_services():
     compose = load_yaml(DOCKER / "compose.yaml")
     services = compose["services"]
