@@ -31,9 +31,6 @@ RUN pip install --no-cache-dir "torch==${TORCH_VERSION}" --index-url https://dow
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY configs configs
-COPY engine engine
-COPY vramlite_kernels vramlite_kernels
-COPY server server
 COPY vramlite vramlite
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
     && pip install --no-cache-dir --constraint /opt/torch-constraint.txt "$(ls /wheels/vramlite-*.whl)[gpu]"
@@ -41,7 +38,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 # compiled code for the GTX 1060 (no GPU needed to check), and unless the packaged profiles and demo model
 # are found.
 WORKDIR /opt
-RUN python -m engine.gpu_probe --check-build 6.1 \
+RUN python -m vramlite.engine.gpu_probe --check-build 6.1 \
     && vramlite plan --profile gtx1060-6gb --pcie-gbps 12
 
 # --- runtime: the venv, a non-root user, models from a volume ---

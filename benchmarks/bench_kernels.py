@@ -7,7 +7,7 @@ Weight shapes [N, K]: 4096x4096, 11008x4096, 4096x11008 (LLaMA-7B's attention, u
 - W8A16, M = 1..16, against fp16 `F.linear` (cuBLAS) and naive dequantize-then-`F.linear`;
 - W8A8 (per-token activation quantization + int8 GEMM), M = 32..2048, against fp16 `F.linear` and
   `torch._int_mm` (the int8 GEMM alone: no quantization, no scales).
-Our kernels are launched directly (no dispatch), with the variants `vramlite_kernels.dispatch` picks for the GPU unless
+Our kernels are launched directly (no dispatch), with the variants `vramlite.kernels.dispatch` picks for the GPU unless
 `--backend` says otherwise; each is tuned before it is timed. Reports µs, GB/s (weight bytes in the method's
 own format + activations in and out, over the time), % of `--peak-gbps`, and for W8A8 TOPS and % of
 `--peak-tops`. Prints a table and writes benchmarks/results/kernels-<gpu>.json. Without a GPU (and without
@@ -86,9 +86,9 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) 
 def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespace, device: str,
                 backend: Any, measure: Callable[[Callable[[], Any]], float]) -> list[dict[str, Any]]:
     """One weight shape: our kernel for `op` and its baselines at each M."""
-    from vramlite_kernels.quant import quantize_weight
-    from vramlite_kernels.w8a8 import w8a8_linear_triton
-    from vramlite_kernels.w8a16 import w8a16_linear_triton
+    from vramlite.kernels.quant import quantize_weight
+    from vramlite.kernels.w8a8 import w8a8_linear_triton
+    from vramlite.kernels.w8a16 import w8a16_linear_triton
 
     ours = w8a16_linear_triton if op == "w8a16" else w8a8_linear_triton
     qweight, scale = quantize_weight(torch.randn(n, k, device=device) / k**0.5)
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     import triton
 
     from benchmarks.common import print_table, write_results
-    from vramlite_kernels._common import Backend
-    from vramlite_kernels.dispatch import backend_for
+    from vramlite.kernels._common import Backend
+    from vramlite.kernels.dispatch import backend_for
 
     if args.backend:
         backend = Backend(args.backend)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from engine.bench import hardware
+from vramlite.engine.bench import hardware
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -46,7 +46,7 @@ def daemon(model: Path | None = None, **settings: object) -> Iterator[Daemon]:
     """The daemon serving `model` (default: the demo model) with `settings` as flags (`max_queue=4` →
     `--max-queue 4`); yields it once /health says ready, and stops it with SIGTERM afterwards."""
     port = free_port()
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model or demo_models.path()),
+    cmd = [sys.executable, "-m", "vramlite.server.cli", "serve", "--model", str(model or demo_models.path()),
            "--port", str(port), "--log-level", "WARNING"]
     for name, value in settings.items():
         cmd += ["--" + name.replace("_", "-"), str(value)]

@@ -65,7 +65,7 @@ def load(impl: str, model_dir: Path, batch: int) -> Callable[[int], None]:
         ids = prompts(hf.config.vocab_size, batch)
         params = {"pad_token_id": 0, "do_sample": False, "attention_mask": torch.ones_like(ids)}
         return torch.inference_mode()(lambda n: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **params))
-    from engine import Engine, SamplingParams
+    from vramlite.engine import Engine, SamplingParams
 
     dtype, quantize, compiled = OURS[impl]
     engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,

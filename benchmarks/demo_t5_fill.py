@@ -24,9 +24,9 @@ from typing import Any, NamedTuple
 import torch
 
 from benchmarks.common import write_results
-from engine import Engine
-from engine.fill_blank import fill_blank
 from vramlite import models as demo_models
+from vramlite.engine import Engine
+from vramlite.engine.fill_blank import fill_blank
 
 DEMO = demo_models.path("demo-t5")
 MIN_TOKENS = 6

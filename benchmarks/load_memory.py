@@ -32,7 +32,7 @@ GIB = 2**30
 CHILD = """
 import json, resource, sys, time
 import torch
-from engine import Engine
+from vramlite.engine import Engine
 start = time.perf_counter()
 engine = Engine.from_dir(sys.argv[1], device=sys.argv[2], dtype="fp16", quantize=sys.argv[3] or None,
                          max_batch_size=1, context=64)

@@ -30,9 +30,9 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import print_table, write_results
-from engine.loader import INT8_METHOD, load_model
-from engine.models.base import SCALE_SUFFIX
-from engine.runner import Chunk, ModelRunner
+from vramlite.engine.loader import INT8_METHOD, load_model
+from vramlite.engine.models.base import SCALE_SUFFIX
+from vramlite.engine.runner import Chunk, ModelRunner
 
 SHAPE = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
              num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=2048)

@@ -20,7 +20,7 @@ import torch
 import transformers as tf
 
 from benchmarks.common import best_in_turns, call_seconds, over_cpu_models, print_table, report
-from engine import Engine, SamplingParams
+from vramlite.engine import Engine, SamplingParams
 
 CONTEXT = 512
 COLUMNS = ["model", "batch", "prompt", "impl", "ms", "tok_per_s", "vs_transformers_fp32"]

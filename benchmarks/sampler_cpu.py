@@ -26,10 +26,10 @@ from transformers import (
 )
 
 from benchmarks.common import best_in_turns, call_seconds, print_table, report
-from engine import Engine
-from engine.runner import Chunk
-from engine.sampler import Sampler, SamplerState, SamplingParams
 from vramlite import models as demo_models
+from vramlite.engine import Engine
+from vramlite.engine.runner import Chunk
+from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams
 
 COLUMNS = ["logits", "vocab", "batch", "sampling", "transformers_ms", "vramlite_ms", "vs_transformers"]
 CASES = {

@@ -1,4 +1,5 @@
-"""`vramlite bench` and `engine.bench`: real runs on the demo model and on a tiny LLaMA streamed from host memory."""
+"""`vramlite bench` and `vramlite.engine.bench`: real runs on the demo model and on a tiny LLaMA streamed from host
+memory."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ import torch
 
 pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine
-from engine.bench import bench
-from engine.loader import load_model
-from server.cli import main
 from tests.conftest import save_tiny_llama
 from vramlite import models as demo_models
+from vramlite.engine import Engine
+from vramlite.engine.bench import bench
+from vramlite.engine.loader import load_model
+from vramlite.server.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import torch
 import transformers as tf
 from torch._dynamo.utils import counters
 
-from engine.layers.cpu_layout import onednn_int8_available
-from engine.loader import load_model
-from engine.runner import Chunk, ModelRunner, torch_compiles_decode
 from tests.conftest import save_tiny_model
+from vramlite.engine.layers.cpu_layout import onednn_int8_available
+from vramlite.engine.loader import load_model
+from vramlite.engine.runner import Chunk, ModelRunner, torch_compiles_decode
 
 CPU = torch.device("cpu")
 VOCAB = 512
@@ -147,7 +147,7 @@ def test_failing_compiled_step_falls_back_to_eager(runners, model_dir, caplog):
         raise RuntimeError("no C++ compiler")
 
     runner._decode_step = broken
-    with caplog.at_level(logging.ERROR, logger="engine.runner"):
+    with caplog.at_level(logging.ERROR, logger="vramlite.engine.runner"):
         got = decode(runner, {0: PROMPTS[0]}, 2)
     assert runner._decode_step is None and "run eagerly from now on" in caplog.text
     for g, w in zip(got, decode(eager, {0: PROMPTS[0]}, 2), strict=True):
@@ -186,7 +186,7 @@ def test_bf16_compiles_to_eager_logits(model_dir):
 
 def test_streamed_layers_are_not_compiled(model_dir, caplog):
     model, context = load_model(model_dir, CPU, torch.float32, memory_limit="1GiB")
-    with caplog.at_level(logging.WARNING, logger="engine.runner"):
+    with caplog.at_level(logging.WARNING, logger="vramlite.engine.runner"):
         runner = ModelRunner(model, CPU, torch.float32, 1, context, compile_decode=True)
     assert runner._decode_step is None
     assert "compiled decode is off: layers are streamed under a memory limit" in caplog.text

@@ -11,13 +11,13 @@ from transformers import CpmAntTokenizer
 
 pytest.importorskip("rjieba")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine, SamplingParams
-from engine.cpm_tokenizer import CpmTokenizer
-from engine.fill_blank import SentinelFormat, fill_blank, fill_format
-from engine.runner import Chunk
 from tests.conftest import save_tiny_model
 from tests.test_cpm_tokenizer import write_vocab
 from tests.test_t5 import TINY, randomize, untie_head
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.cpm_tokenizer import CpmTokenizer
+from vramlite.engine.fill_blank import SentinelFormat, fill_blank, fill_format
+from vramlite.engine.runner import Chunk
 
 PROMPT = "床前<span>光，疑是<span>霜。举头望明月，<span>。"
 

@@ -15,10 +15,10 @@ pytest.importorskip("jieba")  # not on a GPU host with only the engine's package
 
 import jieba
 
-from engine.cpm_tokenizer import CpmTokenizer
-from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ModelLoadError
-from engine.tokenizer import Tokenizer
+from vramlite.engine.cpm_tokenizer import CpmTokenizer
+from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.errors import ModelLoadError
+from vramlite.engine.tokenizer import Tokenizer
 
 SENTENCES = """床前明月光，疑是地上霜。举头望明月，低头思故乡。
 白日依山尽，黄河入海流。欲穷千里目，更上一层楼。

@@ -13,13 +13,13 @@ from safetensors.torch import load_file, save_file
 
 pytest.importorskip("jieba")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine, SamplingParams
-from engine.cpm_tokenizer import CpmTokenizer
-from engine.errors import ModelLoadError
-from engine.loader import kv_cache_bytes, load_model
-from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
 from tests.test_cpm_tokenizer import write_vocab
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.cpm_tokenizer import CpmTokenizer
+from vramlite.engine.errors import ModelLoadError
+from vramlite.engine.loader import kv_cache_bytes, load_model
+from vramlite.engine.runner import Chunk, ModelRunner
 
 CPU = torch.device("cpu")
 PROMPT = [2, 40, 41, 42, 100, 230, 17, 305, 88, 9, 61]  # <s> then text ids

@@ -10,20 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.layers import cpu_layout
-from engine.layers.cpu_layout import (
+from vramlite.engine.layers import cpu_layout
+from vramlite.engine.layers.cpu_layout import (
     Group,
     candidate_groups,
     onednn_available,
     onednn_int8_available,
     prefer_cpu_layout,
 )
-from engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
-from engine.runner import torch_compiles_decode
-from vramlite_kernels import quantize_weight
-from vramlite_kernels.quant import quantize_activation_per_token_ref
-from vramlite_kernels.w8a8 import w8a8_linear_ref
-from vramlite_kernels.w8a16 import w8a16_linear_ref
+from vramlite.engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
+from vramlite.engine.runner import torch_compiles_decode
+from vramlite.kernels import quantize_weight
+from vramlite.kernels.quant import quantize_activation_per_token_ref
+from vramlite.kernels.w8a8 import w8a8_linear_ref
+from vramlite.kernels.w8a16 import w8a16_linear_ref
 
 ONEDNN = [pytest.param(True, marks=pytest.mark.skipif(not onednn_available(), reason="no oneDNN packed linear")),
           False]
@@ -227,7 +227,7 @@ def test_onednn_int8_unusable_where_its_op_refuses_int8_or_is_inexact(
         for sums, logged in ((refuses, True), (lambda xq, packed: exact(xq, packed) + 1, False)):
             cpu_layout.onednn_int8_available.cache_clear()
             monkeypatch.setattr(cpu_layout, "onednn_int8_sums", sums)
-            with caplog.at_level(logging.INFO, logger="engine.layers.cpu_layout"):
+            with caplog.at_level(logging.INFO, logger="vramlite.engine.layers.cpu_layout"):
                 assert not cpu_layout.onednn_int8_available()
             assert ("int8 weights stay dense" in caplog.text) is logged
             caplog.clear()

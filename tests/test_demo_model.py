@@ -11,11 +11,11 @@ import torch
 
 pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine, SamplingParams
-from engine.layers.cpu_layout import onednn_int8_available
-from engine.runner import Chunk, torch_compiles_decode
-from server.cli import main as cli_main
 from vramlite import models as demo_models
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.layers.cpu_layout import onednn_int8_available
+from vramlite.engine.runner import Chunk, torch_compiles_decode
+from vramlite.server.cli import main as cli_main
 
 DEMO = demo_models.path()
 # Measured 54.76 on the shipped weights (fp32, CPU, the first 120 held-out fortunes, 2026-11-23); the

@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 
 from benchmarks.demo_t5_fill import DEMO, VERSE, evaluate, fill, held_out_lines, load, make_blanks
-from engine.tokenizer import Tokenizer
+from vramlite.engine.tokenizer import Tokenizer
 
 EXTRA_IDS = 100
 # Measured through the engine (fp32, CPU) over SAMPLE on the shipped weights; see the model's README.

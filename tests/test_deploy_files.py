@@ -19,9 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
 
-from server.settings import Settings
 from tests.server.conftest import Running, running_server
 from vramlite import models as demo_models
+from vramlite.server.settings import Settings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,7 +62,7 @@ def test_dockerfile_builds_the_gtx1060_image():
     assert "ARG CUDA_IMAGE=nvidia/cuda:12.6.3-runtime-ubuntu22.04" in text
     assert re.search(r"^ARG TORCH_VERSION=2\.7\.\d+$", text, re.M)
     assert '"torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cu126' in text
-    assert "python -m engine.gpu_probe --check-build 6.1" in text  # fails the build without Pascal code
+    assert "python -m vramlite.engine.gpu_probe --check-build 6.1" in text  # fails the build without Pascal code
     user = re.findall(r"^USER (\S+)", text, re.M)
     assert user and user[-1].split(":")[0] not in ("root", "0")
     assert re.search(r"^HEALTHCHECK .*CMD \[\"python\".*/health", text, re.M | re.S)
@@ -236,7 +236,7 @@ def test_wheel_carries_the_profiles_and_the_demo_model(tmp_path):
     src.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, src / name)
-    for name in ("configs", "engine", "server", "vramlite", "vramlite_kernels"):
+    for name in ("configs", "vramlite"):
         shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
     # offline, with the setuptools already here, where it is recent enough
     isolation = ["--no-build-isolation"] if _build_requirements_installed() else []
@@ -244,6 +244,7 @@ def test_wheel_carries_the_profiles_and_the_demo_model(tmp_path):
                     str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("vramlite-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
+    assert {n.split("/")[0] for n in names if ".dist-info/" not in n} == {"vramlite"}  # one top-level name
     profiles = {p.name for p in (REPO / "configs").glob("*.toml")}
     assert {f"vramlite/configs/{p}" for p in profiles} <= names
     assert {"vramlite/models/demo-llama/config.json", "vramlite/models/demo-llama/model.safetensors"} <= names

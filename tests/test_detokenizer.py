@@ -1,4 +1,4 @@
-"""engine.detokenizer: streamed text equals the full decode, never half a character."""
+"""vramlite.engine.detokenizer: streamed text equals the full decode, never half a character."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_tokenizer import build_gpt2_dir, build_llama_dir, texts
 
-from engine.detokenizer import IncrementalDetokenizer
-from engine.tokenizer import Tokenizer
+from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from engine import Engine, FinishReason, SamplingParams
 from tests.conftest import save_tiny_llama
+from vramlite.engine import Engine, FinishReason, SamplingParams
 
 
 @pytest.fixture(scope="module")

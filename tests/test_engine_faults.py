@@ -10,8 +10,8 @@ import logging
 import pytest
 import torch
 
-from engine import Engine, FinishReason, SamplingParams
 from tests.conftest import save_tiny_llama
+from vramlite.engine import Engine, FinishReason, SamplingParams
 
 POISON = 300  # a token id whose presence in a chunk makes the forward pass raise
 SAMPLED = SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True)
@@ -51,7 +51,7 @@ def test_a_failing_request_ends_with_an_error_and_the_batch_goes_on(engine, faul
     prompts = [[5, 6, 7, 8], [9, POISON, 11], [12, 13]]
     alone = [engine.generate(p, SAMPLED).token_ids for p in (prompts[0], prompts[2])]
     faulty.clear()
-    with caplog.at_level(logging.ERROR, logger="engine"):
+    with caplog.at_level(logging.ERROR, logger="vramlite.engine"):
         ids = [engine.add_request(p, SAMPLED) for p in prompts]
         outs = run(engine, ids)
     bad = outs[ids[1]]

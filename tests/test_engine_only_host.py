@@ -25,7 +25,7 @@ def _run_without_server_packages(code: str) -> subprocess.CompletedProcess:
 
 def test_engine_generates_without_server_packages() -> None:
     proc = _run_without_server_packages(
-        "import vramlite, vramlite_kernels\n"
+        "import vramlite, vramlite.kernels\n"
         "from vramlite import models\n"
         "engine = vramlite.Engine.from_dir(models.path(), device='cpu')\n"
         "print(engine.generate('床前明月光', max_tokens=4, temperature=0, ignore_eos=True).completion_tokens)\n")

@@ -17,9 +17,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import AddedToken, models, pre_tokenizers, processors
 
-from engine import Engine, FinishReason
-from engine.config import ModelConfig
-from engine.fill_blank import (
+from tests.conftest import TINY_LLAMA, save_tiny_model
+from vramlite import models as demo_models
+from vramlite.engine import Engine, FinishReason
+from vramlite.engine.config import ModelConfig
+from vramlite.engine.fill_blank import (
     MAX_BLANKS,
     SPAN,
     BlankCountError,
@@ -31,9 +33,7 @@ from engine.fill_blank import (
     fill_format,
     split_blanks,
 )
-from engine.tokenizer import Tokenizer
-from tests.conftest import TINY_LLAMA, save_tiny_model
-from vramlite import models as demo_models
+from vramlite.engine.tokenizer import Tokenizer
 
 WORDS = ["the", "cat", "sat", "on", "mat", "a", "dog", "walks", "in", "park", "今天", "我们"]
 NUM_SENTINELS = 20
@@ -310,7 +310,7 @@ def test_demo_llama_cannot_fill_blanks():
 
 
 def test_cli_fill_blank_prints_the_blanks_or_says_why_it_cannot(fim_llama_dir, capsys):
-    from server.cli import main
+    from vramlite.server.cli import main
 
     assert main(["fill-blank", "--model", str(fim_llama_dir), "--device", "cpu", "--max-tokens", "4",
                  "--temperature", "0", "--json", "def f(x):<span>\nprint(f(2))"]) == 0

@@ -10,8 +10,8 @@ import types
 import pytest
 import torch
 
-from engine import gpu_probe
-from engine.gpu_probe import (
+from vramlite.engine import gpu_probe
+from vramlite.engine.gpu_probe import (
     GpuProbe,
     PcieLink,
     UnsupportedDeviceError,
@@ -22,7 +22,7 @@ from engine.gpu_probe import (
     parse_arch,
     probe_device,
 )
-from engine.offload.planner import plan_offload, plan_table
+from vramlite.engine.offload.planner import plan_offload, plan_table
 
 MiB = 2**20
 # torch.cuda.get_arch_list() of torch 2.7's CUDA 12.6 and 12.8 wheels: the first has sm_60 (runs on sm_61).

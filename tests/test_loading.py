@@ -12,11 +12,11 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from engine import Engine
-from engine.config import parse_rope
-from engine.errors import ModelLoadError, PromptTooLongError
-from engine.loader import load_model
 from tests.conftest import save_tiny_llama, save_tiny_model
+from vramlite.engine import Engine
+from vramlite.engine.config import parse_rope
+from vramlite.engine.errors import ModelLoadError, PromptTooLongError
+from vramlite.engine.loader import load_model
 
 CPU = torch.device("cpu")
 
@@ -152,7 +152,7 @@ def test_rope_config_old_and_new_formats():
 def test_loading_a_model_does_not_import_torch_compile(demo: str) -> None:
     """Models are built on the meta device; a random init there (nn.Embedding's `normal_`) would import
     torch._dynamo, 1.5 s of every start-up."""
-    code = ("import sys; from engine import Engine; from vramlite import models; "
+    code = ("import sys; from vramlite.engine import Engine; from vramlite import models; "
             f"Engine.from_dir(models.path({demo!r}), device='cpu', dtype='fp32').generate('a', max_tokens=2); "
             "print('torch._dynamo' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers as tf
 
-from engine import Engine, SamplingParams
-from engine.loader import load_model
-from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.loader import load_model
+from vramlite.engine.runner import Chunk, ModelRunner
 
 VOCAB = 512
 LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

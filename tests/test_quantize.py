@@ -9,12 +9,12 @@ import torch
 import transformers as tf
 from safetensors import safe_open
 
-from engine import Engine, SamplingParams
-from engine.layers.linear import QuantizedLinear
-from engine.loader import load_model
-from engine.quantize import quantize_checkpoint
-from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.layers.linear import QuantizedLinear
+from vramlite.engine.loader import load_model
+from vramlite.engine.quantize import quantize_checkpoint
+from vramlite.engine.runner import Chunk, ModelRunner
 
 CPU = torch.device("cpu")
 CASES = {
@@ -84,7 +84,7 @@ def test_quantize_refuses_bad_input(model_dir, tmp_path):
 
 
 def test_cli_quantize_then_generate(model_dir, tmp_path, capsys):
-    from server.cli import main
+    from vramlite.server.cli import main
 
     assert main(["quantize", str(model_dir), str(tmp_path / "q")]) == 0
     assert main(["generate", "--model", str(tmp_path / "q"), "--temperature", "0", "--max-tokens", "4", "Hi"]) == 0

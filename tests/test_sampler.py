@@ -9,8 +9,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine import sampler
-from engine.sampler import (
+from vramlite.engine import sampler
+from vramlite.engine.sampler import (
     Sampler,
     SamplerState,
     SamplingParams,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from engine.scheduler import Scheduler, SchedulerConfig
+from vramlite.engine.scheduler import Scheduler, SchedulerConfig
 
 
 @dataclass(eq=False)

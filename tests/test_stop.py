@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.stop import StopMatcher
+from vramlite.engine.stop import StopMatcher
 
 
 def reference(text: str, stops: list[str]) -> tuple[str, bool]:

@@ -9,12 +9,12 @@ import torch
 import transformers as tf
 from safetensors.torch import load_file, save_file
 
-from engine import Engine, SamplingParams
-from engine.errors import PromptTooLongError
-from engine.loader import load_model
-from engine.runner import Chunk, ModelRunner
-from engine.tokenizer import Tokenizer
 from tests.conftest import TEXT, save_tiny_model
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.errors import PromptTooLongError
+from vramlite.engine.loader import load_model
+from vramlite.engine.runner import Chunk, ModelRunner
+from vramlite.engine.tokenizer import Tokenizer
 
 CPU = torch.device("cpu")
 VOCAB = 128  # the test tokenizer's 120 ids, and unused rows as real T5 checkpoints have

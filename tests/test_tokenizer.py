@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-from engine.errors import ModelLoadError
-from engine.tokenizer import Tokenizer
+from vramlite.engine.errors import ModelLoadError
+from vramlite.engine.tokenizer import Tokenizer
 
 ENGLISH = """The quick brown fox jumps over the lazy dog while the cat sleeps in the sun.
 A journey of a thousand miles begins with a single step, said the old man.

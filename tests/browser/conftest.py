@@ -16,9 +16,9 @@ import pytest
 
 pytest.importorskip("fastapi")  # not on a GPU host with only the engine's packages: see conftest
 
-from server.settings import load_settings
 from tests.server.conftest import Running, running_server, slow_loader
 from vramlite import models as demo_models
+from vramlite.server.settings import load_settings
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -1,10 +1,10 @@
 """Kernel tests run the Triton kernels on CUDA when there is a GPU, else in Triton's CPU interpreter.
 
 `triton.jit` reads TRITON_INTERPRET when it decorates a function: for triton's own jit functions (`tl.sum`,
-`tl.max`, ...) when triton is imported, for ours when `vramlite_kernels` is. In a full test run both happen before this
-conftest loads (test modules and `vramlite_kernels` import them), so setting the variable here would come
+`tl.max`, ...) when triton is imported, for ours when `vramlite.kernels` is. In a full test run both happen before this
+conftest loads (test modules and `vramlite.kernels` import them), so setting the variable here would come
 too late. Instead, without a GPU, each test sets it and swaps every jit function of `triton.language` and
-`vramlite_kernels` for an interpreted one. Afterwards it restores those modules and triton.language's classes as they
+`vramlite.kernels` for an interpreted one. Afterwards it restores those modules and triton.language's classes as they
 were: the interpreter patches them and, for nested device functions, does not undo all of it (triton 3.9),
 which would break compiling (test_kernel_compile.py) later in the same process.
 """
@@ -28,10 +28,10 @@ def _interpreted(fn: Callable) -> Any:
 
 
 def _snapshot() -> list[tuple[object, dict]]:
-    """(owner, its attributes) for the triton.language and vramlite_kernels modules and triton.language's classes."""
+    """(owner, its attributes) for the triton.language and vramlite.kernels modules and triton.language's classes."""
     saved = []
     for name, module in list(sys.modules.items()):
-        if module is None or not name.startswith(("triton.language", "vramlite_kernels.")):
+        if module is None or not name.startswith(("triton.language", "vramlite.kernels.")):
             continue
         saved.append((module, dict(vars(module))))
         if name.startswith("triton.language"):

@@ -3,15 +3,15 @@
 import pytest
 import torch
 
-from vramlite_kernels._common import Backend
-from vramlite_kernels.quant import quantize_weight
+from vramlite.kernels._common import Backend
+from vramlite.kernels.quant import quantize_weight
 
 HAS_CUDA = torch.cuda.is_available()
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(37, 45), (70, 130)]  # (N, K), not multiples of any block
 ROWS = [1, 3, 17]
 BACKENDS = [Backend.TENSORCORE, Backend.PASCAL]
-# The Pascal variants take no bf16 (vramlite_kernels.dispatch upcasts it to fp32 for them).
+# The Pascal variants take no bf16 (vramlite.kernels.dispatch upcasts it to fp32 for them).
 VARIANTS = [
     pytest.param(b, d, id=f"{b.value}-{str(d).removeprefix('torch.')}")
     for b in BACKENDS

@@ -9,13 +9,13 @@ from typing import Any
 
 import pytest
 
-from vramlite_kernels._common import FP_FUSION, Backend
-from vramlite_kernels.quant import _config as quant_config
-from vramlite_kernels.quant import _quantize_per_token_kernel
-from vramlite_kernels.w8a8 import _configs as w8a8_configs
-from vramlite_kernels.w8a8 import _w8a8_kernel
-from vramlite_kernels.w8a16 import _configs as w8a16_configs
-from vramlite_kernels.w8a16 import _w8a16_kernel
+from vramlite.kernels._common import FP_FUSION, Backend
+from vramlite.kernels.quant import _config as quant_config
+from vramlite.kernels.quant import _quantize_per_token_kernel
+from vramlite.kernels.w8a8 import _configs as w8a8_configs
+from vramlite.kernels.w8a8 import _w8a8_kernel
+from vramlite.kernels.w8a16 import _configs as w8a16_configs
+from vramlite.kernels.w8a16 import _w8a16_kernel
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")

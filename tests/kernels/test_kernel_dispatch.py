@@ -10,11 +10,11 @@ import pytest
 import torch
 from kernel_testing import assert_close_to, linear_operands
 
-import vramlite_kernels
-from vramlite_kernels import dispatch
-from vramlite_kernels._common import Backend, interpreting
-from vramlite_kernels.w8a8 import w8a8_linear_ref, w8a8_linear_triton
-from vramlite_kernels.w8a16 import w8a16_linear_ref, w8a16_linear_triton
+import vramlite.kernels
+from vramlite.kernels import dispatch
+from vramlite.kernels._common import Backend, interpreting
+from vramlite.kernels.w8a8 import w8a8_linear_ref, w8a8_linear_triton
+from vramlite.kernels.w8a16 import w8a16_linear_ref, w8a16_linear_triton
 
 CUDA0 = torch.device("cuda", 0)
 
@@ -49,7 +49,7 @@ def test_backend_by_compute_capability(capability: tuple[int, int], backend: Bac
 
 def test_too_old_gpu_warns_once(fresh_dispatch, caplog: pytest.LogCaptureFixture) -> None:
     fresh_dispatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (5, 2))
-    with caplog.at_level(logging.WARNING, logger="vramlite_kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="vramlite.kernels.dispatch"):
         for index in range(3):
             assert dispatch.backend_for(torch.device("cuda", index)) is Backend.REFERENCE
     assert [r.getMessage() for r in caplog.records] == [
@@ -60,7 +60,7 @@ def test_too_old_gpu_warns_once(fresh_dispatch, caplog: pytest.LogCaptureFixture
 
 def test_no_triton_means_reference(fresh_dispatch, caplog: pytest.LogCaptureFixture) -> None:
     fresh_dispatch.setattr(dispatch, "HAS_TRITON", False)
-    with caplog.at_level(logging.WARNING, logger="vramlite_kernels.dispatch"):
+    with caplog.at_level(logging.WARNING, logger="vramlite.kernels.dispatch"):
         assert dispatch.backend_for(CUDA0) is Backend.REFERENCE
     assert "triton is not installed" in caplog.text
 
@@ -76,14 +76,14 @@ def test_cpu_entry_points_are_the_references(dtype: torch.dtype, monkeypatch: py
     x, qweight, scale, bias, _ = linear_operands(40, 37, 45, dtype, "cpu", with_bias=True)
     x = x.reshape(2, 20, 45)  # 40 rows: W8A8 on a GPU, but the reference backend keeps W8A16
     for entry, ref in [
-        (vramlite_kernels.w8a16_linear, w8a16_linear_ref),
-        (vramlite_kernels.w8a8_linear, w8a8_linear_ref),
-        (vramlite_kernels.int8_linear, w8a16_linear_ref),
+        (vramlite.kernels.w8a16_linear, w8a16_linear_ref),
+        (vramlite.kernels.w8a8_linear, w8a8_linear_ref),
+        (vramlite.kernels.int8_linear, w8a16_linear_ref),
     ]:
         y = entry(x, qweight, scale, bias)
         assert y.shape == (2, 20, 37) and y.dtype == dtype
         torch.testing.assert_close(y, ref(x, qweight, scale, bias), rtol=0, atol=0)
-    q, s = vramlite_kernels.quantize_activation_per_token(x)
+    q, s = vramlite.kernels.quantize_activation_per_token(x)
     assert q.shape == x.shape and q.dtype == torch.int8 and s.shape == (2, 20)
 
 
@@ -95,17 +95,17 @@ def test_int8_linear_switches_on_rows(rows: int, expected: str, fresh_dispatch) 
         fresh_dispatch.setattr(
             dispatch, f"{name}_linear_triton", lambda x, w, s, b, backend, name=name: calls.append(name) or x
         )
-    vramlite_kernels.int8_linear(torch.zeros(rows, 45), torch.zeros(45, 45, dtype=torch.int8), torch.ones(45))
+    vramlite.kernels.int8_linear(torch.zeros(rows, 45), torch.zeros(45, 45, dtype=torch.int8), torch.ones(45))
     assert calls == [expected]
 
 
-@pytest.mark.parametrize("entry", [vramlite_kernels.w8a16_linear, vramlite_kernels.w8a8_linear], ids=["w8a16", "w8a8"])
+@pytest.mark.parametrize("entry", [vramlite.kernels.w8a16_linear, vramlite.kernels.w8a8_linear], ids=["w8a16", "w8a8"])
 def test_pascal_gets_bf16_upcast(entry, fresh_dispatch, device: str) -> None:
     """On Pascal/Turing the kernels run in fp32 on bf16 input; the result comes back in bf16."""
     fresh_dispatch.setattr(dispatch, "backend_for", lambda device: Backend.PASCAL)
     x, qweight, scale, bias, _ = linear_operands(3, 37, 45, torch.bfloat16, device, with_bias=True)
     y = entry(x.reshape(1, 3, 45), qweight, scale, bias)
-    ref = {vramlite_kernels.w8a16_linear: w8a16_linear_ref, vramlite_kernels.w8a8_linear: w8a8_linear_ref}[entry]
+    ref = {vramlite.kernels.w8a16_linear: w8a16_linear_ref, vramlite.kernels.w8a8_linear: w8a8_linear_ref}[entry]
     assert_close_to(y.reshape(3, 37), ref(x.double(), qweight, scale.double(), bias.double()), torch.bfloat16)
 
 
@@ -145,7 +145,7 @@ def test_entry_points_check_devices() -> None:
     operands = _operands()
     operands["x"] = operands["x"].cuda()
     with pytest.raises(ValueError, match="different devices"):
-        vramlite_kernels.w8a16_linear(**operands)
+        vramlite.kernels.w8a16_linear(**operands)
 
 
 def test_interpreter_switch_read_without_triton_knobs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,10 +166,10 @@ def test_imports_and_runs_without_triton() -> None:
 import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError
 import torch
-import vramlite_kernels
-from vramlite_kernels import dispatch
-qweight, scale = vramlite_kernels.quantize_weight(torch.randn(8, 16))
-y = vramlite_kernels.int8_linear(torch.randn(40, 16), qweight, scale)
+import vramlite.kernels
+from vramlite.kernels import dispatch
+qweight, scale = vramlite.kernels.quantize_weight(torch.randn(8, 16))
+y = vramlite.kernels.int8_linear(torch.randn(40, 16), qweight, scale)
 print(dispatch.HAS_TRITON, tuple(y.shape), dispatch.backend_for(torch.device("cuda", 0)).value)
 """
     repo = Path(__file__).resolve().parents[2]
@@ -200,7 +200,7 @@ def test_cpu_int8_weight_kernel_for_few_rows(
     original = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append(1) or original(*a))
     x, qweight, scale, bias, _ = linear_operands(rows, 37, k, dtype, "cpu", with_bias=True)
-    y = vramlite_kernels.w8a16_linear(x, qweight, scale, bias)
+    y = vramlite.kernels.w8a16_linear(x, qweight, scale, bias)
     assert bool(calls) is taken and y.dtype == dtype
     expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
     if taken and dtype == torch.float32:  # x rounded to bf16 (relative error 2**-9 per element), then as bf16 x
@@ -219,7 +219,7 @@ def test_cpu_prefill_rows_of_fp32_multiply_in_bf16(
     the fp32 reference."""
     monkeypatch.setattr(dispatch, "_cpu_has_bf16_math", lambda: bf16_math)
     x, qweight, scale, bias, _ = linear_operands(rows, 37, k, torch.float32, "cpu", with_bias=True)
-    y = vramlite_kernels.int8_linear(x.reshape(1, rows, k), qweight, scale, bias).reshape(rows, 37)
+    y = vramlite.kernels.int8_linear(x.reshape(1, rows, k), qweight, scale, bias).reshape(rows, 37)
     in_bf16 = torch.nn.functional.linear(x.bfloat16(), qweight.bfloat16()).float() * scale + bias
     reference = w8a16_linear_ref(x, qweight, scale, bias)
     torch.testing.assert_close(y, in_bf16 if bf16_math else reference, rtol=0, atol=0)

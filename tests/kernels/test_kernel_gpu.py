@@ -3,11 +3,11 @@
 import pytest
 import torch
 
-import vramlite_kernels
-from vramlite_kernels import dispatch
-from vramlite_kernels._common import Backend
-from vramlite_kernels.w8a8 import w8a8_linear_triton
-from vramlite_kernels.w8a16 import w8a16_linear_ref, w8a16_linear_triton
+import vramlite.kernels
+from vramlite.kernels import dispatch
+from vramlite.kernels._common import Backend
+from vramlite.kernels.w8a8 import w8a8_linear_triton
+from vramlite.kernels.w8a16 import w8a16_linear_ref, w8a16_linear_triton
 
 pytestmark = pytest.mark.gpu
 
@@ -25,7 +25,7 @@ def _dtypes() -> list[torch.dtype]:
 def _operands(m: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator(device="cuda").manual_seed(m)
     w = torch.randn(N, K, device="cuda", generator=gen) / K**0.5
-    qweight, scale = vramlite_kernels.quantize_weight(w)
+    qweight, scale = vramlite.kernels.quantize_weight(w)
     x = torch.randn(m, K, device="cuda", generator=gen).to(dtype)
     bias = torch.randn(N, device="cuda", generator=gen).to(dtype)
     return x, qweight, scale, bias
@@ -48,23 +48,23 @@ def test_w8a16(m: int) -> None:
     for dtype in _dtypes():
         x, qweight, scale, bias = _operands(m, dtype)
         expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
-        _assert_close(vramlite_kernels.w8a16_linear(x, qweight, scale, bias), expected, dtype)
+        _assert_close(vramlite.kernels.w8a16_linear(x, qweight, scale, bias), expected, dtype)
 
 
 @pytest.mark.parametrize("m", [16, 256, 2048])
 def test_w8a8(m: int) -> None:
     for dtype in _dtypes():
         x, qweight, scale, bias = _operands(m, dtype)
-        xq, xs = vramlite_kernels.quantize_activation_per_token(x)  # the codes w8a8_linear uses: an exact reference
+        xq, xs = vramlite.kernels.quantize_activation_per_token(x)  # the codes w8a8_linear uses: an exact reference
         expected = (xq.double() @ qweight.double().T) * xs.double()[:, None] * scale.double() + bias.double()
-        _assert_close(vramlite_kernels.w8a8_linear(x, qweight, scale, bias), expected, dtype)
+        _assert_close(vramlite.kernels.w8a8_linear(x, qweight, scale, bias), expected, dtype)
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 256])
 def test_int8_linear(m: int) -> None:
     x, qweight, scale, bias = _operands(m, torch.float16)
-    y = vramlite_kernels.int8_linear(x, qweight, scale, bias)
-    fp = x.double() @ vramlite_kernels.dequantize_weight(qweight, scale).double().T + bias.double()
+    y = vramlite.kernels.int8_linear(x, qweight, scale, bias)
+    fp = x.double() @ vramlite.kernels.dequantize_weight(qweight, scale).double().T + bias.double()
     assert (y.double() - fp).abs().max() <= 0.05 * fp.abs().max()  # W8A8's activation error included
 
 
@@ -73,6 +73,6 @@ def test_pascal_variants_on_this_gpu() -> None:
     x, qweight, scale, bias = _operands(64, torch.float32)
     expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
     _assert_close(w8a16_linear_triton(x, qweight, scale, bias, backend=Backend.PASCAL), expected, torch.float32)
-    xq, xs = vramlite_kernels.quantize_activation_per_token(x)
+    xq, xs = vramlite.kernels.quantize_activation_per_token(x)
     exact = (xq.double() @ qweight.double().T) * xs.double()[:, None] * scale.double() + bias.double()
     _assert_close(w8a8_linear_triton(x, qweight, scale, bias, backend=Backend.PASCAL), exact, torch.float32)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vramlite_kernels.quant import (
+from vramlite.kernels.quant import (
     dequantize_weight,
     quantize_activation_per_token_ref,
     quantize_activation_per_token_triton,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from kernel_testing import BACKENDS, HAS_CUDA, ROWS, SHAPES, VARIANTS, assert_close_to, linear_operands, skip_unrunnable
 
-from vramlite_kernels._common import Backend
-from vramlite_kernels.w8a16 import _block_m, _configs, w8a16_linear_ref, w8a16_linear_triton
+from vramlite.kernels._common import Backend
+from vramlite.kernels.w8a16 import _block_m, _configs, w8a16_linear_ref, w8a16_linear_triton
 
 triton = pytest.importorskip("triton")
 

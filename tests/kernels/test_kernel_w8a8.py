@@ -4,9 +4,9 @@ import pytest
 import torch
 from kernel_testing import BACKENDS, ROWS, SHAPES, VARIANTS, assert_close_to, linear_operands, skip_unrunnable
 
-from vramlite_kernels._common import Backend
-from vramlite_kernels.quant import quantize_activation_per_token_ref
-from vramlite_kernels.w8a8 import _configs, w8a8_linear_ref, w8a8_linear_triton
+from vramlite.kernels._common import Backend
+from vramlite.kernels.quant import quantize_activation_per_token_ref
+from vramlite.kernels.w8a8 import _configs, w8a8_linear_ref, w8a8_linear_triton
 
 triton = pytest.importorskip("triton")
 

@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers as tf
 
-from engine import Engine, SamplingParams
-from engine.kv_cache import KVCache
-from engine.loader import kv_cache_bytes, load_model
-from engine.offload.arena import HostArena
-from engine.offload.layout import LayerLayout
-from engine.runner import Chunk, ModelRunner
 from tests.conftest import save_tiny_model
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.kv_cache import KVCache
+from vramlite.engine.loader import kv_cache_bytes, load_model
+from vramlite.engine.offload.arena import HostArena
+from vramlite.engine.offload.layout import LayerLayout
+from vramlite.engine.runner import Chunk, ModelRunner
 
 VOCAB, LAYERS, BATCH = 512, 6, 3
 FAMILIES = {
@@ -121,7 +121,7 @@ def test_too_small_a_budget_names_the_smallest_that_works(model_dir):
 
 def test_plan_is_logged(model_dir, caplog):
     limit = half_streamed_limit(model_dir, torch.device("cpu"), torch.float32, "int8")
-    with caplog.at_level(logging.INFO, logger="engine.offload"):
+    with caplog.at_level(logging.INFO, logger="vramlite.engine.offload"):
         load_model(model_dir, torch.device("cpu"), torch.float32, quantize="int8", memory_limit=limit,
                    max_batch_size=BATCH)
     text = caplog.text
@@ -155,7 +155,7 @@ def test_host_arena_holds_just_the_streamed_layers(tmp_path, spm_tokenizer_dir):
 
 def test_pinning_failure_falls_back_to_pageable(caplog):
     layout = LayerLayout.of(torch.nn.Linear(16, 16), torch.float32)
-    with caplog.at_level(logging.WARNING, logger="engine.offload"):
+    with caplog.at_level(logging.WARNING, logger="vramlite.engine.offload"):
         arena = HostArena([layout, layout], register=lambda ptr, nbytes: 2)  # cudaErrorMemoryAllocation
     assert not arena.pinned and arena.pin_refused and arena.nbytes == 2 * layout.nbytes
     assert "could not pin" in caplog.text and "pageable" in caplog.text

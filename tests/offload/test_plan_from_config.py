@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("pydantic")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine
-from engine.loader import plan_from_config
-from server.cli import main
 from tests.conftest import save_tiny_llama
+from vramlite.engine import Engine
+from vramlite.engine.loader import plan_from_config
+from vramlite.server.cli import main
 
 LLAMA_7B = Path(__file__).resolve().parents[2] / "configs" / "models" / "llama-2-7b"
 GiB = 2**30
@@ -90,8 +90,8 @@ def test_readme_shows_the_real_plan_output(capsys, monkeypatch):
 def test_workspace_counts_whole_prompts_past_the_budget_and_cpmant_prompt_tokens():
     from dataclasses import replace
 
-    from engine.config import ModelConfig
-    from engine.loader import workspace_bytes
+    from vramlite.engine.config import ModelConfig
+    from vramlite.engine.loader import workspace_bytes
 
     base = ModelConfig("llama", vocab_size=100, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                        head_dim=16, intermediate_size=128, max_position_embeddings=512, norm_eps=1e-6,

@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from engine.config import parse_size
-from engine.offload.planner import OffloadPlan, min_budget, plan_offload, spread
+from vramlite.engine.config import parse_size
+from vramlite.engine.offload.planner import OffloadPlan, min_budget, plan_offload, spread
 
 MiB, GiB = 2**20, 2**30
 LLAMA_7B_INT8_LAYER = 202 * MiB  # 4·4096² + 3·4096·11008 int8 weights + fp32 scales + norms

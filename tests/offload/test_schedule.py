@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from engine.offload.arena import HostArena
-from engine.offload.layout import LayerLayout
-from engine.offload.planner import spread
-from engine.offload.stats import OffloadStats
-from engine.offload.streamer import LayerStreamer
+from vramlite.engine.offload.arena import HostArena
+from vramlite.engine.offload.layout import LayerLayout
+from vramlite.engine.offload.planner import spread
+from vramlite.engine.offload.stats import OffloadStats
+from vramlite.engine.offload.streamer import LayerStreamer
 
 
 class Block(nn.Module):

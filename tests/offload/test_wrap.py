@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from engine.layers.linear import QuantizedLinear
-from engine.wrap import find_blocks, wrap
+from vramlite.engine.layers.linear import QuantizedLinear
+from vramlite.engine.wrap import find_blocks, wrap
 
 
 class Block(nn.Module):

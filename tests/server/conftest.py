@@ -17,12 +17,12 @@ import pytest
 
 pytest.importorskip("fastapi")  # not on a GPU host with only the engine's packages: see conftest
 
-from engine import Engine
-from server.app import engine_loader, make_engine_loop
-from server.engine_loop import EngineLoop
-from server.serve import DrainingServer, build_server
-from server.settings import Settings
 from tests.conftest import save_tiny_llama
+from vramlite.engine import Engine
+from vramlite.server.app import engine_loader, make_engine_loop
+from vramlite.server.engine_loop import EngineLoop
+from vramlite.server.serve import DrainingServer, build_server
+from vramlite.server.settings import Settings
 
 CONTEXT = 128
 

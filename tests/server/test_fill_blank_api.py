@@ -10,10 +10,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from engine.fill_blank import MAX_BLANKS, FillRequest, fill_format
 from tests.server.conftest import Running, running_server, slow_loader
 from tests.server.test_server_api import assert_error, sse_events
 from vramlite import models as demo_models
+from vramlite.engine.fill_blank import MAX_BLANKS, FillRequest, fill_format
 
 PREFIX, SUFFIX = "今天天气", "，我们去公园。"
 PROMPT = PREFIX + "<span>" + SUFFIX

@@ -11,12 +11,12 @@ import httpx
 import pytest
 import torch
 
-import engine.engine
-from server.app import fill_model_bytes, fill_model_dir, served_memory_limit
-from server.settings import Settings
+import vramlite.engine.engine
 from tests.server.conftest import Running, running_server
 from tests.server.test_server_api import assert_error, sse_events
 from vramlite import models as demo_models
+from vramlite.server.app import fill_model_bytes, fill_model_dir, served_memory_limit
+from vramlite.server.settings import Settings
 
 DEMO_T5 = demo_models.path(demo_models.FILL_BLANK)
 SPAN = "<span>"
@@ -120,7 +120,7 @@ def test_malformed_output_still_gives_a_whole_reply(fill_server, monkeypatch):
         vocab = fill_engine.tokenizer
         forced = iter([vocab.token_to_id("▁"), vocab.token_to_id("<extra_id_2>"), vocab.encode("月", False)[-1],
                        vocab.token_to_id("<extra_id_0>"), vocab.encode("风", False)[-1], 1])
-        monkeypatch.setattr(engine.engine.Sampler, "__call__",
+        monkeypatch.setattr(vramlite.engine.engine.Sampler, "__call__",
                             lambda self, logits, states: torch.tensor([next(forced)]))
         prompt = "a<span>b<span>c<span>d"
         r = c.post("/fill_blank", json={"prompt": prompt, "max_tokens": 10})

@@ -8,7 +8,7 @@ import httpx
 import pytest
 from httpx_sse import connect_sse
 
-from server.schemas import MAX_BLANKS
+from vramlite.server.schemas import MAX_BLANKS
 
 GREEDY = {"temperature": 0, "max_tokens": 12}
 

@@ -19,10 +19,10 @@ from schemathesis.core.transport import Response
 from schemathesis.generation.case import Case
 from schemathesis.specs.openapi.checks import positive_data_acceptance
 
-from server.app import create_app
-from server.schemas import MAX_MODEL_NAME_CHARS, MAX_TOKENS_BOUND
-from server.settings import Settings
 from tests.server.conftest import Running, running_server
+from vramlite.server.app import create_app
+from vramlite.server.schemas import MAX_MODEL_NAME_CHARS, MAX_TOKENS_BOUND
+from vramlite.server.settings import Settings
 
 API_KEY = "sk-fuzz"
 SERVED_MODEL = "fuzz-model"

@@ -13,9 +13,9 @@ import httpx
 from httpx_sse import aconnect_sse, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.app import engine_loader
 from tests.server.conftest import running_server, slow_loader, slowed
 from tests.server.test_server_api import assert_error
+from vramlite.server.app import engine_loader
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "床前明月光", "Numbers 12345", "A fortune cookie says",
            "白日依山尽", "Whitespace runs", "春眠不觉晓"]
@@ -179,7 +179,7 @@ def test_sigterm_drains(tiny_llama_dir):
 
 def test_slowed_engine_keeps_outputs(tiny_llama_dir):
     """The test helper itself: slowing steps must not change what the engine produces."""
-    from engine import Engine
+    from vramlite.engine import Engine
 
     fast = Engine.from_dir(tiny_llama_dir, device="cpu", context=128)
     slow = slowed(lambda: Engine.from_dir(tiny_llama_dir, device="cpu", context=128), 0.001)()

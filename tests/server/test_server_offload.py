@@ -7,10 +7,10 @@ import re
 
 import pytest
 
-import engine.offload.weight_store
-from engine import Engine
+import vramlite.engine.offload.weight_store
 from tests.conftest import save_tiny_llama
 from tests.server.conftest import CONTEXT, running_server
+from vramlite.engine import Engine
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_refused_pinning_falls_back_to_pageable_with_a_warning_and_a_metric(four
         pinned_answer = c.post("/generate", json=body).json()
         assert server.metric("vramlite_host_pinned_fallback") == 0
     # cudaHostRegister answering cudaErrorMemoryAllocation, as on a host short of lockable memory.
-    monkeypatch.setattr(engine.offload.weight_store, "host_register", lambda device: lambda ptr, nbytes: 2)
-    with caplog.at_level(logging.WARNING, logger="engine.offload"), \
+    monkeypatch.setattr(vramlite.engine.offload.weight_store, "host_register", lambda device: lambda ptr, nbytes: 2)
+    with caplog.at_level(logging.WARNING, logger="vramlite.engine.offload"), \
             running_server(four_layer_dir, memory_limit=str(budget)) as server, server.client() as c:
         assert c.post("/generate", json=body).json() == pinned_answer
         assert server.metric("vramlite_host_pinned_fallback") == 1

@@ -5,9 +5,9 @@ from __future__ import annotations
 import openai
 import pytest
 
-from engine.tokenizer import Tokenizer
-from server.chat import chat_prompt_ids
 from tests.server.conftest import running_server
+from vramlite.engine.tokenizer import Tokenizer
+from vramlite.server.chat import chat_prompt_ids
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import re
 
 import httpx
 
-from server.playground import STATIC_DIR
 from tests.server.conftest import running_server
 from tests.server.test_server_api import assert_error
+from vramlite.server.playground import STATIC_DIR
 
 
 def test_page_is_open_and_stats_are_keyed_and_match_metrics(tiny_llama_dir):

@@ -6,8 +6,8 @@ import logging
 
 import httpx
 
-from server.settings import Settings, load_settings
 from tests.server.conftest import running_server
+from vramlite.server.settings import Settings, load_settings
 
 KEY = "sk-canary-7f3a9c"
 PROMPT = "zebra canary"

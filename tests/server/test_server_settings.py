@@ -14,8 +14,8 @@ from typing import get_args
 import httpx
 import pytest
 
-from engine.layers.cpu_layout import CHOICES as CPU_LAYOUTS
-from server.settings import CONFIGS_DIR, Settings, SettingsError, load_settings, parse_size
+from vramlite.engine.layers.cpu_layout import CHOICES as CPU_LAYOUTS
+from vramlite.server.settings import CONFIGS_DIR, Settings, SettingsError, load_settings, parse_size
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def test_cli_serve_starts_and_stops_on_sigterm(tiny_llama_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "VRAMLITE_PORT": str(port), "VRAMLITE_DEVICE": "cpu", "VRAMLITE_API_KEY": "sk-cli-canary"}
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", str(tiny_llama_dir),
+    proc = subprocess.Popen([sys.executable, "-m", "vramlite.server.cli", "serve", "--model", str(tiny_llama_dir),
                              "--context", "64", "--log-level", "INFO"], cwd=REPO, env=env,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import engine.engine
-from engine.errors import LoadOutOfMemoryError
-from server.serve import serve
-from server.settings import Settings
+import vramlite.engine.engine
+from vramlite.engine.errors import LoadOutOfMemoryError
+from vramlite.server.serve import serve
+from vramlite.server.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def test_truncated_weights_exit_naming_file_and_tensor(broken_dir):
     weights = broken_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size * 2 // 3])
     env = {**os.environ, "VRAMLITE_DEVICE": "cpu", "VRAMLITE_PORT": "0"}
-    proc = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", str(broken_dir)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "vramlite.server.cli", "serve", "--model", str(broken_dir)], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert f"{weights} is not a readable safetensors file" in proc.stderr
@@ -70,7 +70,7 @@ def test_cuda_out_of_memory_at_start_exits_naming_the_budget(tiny_llama_dir, mon
     def oom(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(engine.engine, "load_model", oom)
+    monkeypatch.setattr(vramlite.engine.engine, "load_model", oom)
     with caplog.at_level(logging.ERROR, logger="vramlite.server"):
         status = serve_in_thread(Settings(model=str(tiny_llama_dir), device="cpu", memory_limit="8GiB",
                                           log_level="WARNING"))

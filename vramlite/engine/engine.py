@@ -1,0 +1,305 @@
+"""`Engine`: load a model directory, then generate — one call, a stream, or step by step for a server."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vramlite.engine.config import parse_size, read_json
+from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.device import pick_device, pick_dtype
+from vramlite.engine.errors import LoadOutOfMemoryError, PromptTooLongError
+from vramlite.engine.fill_blank import continuation
+from vramlite.engine.gpu_probe import GpuProbe, probe_device
+from vramlite.engine.loader import load_model
+from vramlite.engine.offload import WeightStore
+from vramlite.engine.runner import Chunk, ModelRunner
+from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams
+from vramlite.engine.scheduler import Scheduler, SchedulerConfig
+from vramlite.engine.sequence import FinishReason, StepOutput
+from vramlite.engine.sequence import Sequence as Seq
+from vramlite.engine.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+# generation_config.json keys → SamplingParams fields, used as per-model defaults.
+GENERATION_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k",
+                       "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The result of one finished request."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Engine:
+    """A model, its tokenizer, a KV cache for `max_batch_size` sequences, and the generation loop.
+
+    Not thread-safe: one thread calls `add_request` / `step` (the server's
+    engine thread), or uses the blocking `generate` / `stream` helpers.
+    """
+
+    def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
+                 scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None) -> None:
+        self.model_dir = model_dir
+        self.probe = probe or GpuProbe.cpu()  # what the device reported at start (name, PCIe, bandwidth)
+        self.runner = runner
+        self.tokenizer = tokenizer
+        self.config = runner.model.config
+        self.context = runner.context
+        self.defaults = defaults
+        self.sampler = Sampler()
+        self.scheduler = Scheduler(scheduler_config, runner.cache.allocate, runner.cache.free)
+        self.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *self.config.eos_token_ids)))
+        self.continuation = continuation(self.config, tokenizer)
+        self._ids = itertools.count()
+        self._sequences: dict[int, Seq] = {}
+
+    @classmethod
+    def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
+                 dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
+                 max_tokens_per_step: int = 512, quantize: str | None = None,
+                 memory_limit: int | str | None = None, prefetch_depth: int = 1,
+                 compile_decode: bool = False, cpu_layout: str = "auto") -> Engine:
+        """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
+
+        device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
+        "fp32" / "fp16" / "bf16" (default: the best for the device).
+        context: KV-cache positions per sequence (default: the model's maximum).
+        quantize: "int8" to quantize the decoder blocks' linear layers at load
+        (an int8 checkpoint from `vramlite quantize` loads as int8 anyway).
+        memory_limit: a device-memory budget in bytes or as "5GiB", "512MiB"
+        (default: none); layers that do not fit are streamed from host memory,
+        `prefetch_depth` layers ahead. `engine.offload` then holds the plan and
+        the transfer accounting. compile_decode: run decode steps compiled by
+        torch.compile, compiled here at load (CPU, float models wholly
+        resident; see `ModelRunner`). cpu_layout: how CPU linear weights (float
+        and int8) are laid out, "auto" (timed at load: the fastest here) or
+        "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`).
+        """
+        start = time.perf_counter()
+        model_dir = Path(path)
+        dev = pick_device(device)
+        dt = pick_dtype(dev, dtype)
+        probe = probe_device(dev)  # raises for a GPU too old to use, before any weight is read
+        log.info("%s", probe.log_line())
+        scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
+        free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (None, None)
+        try:
+            model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
+                                        max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second)
+            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode, cpu_layout)
+        except torch.cuda.OutOfMemoryError as e:
+            limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit
+            raise LoadOutOfMemoryError(model_dir, e, free, total, limit) from None
+        tokenizer = Tokenizer.from_dir(model_dir)
+        defaults = cls._generation_defaults(model_dir)
+        log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
+                 time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
+        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe)
+
+    @staticmethod
+    def _generation_defaults(model_dir: Path) -> dict[str, Any]:
+        path = model_dir / "generation_config.json"
+        if not path.exists():
+            return {}
+        gen = read_json(path)
+        defaults = {ours: gen[theirs] for theirs, ours in GENERATION_DEFAULTS.items() if gen.get(theirs) is not None}
+        if gen.get("do_sample") is False:
+            defaults["temperature"] = 0.0
+        return defaults
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.runner.dtype
+
+    @property
+    def offload(self) -> WeightStore | None:
+        """The memory plan and its accounting (`.plan`, `.stats`) when loaded with a memory_limit."""
+        return self.runner.model.offload
+
+    def sampling_params(self, **kwargs: Any) -> SamplingParams:
+        """SamplingParams from keyword arguments over the model's generation_config.json defaults."""
+        given = {k: v for k, v in kwargs.items() if v is not None}
+        if "top_n" in given:
+            given.setdefault("top_k", given.pop("top_n"))
+        return SamplingParams.from_kwargs(**{**self.defaults, **given})
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
+        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError.
+
+        An encoder-decoder model with sentinels continues a prompt that holds none as one blank at its end
+        (see `fill_blank.Continuation`); a prompt with sentinels is passed to the encoder as it is.
+        """
+        params = params or self.sampling_params()
+        prompt_ids = self.encode(prompt)
+        if not prompt_ids:
+            raise ValueError("prompt is empty and the tokenizer adds no BOS token; give at least one token")
+        if len(prompt_ids) >= self.context:
+            raise PromptTooLongError(len(prompt_ids), self.context)
+        bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        encoder_ids: list[int] = []
+        given = len(prompt_ids)  # usage counts the prompt as given, not the blank a continuation adds
+        if self.config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts from its start token
+            encoder_ids, prompt_ids = prompt_ids, [self.config.decoder_start_token_id]
+            cont = self.continuation
+            if cont is not None and cont.applies(encoder_ids):
+                encoder_ids, prompt_ids = cont.encoder_ids(encoder_ids), [*prompt_ids, cont.sentinel_id]
+                params = replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(cont.sentinel_ids)))
+            if len(encoder_ids) > self.context:
+                raise PromptTooLongError(len(encoder_ids), self.context)
+        seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
+                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
+                  self.config.whole_prompt)
+        seq.num_prompt_tokens = given
+        self._sequences[seq.seq_id] = seq
+        self.scheduler.add(seq)
+        return seq.seq_id
+
+    def sequence(self, seq_id: int) -> Seq:
+        return self._sequences[seq_id]
+
+    def abort(self, seq_id: int) -> StepOutput | None:
+        """Cancel a request; its cache slot is free for the next step. None if it already finished."""
+        seq = self._sequences.pop(seq_id, None)
+        if seq is None:
+            return None
+        self.scheduler.remove(seq)
+        return seq.finish(FinishReason.CANCELLED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[StepOutput]:
+        """Run one forward pass over the scheduled batch; returns what each sequence produced.
+
+        A sequence whose forward pass fails (an exception, CUDA out of memory) ends with
+        `FinishReason.ERROR` and frees its slot; the rest of the batch goes on.
+        """
+        outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
+                   if seq.params.max_tokens == 0]
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        try:
+            tokens = self._compute(batch)
+        except Exception as error:
+            batch, tokens, failed = self._isolate(batch, error)
+            outputs += failed
+        for (seq, n), token in zip(batch, tokens, strict=True):
+            seq.num_computed += n
+            seq.encoded = True
+            if token is not None:
+                out = seq.append(token, self.context)
+                if out.finished:
+                    self._release(seq)
+                outputs.append(out)
+        return outputs
+
+    def _compute(self, batch: list[tuple[Seq, int]]) -> list[int | None]:
+        """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
+        the cache, None for a prefill still under way. Changes no sequence, so a failure can be retried."""
+        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
+                        seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
+        logits = self.runner.forward(chunks)
+        rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
+        tokens: list[int | None] = [None] * len(batch)
+        if rows:
+            sampled = self.sampler(logits if len(rows) == len(batch) else logits[rows],
+                                   [batch[row][0].sampler for row in rows]).tolist()
+            for row, token in zip(rows, sampled, strict=True):
+                tokens[row] = token
+        return tokens
+
+    def _isolate(self, batch: list[tuple[Seq, int]], error: Exception
+                 ) -> tuple[list[tuple[Seq, int]], list[int | None], list[StepOutput]]:
+        """After a failed batch, run each sequence alone: those that fail again end with ERROR.
+
+        The retry is exact: the failed pass advanced no sequence, and the cache rows it may have
+        written are rewritten with the same values.
+        """
+        log.error("event=step_failed seq_ids=%s error=%r; retrying each sequence alone",
+                  ",".join(str(seq.seq_id) for seq, _ in batch), error, exc_info=error)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # an out-of-memory may pass once the failed pass's blocks are gone
+        kept: list[tuple[Seq, int]] = []
+        tokens: list[int | None] = []
+        failed: list[StepOutput] = []
+        for seq, n in batch:
+            cause = error
+            if len(batch) > 1:
+                try:
+                    tokens += self._compute([(seq, n)])
+                    kept.append((seq, n))
+                    continue
+                except Exception as e:
+                    cause = e
+            log.error("event=sequence_failed seq_id=%d error=%r", seq.seq_id, cause)
+            out = self._finish(seq, FinishReason.ERROR)
+            failed.append(replace(out, error=f"{type(cause).__name__}: {cause}"))
+        return kept, tokens, failed
+
+    def _finish(self, seq: Seq, reason: FinishReason) -> StepOutput:
+        out = seq.finish(reason)
+        self._release(seq)
+        return out
+
+    def _release(self, seq: Seq) -> None:
+        self.scheduler.remove(seq)
+        self._sequences.pop(seq.seq_id, None)
+
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+               ) -> Iterator[StepOutput]:
+        """Yield each step's output for one prompt as it is produced; the last one has `finish_reason`."""
+        seq_id = self.add_request(prompt, params or self.sampling_params(**kwargs))
+        try:
+            while True:
+                for out in self.step():
+                    if out.seq_id == seq_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            self.abort(seq_id)
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None, **kwargs: Any
+                 ) -> Completion:
+        """Generate for one prompt; keyword arguments are SamplingParams fields (`top_n` = `top_k`)."""
+        return self.generate_batch([prompt], params or self.sampling_params(**kwargs))[0]
+
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
+                       ) -> list[Completion]:
+        """Generate for several prompts at once, batched by the scheduler; results in prompt order."""
+        params = params or self.sampling_params()
+        ids = [self.add_request(p, params) for p in prompts]
+        seqs = {i: self._sequences[i] for i in ids}
+        try:
+            while not all(s.finished for s in seqs.values()):
+                self.step()
+        finally:
+            for i in ids:
+                self.abort(i)
+        return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens)
+                for s in seqs.values()]

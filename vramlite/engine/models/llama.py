@@ -1,0 +1,166 @@
+"""LLaMA-style decoders: llama, mistral, qwen2 (GQA, RoPE with scaling, optional qkv bias)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vramlite.engine.config import ModelConfig, common_fields, parse_rope, require
+from vramlite.engine.errors import ModelLoadError
+from vramlite.engine.layers.embedding import Embedding
+from vramlite.engine.layers.attention import AttentionMetadata, cached_attention
+from vramlite.engine.layers.linear import make_linear
+from vramlite.engine.layers.norm import RMSNorm
+from vramlite.engine.layers.rotary import RotaryEmbedding, apply_rotary
+from vramlite.engine.models.base import CausalLM, WeightSpec
+from vramlite.engine.weights import CheckpointReader
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, cfg.quantization)
+        self.o_proj = make_linear(self.q_size, cfg.hidden_size, cfg.o_bias, cfg.quantization)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(x)
+        # q and k rotate together: one set of elementwise ops per layer instead of two.
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
+                                                                     self.head_dim), *rope)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
+        o = cached_attention(q, k, v, cache_k, cache_v, meta)
+        return self.o_proj(o.flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate = cfg.intermediate_size
+        self.gate_up_proj = make_linear(cfg.hidden_size, 2 * cfg.intermediate_size, cfg.mlp_bias, cfg.quantization)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, cfg.mlp_bias, cfg.quantization)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
+                cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, meta, cache_k, cache_v)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaForCausalLM(CausalLM):
+    """llama / mistral / qwen2; parameter names follow the HF checkpoint, with q/k/v and gate/up fused."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
+        self.rotary: RotaryEmbedding | None = None
+
+    @staticmethod
+    def parse_config(raw: dict[str, Any]) -> ModelConfig:
+        hidden = require(raw, "hidden_size")
+        heads = require(raw, "num_attention_heads")
+        model_type = raw["model_type"]
+        attention_bias = bool(raw.get("attention_bias", False))
+        act = raw.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"config.json: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
+        sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+        return ModelConfig(
+            model_type=model_type,
+            vocab_size=require(raw, "vocab_size"),
+            hidden_size=hidden,
+            num_layers=require(raw, "num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=raw.get("num_key_value_heads") or heads,
+            head_dim=raw.get("head_dim") or hidden // heads,
+            intermediate_size=require(raw, "intermediate_size"),
+            max_position_embeddings=raw.get("max_position_embeddings", 2048),
+            norm_eps=raw.get("rms_norm_eps", 1e-6),
+            hidden_act=act,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            sliding_window=sliding,
+            rope=parse_rope(raw),
+            **common_fields(raw),
+        )
+
+    def weight_specs(self, reader: CheckpointReader) -> Iterator[WeightSpec]:
+        cfg = self.config
+        h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+        q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        prefix = "model." if "model.embed_tokens.weight" in reader else ""
+
+        def spec(module: nn.Module, param: str, names: list[str], shapes: list[tuple[int, ...]]) -> WeightSpec:
+            return WeightSpec(module, param, tuple(prefix + n for n in names), tuple(shapes))
+
+        yield spec(self.embed_tokens, "weight", ["embed_tokens.weight"], [(cfg.vocab_size, h)])
+        for i, layer in enumerate(self.layers):
+            p = f"layers.{i}."
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = [f"{p}self_attn.{n}_proj." for n in "qkv"]
+            gate_up = [f"{p}mlp.gate_proj.", f"{p}mlp.up_proj."]
+            yield spec(attn.qkv_proj, "weight", [n + "weight" for n in qkv], [(q_out, h), (kv_out, h), (kv_out, h)])
+            yield spec(attn.o_proj, "weight", [f"{p}self_attn.o_proj.weight"], [(h, q_out)])
+            yield spec(mlp.gate_up_proj, "weight", [n + "weight" for n in gate_up], [(inter, h)] * 2)
+            yield spec(mlp.down_proj, "weight", [f"{p}mlp.down_proj.weight"], [(h, inter)])
+            if cfg.qkv_bias:
+                yield spec(attn.qkv_proj, "bias", [n + "bias" for n in qkv], [(q_out,), (kv_out,), (kv_out,)])
+            if cfg.o_bias:
+                yield spec(attn.o_proj, "bias", [f"{p}self_attn.o_proj.bias"], [(h,)])
+            if cfg.mlp_bias:
+                yield spec(mlp.gate_up_proj, "bias", [n + "bias" for n in gate_up], [(inter,)] * 2)
+                yield spec(mlp.down_proj, "bias", [f"{p}mlp.down_proj.bias"], [(h,)])
+            for norm in ("input_layernorm", "post_attention_layernorm"):
+                yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
+        yield spec(self.norm, "weight", ["norm.weight"], [(h,)])
+
+    def blocks(self) -> nn.ModuleList:
+        return self.layers
+
+    def input_embeddings(self) -> Embedding:
+        return self.embed_tokens
+
+    def setup(self, context: int, device: torch.device, dtype: torch.dtype) -> None:
+        cfg = self.config
+        self.rotary = RotaryEmbedding(cfg.rope, cfg.head_dim, cfg.max_position_embeddings, context, device, dtype)
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        rope = self.rotary.tables(meta.positions)
+        cache_k, cache_v = cache
+        for i, layer in self.decoder_layers():
+            x = layer(x, rope, meta, cache_k[i], cache_v[i])
+        return x
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.norm(hidden))

@@ -1,0 +1,111 @@
+"""One generation request as the engine tracks it: tokens, cache slot, text produced, why it ended."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass
+
+from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.sampler import SamplerState, SamplingParams
+from vramlite.engine.stop import StopMatcher
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # a stop string or stop token matched
+    LENGTH = "length"  # max_tokens reached, or the context is full
+    EOS = "eos"  # the model ended the text
+    CANCELLED = "cancelled"  # aborted by the caller
+    ERROR = "error"  # the forward pass failed for this sequence (`StepOutput.error` says how)
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step produced for one sequence: a token (if sampled) and the text now safe to show."""
+
+    seq_id: int
+    token_id: int | None
+    text: str
+    finish_reason: FinishReason | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Sequence:
+    """Token ids (prompt then output), how many are in the KV cache, and the output-side state.
+
+    For an encoder-decoder model the caller's prompt is `encoder_ids` (encoded
+    once, at the sequence's first step) and `prompt_ids` the decoder's start.
+    """
+
+    def __init__(self, seq_id: int, prompt_ids: Seq[int], params: SamplingParams, sampler: SamplerState,
+                 detokenizer: IncrementalDetokenizer, eos_ids: Seq[int], encoder_ids: Seq[int] = (),
+                 whole_prompt: bool = False) -> None:
+        self.seq_id = seq_id
+        self.whole_prompt = whole_prompt  # prefill the prompt in one piece (its tokens attend both ways)
+        self.params = params
+        self.token_ids = list(prompt_ids)
+        self.encoder_ids = list(encoder_ids)
+        self.encoded = not self.encoder_ids
+        self.num_prompt_tokens = len(self.encoder_ids or self.token_ids)  # the prompt as the caller gave it
+        self._output_start = len(prompt_ids)
+        self.num_computed = 0
+        self.slot: int | None = None
+        self.sampler = sampler
+        self.detokenizer = detokenizer
+        self.stop = StopMatcher(params.stop)
+        self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
+        self.stop_ids = frozenset(params.stop_token_ids)
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self._output_start :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self._output_start
+
+    @property
+    def num_encoder_pending(self) -> int:
+        """Encoder tokens still to run (all of them, once, for an encoder-decoder prompt; else 0)."""
+        return 0 if self.encoded else len(self.encoder_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens not yet in the KV cache: the prompt's rest while prefilling, 1 while decoding."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def append(self, token_id: int, context: int) -> StepOutput:
+        """Add a sampled token; decide whether the sequence is done and what text to release."""
+        self.token_ids.append(token_id)
+        self.sampler.append(token_id)
+        if token_id in self.eos_ids:
+            return self.finish(FinishReason.EOS, token_id)
+        if token_id in self.stop_ids:
+            return self.finish(FinishReason.STOP, token_id)
+        text, stopped = self.stop.feed(self.detokenizer.add(token_id))
+        self.text += text
+        if stopped:
+            return self.finish(FinishReason.STOP, token_id, text)
+        if self.num_output_tokens >= self.params.max_tokens or len(self.token_ids) >= context:
+            return self.finish(FinishReason.LENGTH, token_id, text)
+        return StepOutput(self.seq_id, token_id, text)
+
+    def finish(self, reason: FinishReason, token_id: int | None = None, text: str = "") -> StepOutput:
+        """End the sequence, releasing any text held back for a possible stop string (unless one hit)."""
+        if not self.stop.stopped:
+            held, stopped = self.stop.feed(self.detokenizer.flush())
+            tail = held if stopped else held + self.stop.flush()
+            self.text += tail
+            text += tail
+        self.finish_reason = reason
+        return StepOutput(self.seq_id, token_id, text, reason)

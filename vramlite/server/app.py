@@ -1,0 +1,638 @@
+"""The FastAPI app: routes of the HTTP contract (DESIGN.md), SSE streaming, auth, request logging.
+
+Thin by design: handlers validate, tokenize, `submit` to the engine loop and format what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from functools import partial
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sse_starlette import EventSourceResponse
+from sse_starlette.sse import AppStatus
+from starlette.datastructures import Headers
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vramlite import __version__
+from vramlite import models as demo_models
+from vramlite.engine import Engine, FinishReason, SamplingParams
+from vramlite.engine.device import pick_device, pick_dtype
+from vramlite.engine.errors import PromptTooLongError
+from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
+from vramlite.engine.loader import plan_from_config
+from vramlite.engine.offload.planner import format_bytes
+from vramlite.server.chat import chat_prompt_ids
+from vramlite.server.engine_loop import EngineLoop, Generation
+from vramlite.server.errors import ApiError, install_error_handlers
+from vramlite.server.guards import RequestLimitsMiddleware
+from vramlite.server.metrics import Metrics
+from vramlite.server.playground import install_playground
+from vramlite.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorBody,
+    FillBlankRequest,
+    FillBlankResponse,
+    GenerateRequest,
+    GenerateResponse,
+    OpenAIFields,
+    SamplingFields,
+    Stats,
+)
+from vramlite.server.settings import Settings
+
+log = logging.getLogger("vramlite.server")
+T = TypeVar("T")
+
+SSE_PING_S = 15
+GENERATION_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions"})
+OPENAI_FINISH = {"eos": "stop", "cancelled": "stop"}  # OpenAI knows "stop" and "length"
+MAX_REQUEST_ID_CHARS = 64
+
+
+def model_dir(settings: Settings) -> Path:
+    return Path(settings.model) if settings.model else demo_models.path()
+
+
+def served_model_name(settings: Settings) -> str:
+    return settings.served_model_name or model_dir(settings).name
+
+
+def fill_model_dir(settings: Settings) -> Path | None:
+    """The model that answers /fill_blank when it is not the served one (see the `fill_model` setting)."""
+    if settings.fill_model == "none":
+        return None
+    if settings.fill_model:
+        return Path(settings.fill_model)
+    demo = demo_models.path(demo_models.FILL_BLANK)
+    return demo if settings.model is None and demo.is_dir() else None
+
+
+def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], Engine]:
+    """What the engine thread calls to load the model the settings name, or the model at `path` (the fill
+    model: same device, dtype and quantization, wholly resident, its memory taken from the served model's
+    `memory_limit`; see `served_memory_limit`)."""
+    def load() -> Engine:
+        return Engine.from_dir(path or model_dir(settings), device=settings.device, dtype=settings.dtype,
+                               max_batch_size=settings.max_batch_size, context=None if path else settings.context,
+                               max_tokens_per_step=settings.max_tokens_per_step, quantize=quantization(settings),
+                               memory_limit=None if path else served_memory_limit(settings),
+                               prefetch_depth=settings.prefetch_depth, compile_decode=settings.compile_decode,
+                               cpu_layout=settings.cpu_layout)
+
+    return load
+
+
+def quantization(settings: Settings) -> str | None:
+    return None if settings.quantize == "none" else settings.quantize
+
+
+def fill_model_bytes(settings: Settings, path: Path) -> int:
+    """Device memory the fill model at `path` takes, wholly resident: weights, KV cache and workspace, as
+    its memory plan counts them (from its config.json)."""
+    dtype = pick_dtype(pick_device(settings.device), settings.dtype)
+    plan, _, _ = plan_from_config(path, dtype, 2**62, quantization(settings), settings.max_batch_size,
+                                  max_tokens_per_step=settings.max_tokens_per_step)
+    return plan.device_bytes + plan.host_fixed_bytes  # loaded with no limit, its embedding is on the device too
+
+
+def served_memory_limit(settings: Settings) -> int | None:
+    """`memory_limit` covers both models: the served one plans within what the fill model leaves."""
+    limit, fill = settings.memory_limit_bytes, fill_model_dir(settings)
+    if limit is None or fill is None:
+        return limit
+    left = limit - fill_model_bytes(settings, fill)
+    log.info("memory limit %s: the fill model %s takes %s of it, the served model plans within %s",
+             format_bytes(limit), fill.name, format_bytes(limit - left), format_bytes(max(left, 0)))
+    if left <= 0:
+        raise ValueError(f"memory_limit {format_bytes(limit)} does not even hold the fill model {fill.name} "
+                         f"({format_bytes(limit - left)}); raise --memory-limit or pass --fill-model none")
+    return left
+
+
+def make_engine_loop(settings: Settings, load: Callable[[], Engine] | None = None,
+                     metrics: Metrics | None = None) -> EngineLoop:
+    """The engine loop for `settings`; `load` replaces loading the model the settings name."""
+    return EngineLoop(load or engine_loader(settings), metrics or Metrics(), max_batch_size=settings.max_batch_size,
+                      max_queue=settings.max_queue, request_timeout=settings.request_timeout)
+
+
+class Runtime:
+    """What the routes share: settings, metrics, the engine loop, and the fill model's loop if there is one."""
+
+    def __init__(self, settings: Settings, engine_loop: EngineLoop, fill_loop: EngineLoop | None = None) -> None:
+        self.settings = settings
+        self.metrics = engine_loop.metrics
+        self.loop = engine_loop
+        self.fill_loop = fill_loop
+        self.loops = [engine_loop] if fill_loop is None else [engine_loop, fill_loop]
+        self.model_name = served_model_name(settings)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine, or the 503 that says why there is none."""
+        return loaded(self.loop)
+
+
+def loaded(loop: EngineLoop) -> Engine:
+    """The engine `loop` runs, or the 503 that says why there is none."""
+    loop.check_ready()
+    assert loop.engine is not None  # READY implies loaded
+    return loop.engine
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+# --- request id, access log and requests_total ------------------------------------------------------
+
+
+class RequestLogMiddleware:
+    """Gives each request an id (`X-Request-Id`, echoed back), counts it, and logs one line when it ends."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, log_prompts: bool) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.log_prompts = log_prompts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if given.isprintable() and 0 < len(given) <= MAX_REQUEST_ID_CHARS else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, start=start)
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            self._record(scope, state, status, time.perf_counter() - start)
+
+    def _record(self, scope: Scope, state: dict[str, Any], status: int, total_s: float) -> None:
+        route = getattr(scope.get("route"), "path", "unmatched")
+        self.metrics.requests.labels(route, str(status)).inc()
+        gen: Generation | None = state.get("generation")
+        if gen is not None:
+            self.metrics.request_duration.observe(total_s)
+        level = logging.INFO if route in GENERATION_ROUTES else logging.DEBUG
+        if not log.isEnabledFor(level):
+            return
+
+        def since_arrival(t: float | None) -> str:
+            return "-" if gen is None or t is None else f"{t - gen.arrival:.4f}"
+
+        error = state.get("error")
+        texts = ""
+        if self.log_prompts and gen is not None:
+            texts = f" prompt={state['tokenizer'].decode(gen.prompt_ids)!r} output={''.join(gen.output)!r}"
+        log.log(level, "request id=%s route=%s method=%s status=%d prompt_tokens=%s completion_tokens=%s "
+                "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f%s", state["request_id"], route,
+                scope["method"], status, gen.num_prompt_tokens if gen else "-", gen.num_tokens if gen else "-",
+                (gen.finish_reason if gen else None) or "-", error or "-", since_arrival(gen and gen.scheduled_at),
+                since_arrival(gen and gen.first_token_at), total_s, texts)
+
+
+# --- auth -------------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
+
+
+async def require_api_key(request: Request,
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+    key = runtime(request).settings.api_key
+    if key is None:
+        return
+    given = credentials.credentials if credentials else ""
+    if not secrets.compare_digest(given.encode(), key.encode()):
+        raise ApiError(401, "unauthorized", "this server needs the header `Authorization: Bearer <api key>`",
+                       {"WWW-Authenticate": "Bearer"})
+
+
+# --- the generation path ----------------------------------------------------------------------------
+
+
+def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
+    """The request's sampling parameters over the model's defaults; 422 for what only the engine knows."""
+    if fields.max_tokens is not None and fields.max_tokens > engine.context:
+        raise ApiError(422, "validation_error",
+                       f"max_tokens: {fields.max_tokens} is more than the context of {engine.context} tokens")
+    try:
+        return engine.sampling_params(**fields.sampling_kwargs())
+    except ValueError as e:
+        raise ApiError(422, "validation_error", str(e)) from None
+
+
+async def start_generation(request: Request, prompt: str | list[int], fields: SamplingFields) -> Generation:
+    """Tokenize, check the prompt fits, and admit the request (429/503 are raised here, before any reply)."""
+    rt = runtime(request)
+    engine = rt.engine
+    params = sampling_params(engine, fields)
+    if isinstance(prompt, str):
+        special = rt.settings.allow_special_tokens  # off: "</s>" in a prompt is text, not the end of it
+        ids = await run_in_threadpool(partial(engine.tokenizer.encode, prompt, parse_special=special))
+    else:
+        ids = prompt
+    return submit(request, ids, params)
+
+
+def submit(request: Request, ids: list[int], params: SamplingParams, loop: EngineLoop | None = None
+           ) -> Generation:
+    """Admit `ids` to `loop` (default: the served model's) after checking they fit its model."""
+    loop = loop or runtime(request).loop
+    engine = loaded(loop)
+    if len(ids) >= engine.context:
+        raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
+    vocab = engine.config.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, "invalid_request", f"prompt token ids must be in 0..{vocab - 1}")
+    gen = loop.submit(request.state.request_id, ids, params, request.state.start)
+    request.state.generation = gen
+    request.state.tokenizer = engine.tokenizer  # for --log-prompts
+    return gen
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(request: Request, gen: Generation) -> tuple[str, FinishReason]:
+    """The whole text of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
+
+    async def consume() -> tuple[str, FinishReason]:
+        parts, reason = [], FinishReason.CANCELLED
+        async for out in runtime(request).loop.stream(gen):
+            parts.append(out.text)
+            reason = out.finish_reason or reason
+        return "".join(parts), reason
+
+    return await unless_disconnected(request, consume())
+
+
+async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """The result of `work`, which reads a generation; a client that hangs up cancels it (status 499)."""
+    consumer = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({consumer, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not consumer.done():
+            consumer.cancel()
+            await asyncio.wait({consumer})  # cancelled() is only true once the task has taken the cancellation
+    if consumer.cancelled():
+        raise ApiError(499, "client_disconnected", "the client closed the connection")
+    return consumer.result()
+
+
+def sse_response(request: Request, chunks: AsyncIterator[dict[str, Any]]) -> EventSourceResponse:
+    """`data: <json>` per chunk, then `data: [DONE]`; an error mid-stream is one `event: error` and the end."""
+
+    async def events() -> AsyncIterator[dict[str, str]]:
+        try:
+            async for chunk in chunks:
+                yield {"data": json.dumps(chunk, ensure_ascii=False)}
+        except ApiError as e:
+            request.state.error = e.type
+            yield {"event": "error", "data": json.dumps(e.body(), ensure_ascii=False)}
+            return
+        yield {"data": "[DONE]"}
+
+    return EventSourceResponse(events(), sep="\n", ping=SSE_PING_S)
+
+
+def usage(gen: Generation) -> dict[str, int]:
+    return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_tokens}
+
+
+def openai_usage(gen: Generation) -> dict[str, int]:
+    return {**usage(gen), "total_tokens": gen.num_prompt_tokens + gen.num_tokens}
+
+
+def openai_finish(reason: FinishReason) -> str:
+    return OPENAI_FINISH.get(reason.value, reason.value)
+
+
+# --- routes -----------------------------------------------------------------------------------------
+
+ERROR_STATUSES = {
+    400: "bad request: the prompt does not fit the context, a token id is out of the vocabulary, the model "
+         "cannot do this task",
+    401: "the server has an API key and the request lacks `Authorization: Bearer <api key>`",
+    404: "`model` names a model this server does not serve",
+    408: "the body did not arrive within the server's body timeout",
+    413: "the body is over the server's limit",
+    422: "validation error: a field is missing, of the wrong type or out of its bounds",
+    429: "the queue is full; retry after `Retry-After` seconds",
+    431: "the request headers are over the server's limit",
+    500: "internal error; the server log has the details under the request id",
+    503: "not ready: the model is loading, the server is draining or the engine failed",
+    504: "the request took longer than the server's request timeout",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error `statuses`, each with the contract's error body."""
+    return {status: {"model": ErrorBody, "description": ERROR_STATUSES[status]} for status in statuses}
+
+
+def text_response(media_type: str, description: str) -> dict[int | str, dict[str, Any]]:
+    """An OpenAPI 200 entry for a reply that is text of `media_type`, its format told by `description`."""
+    return {200: {"description": description, "content": {media_type: {}}}}
+
+
+GENERATION_RESPONSES = {
+    **text_response("text/event-stream", "JSON, or with `stream: true` server-sent events ending with "
+                                         "`data: [DONE]`"),
+    **error_responses(400, 408, 413, 422, 429, 431, 500, 503, 504),
+}
+OPENAI_RESPONSES = {**GENERATION_RESPONSES, **error_responses(404)}
+
+public = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(401))
+
+
+@public.get("/health", summary="200 when the engine can serve; 503 while loading, draining, broken, or "
+            "degraded for a while after a request failed in the engine", responses=error_responses(503))
+async def health(request: Request) -> dict[str, str]:
+    for loop in runtime(request).loops:
+        loop.check_healthy()
+    return {"status": "ok"}
+
+
+@protected.get("/info", summary="model, device, dtype, quantization, memory plan, limits, version")
+async def info(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    s = rt.settings
+    engine = rt.loop.engine
+    model: dict[str, Any] = {"name": rt.model_name, "path": str(model_dir(s))}
+    if engine is not None:
+        model.update(type=engine.config.model_type, layers=engine.config.num_layers,
+                     vocab_size=engine.config.vocab_size, context=engine.context)
+    quantization = engine.config.quantization if engine else None
+    return {
+        "version": __version__,
+        "state": rt.loop.state.value,
+        "model": model,
+        "device": str(engine.device) if engine else s.device,
+        "gpu": engine.probe.as_dict() if engine else None,
+        "dtype": str(engine.dtype).removeprefix("torch.") if engine else s.dtype,
+        "quantization": {"requested": s.quantize, "active": quantization},
+        "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
+                         "active": bool(engine and engine.offload)},
+        "offload": offload_info(engine),
+        "fill_model": fill_info(s, rt.fill_loop),
+        "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
+                   "max_queue": s.max_queue, "request_timeout": s.request_timeout,
+                   "max_body_bytes": s.max_body_bytes},
+    }
+
+
+def fill_info(settings: Settings, loop: EngineLoop | None) -> dict[str, Any] | None:
+    """The model answering /fill_blank when it is not the served one, and the device memory it takes."""
+    path = fill_model_dir(settings)
+    if loop is None or path is None:
+        return None
+    engine = loop.engine
+    return {"name": path.name, "path": str(path), "state": loop.state.value,
+            "type": engine.config.model_type if engine else None, "memory_bytes": fill_model_bytes(settings, path)}
+
+
+def offload_info(engine: Engine | None) -> dict[str, Any] | None:
+    """The memory plan for /info: resident and streamed layers, slots, KV cache, host arena."""
+    if engine is None:
+        return None
+    store = engine.offload
+    if store is None:
+        return {"resident_layers": list(range(engine.config.num_layers)), "streamed_layers": []}
+    snap = store.stats.snapshot()
+    return {**store.plan.as_dict(), "host_bytes": snap.host_bytes, "host_pinned_bytes": snap.pinned_bytes}
+
+
+@protected.get("/metrics", summary="Prometheus exposition", response_class=Response,
+               responses=text_response("text/plain", "Prometheus text exposition format 0.0.4"))
+async def metrics(request: Request) -> Response:
+    body = read_engine_metrics(runtime(request)).render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@protected.get("/stats", response_model=Stats, summary="the gauges and counters of /metrics as JSON")
+async def stats(request: Request) -> Stats:
+    rt = runtime(request)
+    return Stats(time=time.time(), state=rt.loop.state.value, metrics=read_engine_metrics(rt).values())
+
+
+def read_engine_metrics(rt: Runtime) -> Metrics:
+    """The metrics with the series read at scrape time (VRAM, offload, PCIe) brought up to date."""
+    engine = rt.loop.engine
+    rt.metrics.vram_limit.set(rt.settings.memory_limit_bytes or 0)
+    if engine is not None:
+        store = engine.offload
+        rt.metrics.read_offload(store.stats.snapshot() if store else None, engine.config.num_layers)
+        rt.metrics.read_probe(engine.probe)
+        rt.metrics.read_device(engine.device)
+    return rt.metrics
+
+
+@protected.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES,
+                summary="continue a prompt; `stream: true` answers with server-sent events")
+async def generate(request: Request, body: GenerateRequest) -> Any:
+    gen = await start_generation(request, body.prompt, body)
+    if body.stream:
+        return sse_response(request, _generate_chunks(request, gen))
+    text, reason = await collect(request, gen)
+    return GenerateResponse(text=text, stopped=reason in (FinishReason.STOP, FinishReason.EOS),
+                            finish_reason=reason.value, usage=usage(gen))
+
+
+async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[dict[str, Any]]:
+    parts = []
+    index = 0
+    async for out in runtime(request).loop.stream(gen):
+        parts.append(out.text)
+        if out.token_id is not None:
+            yield {"index": index, "token": {"id": out.token_id, "text": out.text}}
+            index += 1
+        if out.finished:
+            yield {"finish_reason": out.finish_reason.value, "text": "".join(parts), "usage": usage(gen)}
+
+
+@protected.post("/fill_blank", response_model=FillBlankResponse, responses=GENERATION_RESPONSES,
+                summary="fill each <span> of the prompt (needs an encoder-decoder or FIM model); `stream: true` "
+                        "sends each blank as soon as it is complete")
+async def fill_blank(request: Request, body: FillBlankRequest) -> Any:
+    rt = runtime(request)
+    loop = rt.fill_loop or rt.loop
+    engine = loaded(loop)
+    try:
+        fmt = fill_format(engine.config, engine.tokenizer, engine.eos_ids)
+        fill = await run_in_threadpool(partial(FillRequest, fmt, engine.tokenizer, body.prompt,
+                                               parse_special=rt.settings.allow_special_tokens))
+    except UnsupportedTaskError as e:
+        raise ApiError(400, "unsupported_task", str(e)) from None
+    except BlankCountError as e:
+        raise ApiError(422, "validation_error", f"prompt: {e}") from None
+    gen = submit(request, fill.prompt_ids, fill.sampling(sampling_params(engine, body)), loop)
+    chunks = _fill_chunks(loop, gen, fill)
+    if body.stream:
+        return sse_response(request, chunks)
+
+    async def last() -> dict[str, Any]:  # the whole result
+        return [chunk async for chunk in chunks][-1]
+
+    return await unless_disconnected(request, last())
+
+
+async def _fill_chunks(loop: EngineLoop, gen: Generation, fill: FillRequest) -> AsyncIterator[dict[str, Any]]:
+    """`{"index", "position", "text"}` per blank as soon as it is complete, then the whole result."""
+    async for out in loop.stream(gen):
+        blanks = [] if out.token_id is None else fill.feed(out.token_id)
+        if out.finished:
+            blanks += fill.finish(gen.params.stop)
+        for blank in blanks:
+            yield asdict(blank)
+        if out.finished:
+            yield {"blanks": [asdict(b) for b in fill.blanks], "text": fill.text,
+                   "finish_reason": out.finish_reason.value, "usage": usage(gen)}
+
+
+@protected.get("/v1/models", summary="OpenAI-compatible: the served model")
+async def list_models(request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    return {"object": "list", "data": [{"id": rt.model_name, "object": "model", "owned_by": "vramlite",
+                                        "created": 0}]}
+
+
+def _check_model(request: Request, body: OpenAIFields) -> None:
+    name = runtime(request).model_name
+    if body.model is not None and body.model != name:
+        raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
+                       f"{name!r}")
+
+
+@protected.post("/v1/completions", responses=OPENAI_RESPONSES, summary="OpenAI-compatible text completion")
+async def completions(request: Request, body: CompletionRequest) -> Any:
+    _check_model(request, body)
+    gen = await start_generation(request, body.prompt, body)
+    head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": runtime(request).model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(request, _completion_chunks(request, gen, head, include_usage))
+    text, reason = await collect(request, gen)
+    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(reason)}],
+            "usage": openai_usage(gen)}
+
+
+async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
+                             ) -> AsyncIterator[dict[str, Any]]:
+    async for out in runtime(request).loop.stream(gen):
+        finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.text or finish:
+            yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": openai_usage(gen)}
+
+
+@protected.post("/v1/chat/completions", responses=OPENAI_RESPONSES,
+                summary="OpenAI-compatible chat completion (the model's chat template)")
+async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
+    _check_model(request, body)
+    engine = runtime(request).engine
+    params = sampling_params(engine, body)
+    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    ids = await run_in_threadpool(chat_prompt_ids, engine.tokenizer, messages)
+    gen = submit(request, ids, params)
+    head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": runtime(request).model_name}
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse_response(request, _chat_chunks(request, gen, {**head, "object": "chat.completion.chunk"},
+                                                   include_usage))
+    text, reason = await collect(request, gen)
+    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                                 "finish_reason": openai_finish(reason)}], "usage": openai_usage(gen)}
+
+
+async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
+                       ) -> AsyncIterator[dict[str, Any]]:
+    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    async for out in runtime(request).loop.stream(gen):
+        finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.text or finish:
+            delta = {"content": out.text} if out.text else {}
+            yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": openai_usage(gen)}
+
+
+# --- the app ----------------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> FastAPI:
+    """The daemon's ASGI app. The models load on engine threads at startup; until then routes answer 503.
+
+    `engine_loop` defaults to one that loads the model the settings name (tests pass their own); a second
+    loop serves /fill_blank when the settings name a fill model.
+    """
+    engine_loop = engine_loop or make_engine_loop(settings)
+    fill_dir = fill_model_dir(settings)
+    fill_loop = None if fill_dir is None else make_engine_loop(settings, engine_loader(settings, fill_dir),
+                                                               engine_loop.metrics)
+    rt = Runtime(settings, engine_loop, fill_loop)
+    engine_loop.metrics.watch(rt.loops)
+    # sse-starlette would end every stream on the first SIGTERM (a process-wide flag); our drain lets
+    # running streams finish, then ends the stragglers itself.
+    AppStatus.disable_automatic_graceful_drain()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        for loop in rt.loops:
+            loop.start(asyncio.get_running_loop())
+        yield
+        await asyncio.gather(*(loop.stop() for loop in rt.loops))
+
+    app = FastAPI(title="vramlite", version=__version__, lifespan=lifespan,
+                  description="Run big language models on one small GPU. Errors always have the body "
+                              '`{"error": {"type", "message"}}`.')
+    app.state.runtime = rt
+    install_error_handlers(app)
+    app.add_middleware(RequestLimitsMiddleware, max_header_bytes=settings.max_header_bytes,
+                       max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           expose_headers=["X-Request-Id", "Retry-After"])
+    app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics,  # outermost: it sees every status
+                       log_prompts=settings.log_prompts)
+    app.include_router(public)
+    app.include_router(protected)
+    install_playground(app)
+    return app
+

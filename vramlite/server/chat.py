@@ -1,0 +1,47 @@
+"""Chat messages → prompt token ids, with the model's Jinja chat template when it has one."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any, NoReturn
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from vramlite.engine.tokenizer import Tokenizer
+from vramlite.server.errors import ApiError
+
+
+def _raise_exception(message: str) -> NoReturn:
+    raise TemplateError(message)
+
+
+@lru_cache(maxsize=4)
+def _compile(template: str) -> Any:
+    # As transformers renders chat templates: sandboxed, trimmed blocks, `raise_exception` available.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = _raise_exception
+    return env.from_string(template)
+
+
+def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
+    return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids that ask the model for the assistant's next message.
+
+    With a template, the rendered text is trusted (it places the special tokens itself, BOS included);
+    without one, the messages become "role: content" lines ending with "assistant:".
+    """
+    if tokenizer.chat_template is None:
+        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        return tokenizer.encode("\n".join([*lines, "assistant:"]))
+    eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+    try:
+        text = _compile(tokenizer.chat_template).render(
+            messages=messages, add_generation_prompt=True,
+            bos_token=_token_text(tokenizer, tokenizer.bos_id), eos_token=_token_text(tokenizer, eos))
+    except TemplateError as e:
+        raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {e}") from None
+    return tokenizer.encode(text, add_special_tokens=False, parse_special=True)

@@ -1,0 +1,186 @@
+"""Request and reply bodies, with every field bounded. Unset sampling fields take the model's defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
+from vramlite.engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
+MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
+MAX_MODEL_NAME_CHARS = 256
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def json_int(**bounds: int) -> Any:
+    """An int type with `bounds` (ge, le, lt) that takes 2.0 as 2, as JSON Schema's integer does (strict
+    pydantic does not); "2" and true stay refused."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral_float_to_int)]
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+Seed = json_int(ge=-(2**63), lt=2**63)
+MaxTokens = json_int(ge=0, le=MAX_TOKENS_BOUND)
+TopK = json_int(ge=0, le=1 << 20)
+TokenId = json_int()
+ChoiceCount = json_int(ge=1, le=1)
+
+
+class Body(BaseModel):
+    """A request body, strict: a value must have its schema's JSON type (`"stream": 0` is a 422, not false)."""
+
+    model_config = ConfigDict(strict=True)
+
+
+class SamplingFields(Body):
+    """BMInf's sampling parameters; a field left out (or null) takes the model's generation_config default."""
+
+    max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most (default 128); ≤ the context")
+    temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (default 0.9)")
+    top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1.0)")
+    top_k: TopK | None = Field(None, validation_alias=AliasChoices("top_k", "top_n"),
+                               description="0 = off (default); `top_n` is an alias")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
+    stop: list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: Seed | None = None
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """The fields `Engine.sampling_params` takes; None means the model's default."""
+        return self.model_dump(include=set(SamplingFields.model_fields))
+
+
+class GenerateRequest(SamplingFields):
+    """`POST /generate`: continue a prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    stream: bool = False
+
+
+class FillBlankRequest(SamplingFields):
+    """`POST /fill_blank`: each `<span>` in the prompt marks a blank to fill."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    stream: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _count_blanks(cls, prompt: str) -> str:
+        split_blanks(prompt)  # a ValueError naming the count unless 1 to MAX_BLANKS
+        return prompt
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(pattern=r"^[a-z][a-z0-9_]*$", description="snake_case kind, such as queue_full")
+    message: str = Field(description="what to fix")
+
+
+class ErrorBody(BaseModel):
+    """The body of every error reply, whatever its status (DESIGN.md, "HTTP contract")."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    stopped: bool = Field(description="true when a stop string or the end of text ended it, false at a limit")
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    usage: Usage
+
+
+class Stats(BaseModel):
+    """`GET /stats`: what /metrics exposes, as JSON for the playground's charts."""
+
+    time: float = Field(description="the server's clock, Unix seconds; a rate is the difference of two readings")
+    state: Literal["loading", "ready", "draining", "failed", "stopped"]
+    metrics: dict[str, float] = Field(description="each unlabelled gauge and counter of /metrics by name, less the "
+                                                  "`vramlite_` prefix, such as `generation_tokens_total`")
+
+
+class FilledBlank(BaseModel):
+    index: int
+    position: int = Field(description=f"character offset of this blank's {SPAN} in the prompt")
+    text: str
+
+
+class FillBlankResponse(BaseModel):
+    blanks: list[FilledBlank] = Field(max_length=MAX_BLANKS)
+    text: str = Field(description=f"the prompt with each {SPAN} replaced by its blank's text")
+    finish_reason: Literal["stop", "length", "eos", "cancelled"]
+    usage: Usage
+
+
+# --- OpenAI-compatible bodies: unknown fields are ignored, as clients send many optional ones ----------
+
+
+class StreamOptions(Body):
+    include_usage: bool = False
+
+
+class ContentPart(Body):
+    type: Literal["text"]
+    text: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class OpenAIFields(SamplingFields):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
+                              description="must name the served model when given")
+    stop: StopString | list[StopString] | None = Field(None)
+    n: ChoiceCount = Field(1, description="one choice per request")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return stop
+
+
+class CompletionRequest(OpenAIFields):
+    """`POST /v1/completions`."""
+
+    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
+        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatMessage(Body):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str | list[ContentPart] = Field(max_length=MAX_PROMPT_CHARS)
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(OpenAIFields):
+    """`POST /v1/chat/completions`; `max_completion_tokens` is the newer name of `max_tokens`."""
+
+    messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
+    max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
+
