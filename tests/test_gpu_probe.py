@@ -3,6 +3,7 @@ arithmetic, the NVML mapping, and the plan's decode bound; the real probe runs w
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 import types
@@ -91,6 +92,15 @@ def test_check_build_wants_pascal_sass():
 def test_check_build_command_fails_on_a_cpu_torch(capsys):
     assert gpu_probe.main(["--check-build", "6.1"]) == 1
     assert "CPU-only" in capsys.readouterr().out
+
+
+def test_probe_command_runs_as_a_module_of_its_own(tmp_path):
+    """`python -m vramlite.engine.gpu_probe` (the Docker build runs it): the engine package loads nothing on
+    import, so runpy does not find the probe module imported already and run a second copy of it."""
+    proc = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "vramlite.engine.gpu_probe"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("event=gpu_probe device=")
 
 
 def test_bandwidth_arithmetic():

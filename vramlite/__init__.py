@@ -11,14 +11,15 @@ scheduler, offload) → `vramlite.kernels` (int8 matmuls). The names above load 
 one subpackage (the kernels alone, say) does not load the others.
 """
 
-from __future__ import annotations
-
-import importlib
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from vramlite._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from vramlite.engine import Completion, Engine, FinishReason, SamplingParams
+    from vramlite.engine.engine import Completion, Engine
+    from vramlite.engine.sampler import SamplingParams
+    from vramlite.engine.sequence import FinishReason
     from vramlite.engine.wrap import wrap
 
 try:
@@ -26,19 +27,9 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
-_LAZY = {"Completion": "vramlite.engine", "Engine": "vramlite.engine", "FinishReason": "vramlite.engine",
-         "SamplingParams": "vramlite.engine", "wrap": "vramlite.engine.wrap"}
-
 __all__ = ["Completion", "Engine", "FinishReason", "SamplingParams", "__version__", "wrap"]
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'vramlite' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "Completion": "vramlite.engine.engine", "Engine": "vramlite.engine.engine",
+    "SamplingParams": "vramlite.engine.sampler", "FinishReason": "vramlite.engine.sequence",
+    "wrap": "vramlite.engine.wrap",
+})
