@@ -39,7 +39,7 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 # are found.
 WORKDIR /opt
 RUN python -m vramlite.engine.gpu_probe --check-build 6.1 \
-    && vramlite plan --profile gtx1060-6gb --pcie-gbps 12
+    && vramlite plan --profile gtx1060-6gb --context 512 --pcie-gbps 12
 
 # --- runtime: the venv, a non-root user, models from a volume ---
 FROM base AS runtime
