@@ -70,7 +70,10 @@ def _compile(kernel: Any, cc: int, config: Any, pointers: dict[str, str], **cons
 @pytest.mark.parametrize("cc,dtype", [(61, "fp32"), (75, "fp16"), (80, "bf16"), (90, "fp16")])
 def test_activation_quant(cc: int, dtype: str) -> None:
     pointers = {"x_ptr": TYPES[dtype], "q_ptr": "*i8", "scale_ptr": "*fp32"}
-    assert _compile(_quantize_per_token_kernel, cc, quant_config(4096), pointers).metadata.shared <= 48 * KIB
+    compiled = _compile(_quantize_per_token_kernel, cc, quant_config(4096), pointers)
+    assert compiled.metadata.shared <= 48 * KIB
+    # correctly rounded division, as torch's: `/` compiles to div.full.f32 (2 ulp), and the codes would differ
+    assert "div.rn.f32" in compiled.asm["ptx"] and "div.full" not in compiled.asm["ptx"]
 
 
 def _w8a16_pointers(dtype: str, config: Any) -> dict[str, str]:
