@@ -76,3 +76,16 @@ def test_pascal_variants_on_this_gpu() -> None:
     xq, xs = vramlite.kernels.quantize_activation_per_token(x)
     exact = (xq.double() @ qweight.double().T) * xs.double()[:, None] * scale.double() + bias.double()
     _assert_close(w8a8_linear_triton(x, qweight, scale, bias, backend=Backend.PASCAL), exact, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_run_on_the_operands_gpu_not_the_current_one() -> None:
+    """Triton launches on the current GPU: the entry points make the operands' one current for the call."""
+    with torch.cuda.device(1):
+        x, qweight, scale, bias = _operands(24, torch.float16)
+    on0 = [t.to("cuda:0") for t in (x, qweight, scale, bias)]
+    with torch.cuda.device(1):  # the operands on GPU 0, the current device 1
+        for entry in (vramlite.kernels.w8a16_linear, vramlite.kernels.w8a8_linear):
+            y1, y0 = entry(x, qweight, scale, bias), entry(*on0)
+            assert y0.device == torch.device("cuda", 0)
+            torch.testing.assert_close(y0.cpu(), y1.cpu(), rtol=0, atol=0)

@@ -10,6 +10,7 @@
 An unsupported GPU thus gets slow but correct numbers, never a kernel it cannot run.
 """
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable
@@ -68,6 +69,14 @@ def backend_for(device: torch.device) -> Backend:
     return Backend.REFERENCE
 
 
+def _on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make `device` the current GPU while launching: Triton launches on the current one (and its stream),
+    whichever GPU holds the operands, and its tuner times there."""
+    if device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
+
+
 def _rows(x: torch.Tensor, backend: Backend) -> torch.Tensor:
     """x [..., K] as contiguous rows [M, K]; bf16 upcast to fp32 on Pascal/Turing, which lack bf16 math."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
@@ -108,7 +117,8 @@ def _linear(reference: Callable[..., torch.Tensor], kernel: Callable[..., torch.
     backend = backend_for(x.device)
     if backend is Backend.REFERENCE:
         return reference(x, qweight, scale, bias)
-    y = kernel(_rows(x, backend), qweight, scale, bias, backend=backend)
+    with _on_device(x.device):
+        y = kernel(_rows(x, backend), qweight, scale, bias, backend=backend)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
@@ -131,7 +141,8 @@ def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.
     backend = backend_for(x.device)
     if backend is Backend.REFERENCE:
         return quantize_activation_per_token_ref(x)
-    q, scale = quantize_activation_per_token_triton(_rows(x, backend))
+    with _on_device(x.device):
+        q, scale = quantize_activation_per_token_triton(_rows(x, backend))
     return q.reshape(x.shape), scale.reshape(x.shape[:-1])
 
 
