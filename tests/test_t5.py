@@ -200,6 +200,8 @@ def test_offloaded_generation_matches_resident(model_pair):
     assert [c.token_ids for c in offloaded.generate_batch(prompts, GREEDY)] == \
         [c.token_ids for c in resident.generate_batch(prompts, GREEDY)]
     assert offloaded.offload.stats.snapshot().num_copies > 0
+    # decode steps run the decoder alone: the copies cycle back to its first layer, not the encoder's
+    assert offloaded.offload.cycle_from == len(offloaded.runner.model.encoder_blocks) > 0
 
 
 def test_tokenizer_matches_t5_tokenizer(t5_tokenizer_dir):

@@ -81,7 +81,7 @@ class SimCopies:
 
 
 def make(num_layers: int, streamed: tuple[int, ...], depth: int, copy_time: float = 1.0,
-         num_slots: int | None = None) -> tuple[nn.ModuleList, LayerStreamer, SimCopies]:
+         num_slots: int | None = None, cycle_from: int = 0) -> tuple[nn.ModuleList, LayerStreamer, SimCopies]:
     layers = nn.ModuleList(Block(i) for i in range(num_layers))
     layouts = [LayerLayout.of(layers[i], torch.float32) for i in streamed]
     arena = HostArena(layouts)
@@ -91,17 +91,20 @@ def make(num_layers: int, streamed: tuple[int, ...], depth: int, copy_time: floa
     stats = OffloadStats(num_layers - len(streamed), len(streamed), arena.nbytes)
     sim = SimCopies(copy_time, stats)
     slots = num_slots or min(depth + 1, len(streamed))
-    sim.streamer = LayerStreamer(layers, streamed, arena, slots, depth, torch.device("cpu"), sim, stats)
+    sim.streamer = LayerStreamer(layers, streamed, arena, slots, depth, torch.device("cpu"), sim, stats, cycle_from)
     return layers, sim.streamer, sim
 
 
 def run_steps(layers: nn.ModuleList, streamer: LayerStreamer, sim: SimCopies, steps: int,
-              compute_time: float = 0.3) -> list[float]:
-    """Forward passes as a family's loop makes them; returns each step's start time on the compute clock."""
+              compute_time: float = 0.3, first: int = 0) -> list[float]:
+    """Forward passes as a family's loop makes them, from layer `first` on; returns each step's start time on
+    the compute clock."""
     starts = []
     for _ in range(steps):
         starts.append(sim.compute_clock)
         for i, layer in enumerate(layers):
+            if i < first:
+                continue
             streamer.before(i)
             layer.check(i)
             sim.compute(i, compute_time)
@@ -179,6 +182,23 @@ def test_spreading_streamed_layers_beats_streaming_the_last_ones():
     spread_time, last_time = step_time(spread(16, 8)), step_time(tuple(range(8, 16)))
     assert spread_time == pytest.approx(8.0)  # copy-bound: never idle
     assert last_time > spread_time
+
+
+@pytest.mark.parametrize(("streamed", "depth"), [(tuple(range(8)), 1), ((1, 3, 5, 7), 1), ((0, 2, 4, 5, 6), 2)])
+def test_decode_steps_of_an_encoder_decoder_copy_its_decoder_layers_alone(streamed, depth):
+    """Layers 0-3 encode, 4-7 decode: a step that encodes runs all eight, a decode step the last four. Once
+    the encoding step is done, every copy is of a decoder layer, each one once a step, all prefetched."""
+    layers, streamer, sim = make(8, streamed, depth, cycle_from=4)
+    run_steps(layers, streamer, sim, steps=1)
+    done = len(sim.ops)
+    starts = run_steps(layers, streamer, sim, steps=4, first=4)
+    check_slot_safety(sim.ops)
+    decoder = [j for j, i in enumerate(streamed) if i >= 4]
+    copies = [op.rank for op in sim.ops[done:] if op.kind == "copy"]
+    cycling = [j for j in decoder if sum(k % streamer.num_slots == j % streamer.num_slots for k in decoder) > 1]
+    assert set(copies) <= set(cycling) and len(copies) <= 4 * len(cycling)
+    steady = [b - a for a, b in itertools.pairwise(starts[1:])]
+    assert all(s == pytest.approx(steady[0]) for s in steady)  # no step pays for a load on demand
 
 
 def test_a_pass_stopped_half_way_does_not_break_the_next():

@@ -61,7 +61,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     if memory_limit is not None:
         plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
                           prefetch_depth, model.head_shares_embedding(reader), h2d_bandwidth)
-        model.offload = WeightStore(model.blocks(), plan, dtype, device)
+        model.offload = WeightStore(model.blocks(), plan, dtype, device, cycle_from=model.step_start())
         place = model.offload.place
         host = (model.input_embeddings(),) if plan.host_fixed_bytes else ()
     model.load_weights(reader, device, dtype, place, host)

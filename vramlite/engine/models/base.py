@@ -71,6 +71,10 @@ class CausalLM(nn.Module, ABC):
     def blocks(self) -> nn.ModuleList:
         """The decoder layers, in forward order."""
 
+    def step_start(self) -> int:
+        """The first of `blocks()` that every forward pass runs (the offload's copies cycle back to it)."""
+        return 0
+
     @abstractmethod
     def input_embeddings(self) -> Embedding:
         """The token embedding, which an LM head without weights of its own is tied to."""

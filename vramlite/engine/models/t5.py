@@ -239,6 +239,10 @@ class T5ForConditionalGeneration(CausalLM):
     def blocks(self) -> nn.ModuleList:
         return self._blocks
 
+    def step_start(self) -> int:
+        """The first decoder layer: a decode step runs the decoder alone, the encoder only where a step encodes."""
+        return len(self.encoder_blocks)
+
     def input_embeddings(self) -> Embedding:
         return self.shared
 

@@ -12,7 +12,9 @@ and `after(i)`:
   the layer `prefetch_depth + 1` streamed places ahead, ordered after that
   mark (use-before-slot-reuse). The order is cyclic: after the last streamed
   layer come the first ones of the next step, so the next forward pass's
-  first copies overlap this one's tail.
+  first copies overlap this one's tail. A step starts at layer `cycle_from`:
+  an encoder-decoder model's decode steps run its decoder layers alone, and
+  its encoder layers load when a step encodes.
 
 A slot whose occupant has not been used yet is never refilled; `before`
 reloads a slot that holds the wrong layer (a pass that stopped half-way, or
@@ -36,7 +38,8 @@ class LayerStreamer:
     """Streams `layers[i]` for i in `streamed` through `num_slots` device slots (see the module docstring)."""
 
     def __init__(self, layers: Sequence[nn.Module], streamed: Sequence[int], arena: HostArena, num_slots: int,
-                 prefetch_depth: int, device: torch.device, copies: CopyEngine, stats: OffloadStats) -> None:
+                 prefetch_depth: int, device: torch.device, copies: CopyEngine, stats: OffloadStats,
+                 cycle_from: int = 0) -> None:
         if not 1 <= num_slots <= len(streamed) or num_slots < min(prefetch_depth + 1, len(streamed)):
             raise ValueError(f"{num_slots} slots cannot stream {len(streamed)} layers {prefetch_depth} ahead")
         if len(arena.layouts) != len(streamed):
@@ -48,6 +51,8 @@ class LayerStreamer:
         self.copies = copies
         self.stats = stats
         self._rank = {layer: j for j, layer in enumerate(self.streamed)}
+        # the streamed rank a step's copies start from (past the end: no step starts with a streamed layer)
+        self._wrap = next((j for j, layer in enumerate(self.streamed) if layer >= cycle_from), len(self.streamed))
         slot_bytes = max(layout.nbytes for layout in arena.layouts)
         self.slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(num_slots)]
         self._holds: list[int | None] = [None] * num_slots  # streamed rank loaded (or loading) in each slot
@@ -86,16 +91,20 @@ class LayerStreamer:
         self._prefetch(j + 1, self.prefetch_depth + 1)
 
     def _prefetch(self, start: int, count: int) -> None:
-        """Queue the copies of streamed ranks start, start+1, ... (cyclic), in order, while slots allow."""
-        n = len(self.streamed)
-        for k in range(min(count, n)):
-            j = (start + k) % n
+        """Queue the copies of streamed ranks start, start+1, ... (after the last, the next step's first), in
+        order, while slots allow."""
+        n, j = len(self.streamed), start
+        for _ in range(min(count, n)):
+            if j >= n:
+                if self._wrap >= n:
+                    return
+                j = self._wrap
             s = j % self.num_slots
-            if self._holds[s] == j:
-                continue
-            if not self._used[s]:
-                break
-            self._load(j)
+            if self._holds[s] != j:
+                if not self._used[s]:
+                    return
+                self._load(j)
+            j += 1
 
     def _load(self, j: int) -> None:
         s = j % self.num_slots

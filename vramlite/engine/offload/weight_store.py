@@ -41,12 +41,13 @@ class WeightStore:
     """
 
     def __init__(self, layers: Sequence[nn.Module], plan: OffloadPlan, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, cycle_from: int = 0) -> None:
         if len(layers) != plan.num_layers:
             raise ValueError(f"the plan is for {plan.num_layers} layers, the model has {len(layers)}")
         self.layers = layers
         self.plan = plan
         self.device = device
+        self.cycle_from = cycle_from  # the first layer of every forward pass (see LayerStreamer)
         self.streamer: LayerStreamer | None = None
         self.arena: HostArena | None = None
         if plan.streamed:
@@ -84,4 +85,4 @@ class WeightStore:
             return
         copies = CudaCopies(self.device, self.stats) if self.device.type == "cuda" else SyncCopies(self.stats)
         self.streamer = LayerStreamer(self.layers, self.plan.streamed, self.arena, self.plan.num_slots,
-                                      self.plan.prefetch_depth, self.device, copies, self.stats)
+                                      self.plan.prefetch_depth, self.device, copies, self.stats, self.cycle_from)
