@@ -225,3 +225,27 @@ def test_cpu_prefill_rows_of_fp32_multiply_in_bf16(
     torch.testing.assert_close(y, in_bf16 if bf16_math else reference, rtol=0, atol=0)
     expected = w8a16_linear_ref(x.double(), qweight, scale.double(), bias.double())
     assert ((y.double() - expected).norm() / expected.norm()).item() < 4e-3
+
+
+def test_tuner_takes_the_fastest_config_that_runs_and_remembers_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vramlite.kernels import _common
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the interpreter takes the first config untimed
+    monkeypatch.setattr(_common, "_tuned", {})
+    ms = {"a": 3.0, "b": None, "c": 1.0, "d": 2.0}  # b does not compile for this GPU
+    timed = []
+
+    def run(config: str) -> None:
+        if ms[config] is None:
+            raise RuntimeError("out of resource: shared memory")
+
+    def timer(call) -> float:
+        call()
+        timed.append(call.args[0])
+        return ms[call.args[0]]
+
+    assert _common.tuned_config(("k", 1), list(ms), run, timer) == "c"
+    assert timed == ["a", "c", "d"]
+    assert _common.tuned_config(("k", 1), list(ms), run, timer) == "c" and len(timed) == 3  # cached
+    with pytest.raises(RuntimeError, match=r"no kernel config runs on this GPU.*shared memory"):
+        _common.tuned_config(("k", 2), ["b", "b"], run, timer)

@@ -89,3 +89,11 @@ def test_kernels_run_on_the_operands_gpu_not_the_current_one() -> None:
             y1, y0 = entry(x, qweight, scale, bias), entry(*on0)
             assert y0.device == torch.device("cuda", 0)
             torch.testing.assert_close(y0.cpu(), y1.cpu(), rtol=0, atol=0)
+
+
+def test_tuner_timer_times_on_the_gpu() -> None:
+    from vramlite.kernels._common import gpu_milliseconds
+
+    x = torch.randn(2048, 2048, device="cuda")
+    small, large = gpu_milliseconds(lambda: x[:256] @ x[:256].T, reps=5), gpu_milliseconds(lambda: x @ x, reps=5)
+    assert 0 < small < large < 1000

@@ -4,6 +4,7 @@ operand checks."""
 import enum
 import functools
 import os
+import statistics
 from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import Any
@@ -13,8 +14,6 @@ import torch
 try:
     import triton
     import triton.language as tl
-    from triton.runtime.errors import OutOfResources
-    from triton.testing import do_bench
 except ImportError:  # `vramlite.kernels` still imports; dispatch then uses the torch references
     triton = None
     # Kernel signatures evaluate `tl.constexpr` annotations at definition time.
@@ -62,8 +61,30 @@ def launch(kernel: Any, grid: tuple[int, ...], config: "triton.Config", *args: A
 _tuned: dict[tuple, "triton.Config"] = {}
 
 
-def tuned_config(key: tuple, configs: Sequence["triton.Config"], run: Callable[["triton.Config"], Any]) -> Any:
-    """The fastest of `configs` for `key`, timed with `run(config)` on first use and cached for the process.
+def gpu_milliseconds(fn: Callable[[], Any], reps: int = 20) -> float:
+    """Median milliseconds of `fn` on the current GPU's current stream, after one untimed call (it compiles).
+
+    Each timed call starts with the L2 cache flushed, as triton's `do_bench` does, but by a buffer twice the
+    L2's size (3 MiB on a GTX 1060, 120 MiB on an H200) instead of do_bench's 256 MiB, which a GPU filled up to
+    its memory limit may not have room for. Weights stream from DRAM in a decode step: so they do here.
+    """
+    fn()
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    flush = torch.empty(2 * getattr(props, "L2_cache_size", 64 * 2**20), dtype=torch.uint8, device="cuda")
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        flush.zero_()
+        start.record()
+        fn()
+        end.record()
+    events[-1][1].synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def tuned_config(key: tuple, configs: Sequence["triton.Config"], run: Callable[["triton.Config"], Any],
+                 timer: Callable[[Callable[[], Any]], float] = gpu_milliseconds) -> Any:
+    """The fastest of `configs` for `key`, timed with `timer(lambda: run(config))` on first use and cached for
+    the process; a config that fails to compile or run (too much shared memory for this GPU, say) is left out.
 
     The interpreter gets the first config untimed. The first call per key takes a while (compiling and timing
     every config): warm up before CUDA-graph capture or latency-sensitive serving.
@@ -72,14 +93,14 @@ def tuned_config(key: tuple, configs: Sequence["triton.Config"], run: Callable[[
         return configs[0]
     best = _tuned.get(key)
     if best is None:
-        timings = []
+        timings, failure = [], None
         for i, config in enumerate(configs):
             try:
-                timings.append((do_bench(functools.partial(run, config), warmup=5, rep=20), i))
-            except OutOfResources:  # e.g. too much shared memory for this GPU
-                continue
+                timings.append((timer(functools.partial(run, config)), i))
+            except Exception as e:  # any failure rules the config out; the others may run
+                failure = e
         if not timings:
-            raise RuntimeError(f"no kernel config fits this GPU for {key}")
+            raise RuntimeError(f"no kernel config runs on this GPU for {key}: {failure!r}") from failure
         best = _tuned[key] = configs[min(timings)[1]]
     return best
 
