@@ -4,7 +4,9 @@ Why not `pin_memory=True` tensors: PyTorch's caching host allocator rounds
 each pinned block up to a power of two, so a 6.7 GB model could take 8 GB of
 page-locked RAM. A plain allocation registered with the driver costs exactly
 its size. If registering fails (a small host, a container with little
-lockable memory) the arena stays pageable: copies get slower, nothing breaks.
+lockable memory) the arena stays pageable: nothing breaks, but copies get
+slower and no longer overlap compute (a copy from pageable memory goes
+through a driver buffer, and the host waits for it).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def _clear_cuda_error() -> None:
             return
         except (OSError, AttributeError):
             continue
+    log.warning("no loaded libcudart to reset the failed cudaHostRegister's error: the next CUDA call may "
+                "report it as its own")
 
 
 class HostArena:
@@ -68,8 +72,10 @@ class HostArena:
             self.pinned = err == 0
             self.pin_refused = not self.pinned
             if not self.pinned:
-                log.warning("could not pin %s of host memory for the streamed layers (CUDA error %d): "
-                            "using pageable memory, host-to-device copies will be slower", format_bytes(total), err)
+                log.warning("could not pin %s of host memory for the streamed layers (CUDA error %d): using "
+                            "pageable memory, so host-to-device copies are slower and do not overlap compute; "
+                            "raise the locked-memory limit (ulimit -l, or docker run --ulimit memlock=-1)",
+                            format_bytes(total), err)
         self._unregister = self.pinned and register is cuda_host_register
 
     def region(self, j: int) -> torch.Tensor:
