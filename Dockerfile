@@ -1,6 +1,6 @@
 # vramlite for a GTX 1060 host (Pascal, sm_61) and newer GPUs.
 #   docker build -t vramlite .
-#   docker run --gpus all -p 8000:8000 -v "$PWD/models:/models" vramlite --model /models/NAME --profile gtx1060-6gb
+#   docker run --gpus all --ulimit memlock=-1 -p 8000:8000 -v "$PWD/models:/models" vramlite --model /models/NAME --profile gtx1060-6gb
 # CUDA 12.6: the last line of torch wheels that still carries Pascal code (sm_60 SASS, which runs on sm_61);
 # the build fails below if the installed torch does not.
 

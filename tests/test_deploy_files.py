@@ -116,6 +116,7 @@ def test_compose_services():
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert f"{PORT}:{PORT}" in daemon["ports"]
     assert any(v.endswith(":/models:ro") for v in daemon["volumes"])
+    assert daemon["ulimits"]["memlock"] == -1  # pinning the host arena
     assert "9090:9090" in services["prometheus"]["ports"] and "3000:3000" in services["grafana"]["ports"]
     for name, service in services.items():  # every file or folder mounted from the repo exists
         for volume in service.get("volumes", []):
