@@ -100,8 +100,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     context = args.prompt_len + args.tokens
     engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=max(args.batch), context=context,
                              **model_kwargs(args))
-    bench(engine, 1, min(args.prompt_len, 8), 3)  # warm-up: first calls allocate and pick kernels
-    results = [bench(engine, b, args.prompt_len, args.tokens) for b in args.batch]
+    results = []
+    for b in args.batch:
+        # warm-up in the measured shapes: first calls allocate, and on a GPU compile and tune each shape's kernels
+        bench(engine, b, args.prompt_len, 3)
+        results.append(bench(engine, b, args.prompt_len, args.tokens))
     weights = engine.config.quantization or str(engine.dtype).removeprefix("torch.")
     print(f"model {engine.model_dir}: {engine.config.model_type}, {engine.config.num_layers} layers, {weights} "
           f"weights, {str(engine.dtype).removeprefix('torch.')} compute on {engine.probe.name}")
