@@ -90,3 +90,24 @@ def test_cli_quantize_then_generate(model_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "q"), "--temperature", "0", "--max-tokens", "4", "Hi"]) == 0
     assert capsys.readouterr().out.startswith("wrote the int8 checkpoint")
     assert main(["generate", "--model", str(model_dir), "--quantize", "int8", "--max-tokens", "4", "Hi"]) == 0
+
+
+def test_warm_up_rows_reach_every_row_bucket():
+    from vramlite.engine.runner import warm_up_rows
+
+    assert warm_up_rows(512) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
+    assert warm_up_rows(300) == [1, 2, 4, 8, 16, 32, 64, 128, 256, 300]  # 300 rows tune as 512
+    assert warm_up_rows(1) == [1] and warm_up_rows(3) == [1, 2, 3]
+
+
+@pytest.mark.gpu
+def test_int8_kernels_are_tuned_at_load_not_in_requests():
+    from vramlite import models
+    from vramlite.kernels import _common
+
+    engine = Engine.from_dir(models.path(), device="cuda", quantize="int8", max_batch_size=4, max_tokens_per_step=64)
+    tuned = dict(_common._tuned)
+    assert tuned
+    prompts = ["床前明月光，" * n for n in (1, 3, 9)]  # prefills of a few to tens of tokens, then batched decode
+    engine.generate_batch(prompts, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    assert _common._tuned == tuned

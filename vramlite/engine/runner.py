@@ -14,7 +14,9 @@ import torch
 from vramlite.engine.kv_cache import KVCache
 from vramlite.engine.layers.attention import AttentionMetadata, CrossMetadata, EncoderBatch, PrefillChunk
 from vramlite.engine.layers.cpu_layout import prefer_cpu_layout
+from vramlite.engine.layers.linear import QuantizedLinear
 from vramlite.engine.models.base import CausalLM
+from vramlite.kernels import Backend, backend_for
 
 if TYPE_CHECKING:
     from torch._dynamo.types import GuardFilterEntry
@@ -55,6 +57,13 @@ def torch_compiles_decode() -> bool:
     """Whether this torch can compile decode steps: it must keep each runner's graphs apart (torch.compile's
     `isolate_recompiles`, torch 2.13)."""
     return "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def warm_up_rows(limit: int) -> list[int]:
+    """Row counts that reach every row bucket the int8 kernels tune for, up to `limit` rows a step: 1, 2, 4, ...
+    (W8A16 tiles by powers of two up to 16 rows, W8A8 tunes per power of two of the rows), then `limit`."""
+    rows = [1 << i for i in range(max(limit, 1).bit_length()) if 1 << i < limit]
+    return [*rows, limit]
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,23 @@ class ModelRunner:
             self.forward([Chunk(0, [0], 2), Chunk(1, [0], 1)])
         if self._decode_step is not None:
             log.info("compiled the decode steps in %.1f s", time.perf_counter() - start)
+
+    def warm_up_kernels(self, max_tokens_per_step: int) -> None:
+        """On a GPU with the Triton int8 kernels, run one forward pass of each row count of `warm_up_rows` now,
+        at load: Triton compiles and times a kernel's configs on the first call of each shape and row bucket,
+        seconds each, which the first requests would otherwise wait for. Slot 0's cache is overwritten by its
+        next prefill."""
+        int8 = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
+        if self.device.type != "cuda" or not int8 or backend_for(self.device) is Backend.REFERENCE:
+            return
+        start = time.perf_counter()
+        rows = warm_up_rows(min(max_tokens_per_step, self.context))
+        for n in rows:
+            ids = [0] * n
+            self.forward([Chunk(0, ids, 0, ids if self.cache.cross_k is not None else ())])
+        torch.cuda.synchronize(self.device)
+        log.info("int8 kernels compiled and tuned for %s rows in %.1f s", ", ".join(map(str, rows)),
+                 time.perf_counter() - start)
 
     def _compilable(self) -> bool:
         """Whether decode steps can run compiled by torch.compile (`_decode_logits`); logs why not.
