@@ -113,12 +113,9 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
     rows = []
     for batch in batches:
         decode_seconds_per_step(runner, batch, 2, model.config.vocab_size)  # warm-up (kernels, slots)
-        before = store.stats.snapshot()
+        before = store.snapshot()
         step = decode_seconds_per_step(runner, batch, steps, model.config.vocab_size)
-        torch.cuda.synchronize()
-        if store.streamer is not None:
-            store.streamer.copies.poll()
-        after = store.stats.snapshot()
+        after = store.snapshot()  # the steps ended synchronized: every copy is done
         bandwidth = ((after.h2d_bytes - before.h2d_bytes) / (after.copy_seconds - before.copy_seconds)
                      if after.copy_seconds > before.copy_seconds else 0.0)
         bound = store.plan.streamed_bytes / peak

@@ -114,6 +114,21 @@ def test_limit_given_as_a_string_and_prefetch_depth(model_dir):
     assert engine.offload.streamer is None or engine.offload.streamer.num_slots == min(3, len(plan.streamed))
 
 
+def test_a_snapshot_accounts_the_copies_finished_since_the_last_layer(model_dir, monkeypatch):
+    """A GPU's copies are timed when polled, which the streamer does before each layer: a reading (a metrics
+    scrape, the bench's last one) polls too, so an idle engine's last prefetches are in it."""
+    limit = half_streamed_limit(model_dir, torch.device("cpu"), torch.float32, None)
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=BATCH, memory_limit=limit)
+    store = engine.offload
+    assert store.streamer is not None
+    polled = []
+    monkeypatch.setattr(store.streamer.copies, "poll", lambda: polled.append(store.stats.snapshot().h2d_bytes))
+    engine.generate("hello", max_tokens=2)
+    layers = len(polled)
+    assert layers > 0 and store.snapshot().h2d_bytes == polled[-1] == store.stats.snapshot().h2d_bytes
+    assert len(polled) == layers + 1
+
+
 def test_too_small_a_budget_names_the_smallest_that_works(model_dir):
     with pytest.raises(ValueError, match=r"smallest budget that works is .* \(with max_batch_size=1 it takes"):
         Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=4, memory_limit="100KiB")

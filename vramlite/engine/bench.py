@@ -83,7 +83,7 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
     while any(not engine.sequence(i).output_ids for i in ids):
         engine.step()
     prefilled = time.perf_counter()
-    before = engine.offload.stats.snapshot() if engine.offload else None
+    before = engine.offload.snapshot() if engine.offload else None
     steps = decoded = 0
     while engine.has_unfinished():
         decoded += sum(out.token_id is not None for out in engine.step())
@@ -91,7 +91,7 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
     if cuda:
         torch.cuda.synchronize(engine.device)
     end = time.perf_counter()
-    after = engine.offload.stats.snapshot() if engine.offload else None
+    after = engine.offload.snapshot() if engine.offload else None
     return BenchResult(
         batch, prompt_tokens, new_tokens, prefilled - start, end - prefilled, steps, decoded,
         h2d_bytes=after.h2d_bytes - before.h2d_bytes if after and before else 0,

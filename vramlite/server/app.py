@@ -431,7 +431,7 @@ def offload_info(engine: Engine | None) -> dict[str, Any] | None:
     store = engine.offload
     if store is None:
         return {"resident_layers": list(range(engine.config.num_layers)), "streamed_layers": []}
-    snap = store.stats.snapshot()
+    snap = store.snapshot()
     return {**store.plan.as_dict(), "host_bytes": snap.host_bytes, "host_pinned_bytes": snap.pinned_bytes}
 
 
@@ -454,7 +454,7 @@ def read_engine_metrics(rt: Runtime) -> Metrics:
     rt.metrics.vram_limit.set(rt.settings.memory_limit_bytes or 0)
     if engine is not None:
         store = engine.offload
-        rt.metrics.read_offload(store.stats.snapshot() if store else None, engine.config.num_layers)
+        rt.metrics.read_offload(store.snapshot() if store else None, engine.config.num_layers)
         rt.metrics.read_probe(engine.probe)
         rt.metrics.read_device(engine.device)
     return rt.metrics

@@ -9,6 +9,7 @@ drive the same schedule with a simulated one.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -63,7 +64,8 @@ class CudaCopies:
     Each copy is bracketed by timing events on the copy stream, each wait by
     timing events on the compute stream (the second one completes when both
     the earlier compute and the awaited copy are done, so their gap is the
-    stall). `poll` reads the pairs that have completed, without blocking.
+    stall). `poll` reads the pairs that have completed, without blocking, from the engine's thread or (for a
+    metrics scrape while the engine is idle) another.
     """
 
     def __init__(self, device: torch.device, stats: OffloadStats) -> None:
@@ -72,6 +74,7 @@ class CudaCopies:
         self.stream = torch.cuda.Stream(device)
         self._copies: deque[tuple[torch.cuda.Event, torch.cuda.Event, int]] = deque()
         self._waits: deque[tuple[torch.cuda.Event, torch.cuda.Event]] = deque()
+        self._polling = threading.Lock()  # one reader at a time: each pair is checked, then taken
 
     def mark(self) -> torch.cuda.Event:
         event = torch.cuda.Event()
@@ -98,9 +101,10 @@ class CudaCopies:
         self._waits.append((before, after))
 
     def poll(self) -> None:
-        while self._copies and self._copies[0][1].query():
-            start, end, nbytes = self._copies.popleft()
-            self.stats.record_copy(nbytes, start.elapsed_time(end) / 1e3)
-        while self._waits and self._waits[0][1].query():
-            before, after = self._waits.popleft()
-            self.stats.record_stall(before.elapsed_time(after) / 1e3)
+        with self._polling:
+            while self._copies and self._copies[0][1].query():
+                start, end, nbytes = self._copies.popleft()
+                self.stats.record_copy(nbytes, start.elapsed_time(end) / 1e3)
+            while self._waits and self._waits[0][1].query():
+                before, after = self._waits.popleft()
+                self.stats.record_stall(before.elapsed_time(after) / 1e3)

@@ -13,7 +13,7 @@ from vramlite.engine.offload.arena import HostArena, host_register
 from vramlite.engine.offload.copies import CudaCopies, SyncCopies
 from vramlite.engine.offload.layout import LayerLayout
 from vramlite.engine.offload.planner import OffloadPlan
-from vramlite.engine.offload.stats import OffloadStats
+from vramlite.engine.offload.stats import OffloadStats, StatsSnapshot
 from vramlite.engine.offload.streamer import LayerStreamer
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,13 @@ class WeightStore:
         view = layout.view(self.arena.region(j), entry)
         view.copy_(tensor)
         return view
+
+    def snapshot(self) -> StatsSnapshot:
+        """The accounting so far, with the copies and waits finished since the last layer ran (an idle engine's
+        last prefetches too)."""
+        if self.streamer is not None:
+            self.streamer.copies.poll()
+        return self.stats.snapshot()
 
     def start(self) -> None:
         """Move the streamed layers onto their slots; from now on the streamer runs the copies."""
