@@ -249,3 +249,25 @@ def test_tuner_takes_the_fastest_config_that_runs_and_remembers_it(monkeypatch: 
     assert _common.tuned_config(("k", 1), list(ms), run, timer) == "c" and len(timed) == 3  # cached
     with pytest.raises(RuntimeError, match=r"no kernel config runs on this GPU.*shared memory"):
         _common.tuned_config(("k", 2), ["b", "b"], run, timer)
+
+
+@pytest.mark.parametrize("name", ["w8a16", "w8a8"])
+@pytest.mark.parametrize("max_offset", [8 * 45 * 5, 45 * 10], ids=["row-blocks", "weight-blocks"])
+def test_products_past_32_bit_offsets_run_in_blocks(name: str, max_offset: int, fresh_dispatch, device: str) -> None:
+    """With the offset limit lowered so that 40 rows of x (or 37 weight rows) pass it: the same result (but for
+    the order of fp32 sums, which other tiles change), from launches that each stay under it."""
+    fresh_dispatch.setattr(dispatch, "backend_for", lambda device: Backend.PASCAL)
+    entry, launcher = getattr(dispatch, f"{name}_linear"), getattr(dispatch, f"{name}_linear_triton")
+    x, qweight, scale, bias, _ = linear_operands(40, 37, 45, torch.float32, device, with_bias=True)
+    whole = entry(x, qweight, scale, bias)
+    shapes = []
+
+    def recorded(rows: torch.Tensor, qw: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        shapes.append((*qw.shape, len(rows)))
+        return launcher(rows, qw, *args, **kwargs)
+
+    fresh_dispatch.setattr(dispatch, f"{name}_linear_triton", recorded)
+    fresh_dispatch.setattr(dispatch, "MAX_OFFSET", max_offset)
+    torch.testing.assert_close(entry(x, qweight, scale, bias), whole, rtol=1e-5, atol=1e-5)
+    assert len(shapes) > 1
+    assert all(n * k <= max_offset and m * 8 * max(n, k) <= max_offset for n, k, m in shapes)

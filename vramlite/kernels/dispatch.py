@@ -25,6 +25,11 @@ from .w8a16 import w8a16_linear_ref, w8a16_linear_triton
 
 log = logging.getLogger(__name__)
 
+MAX_OFFSET = 2**31 - 1
+"""The kernels index their operands with 32-bit offsets: a product whose weight, or whose rows times the row
+length (times 8, the most split-K partial sums), could pass this runs in blocks of weight rows or of x's rows
+that do not (an int8 LM head of 128k words at hidden 16384, scoring thousands of tokens at once)."""
+
 W8A16_MAX_M = 16
 """`int8_linear` uses W8A16 up to this many rows (decode: memory-bound, so int8 weights at DRAM speed win) and
 W8A8 above (prefill: compute-bound, so int8 tensor cores / dp4a win). Provisional: to be set from
@@ -118,8 +123,24 @@ def _linear(reference: Callable[..., torch.Tensor], kernel: Callable[..., torch.
     if backend is Backend.REFERENCE:
         return reference(x, qweight, scale, bias)
     with _on_device(x.device):
-        y = kernel(_rows(x, backend), qweight, scale, bias, backend=backend)
+        y = _in_blocks(kernel, _rows(x, backend), qweight, scale, bias, backend)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def _in_blocks(kernel: Callable[..., torch.Tensor], rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+               bias: torch.Tensor | None, backend: Backend) -> torch.Tensor:
+    """`kernel` on blocks of the weight's rows, then of x's rows, each small enough for 32-bit offsets."""
+    n, k = qweight.shape
+    n_block = max(1, MAX_OFFSET // k)
+    if n > n_block:
+        return torch.cat([_in_blocks(kernel, rows, qweight[i : i + n_block], scale[i : i + n_block],
+                                     None if bias is None else bias[i : i + n_block], backend)
+                          for i in range(0, n, n_block)], dim=1)
+    m_block = max(1, MAX_OFFSET // (8 * max(n, k)))
+    if len(rows) > m_block:
+        return torch.cat([kernel(rows[i : i + m_block], qweight, scale, bias, backend=backend)
+                          for i in range(0, len(rows), m_block)])
+    return kernel(rows, qweight, scale, bias, backend=backend)
 
 
 def w8a16_linear(
