@@ -17,9 +17,7 @@ from typing import TYPE_CHECKING
 from vramlite._lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from vramlite.engine.engine import Completion, Engine
-    from vramlite.engine.sampler import SamplingParams
-    from vramlite.engine.sequence import FinishReason
+    from vramlite.engine import Completion, Engine, FinishReason, SamplingParams
     from vramlite.engine.wrap import wrap
 
 try:
@@ -28,8 +26,8 @@ except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0+unknown"
 
 __all__ = ["Completion", "Engine", "FinishReason", "SamplingParams", "__version__", "wrap"]
+# the engine's names from vramlite.engine, which says where each is defined (and loads it lazily too)
 __getattr__, __dir__ = lazy_exports(__name__, {
-    "Completion": "vramlite.engine.engine", "Engine": "vramlite.engine.engine",
-    "SamplingParams": "vramlite.engine.sampler", "FinishReason": "vramlite.engine.sequence",
+    **dict.fromkeys(("Completion", "Engine", "FinishReason", "SamplingParams"), "vramlite.engine"),
     "wrap": "vramlite.engine.wrap",
 })
