@@ -128,8 +128,8 @@ class ModelRunner:
         at load: Triton compiles and times a kernel's configs on the first call of each shape and row bucket,
         seconds each, which the first requests would otherwise wait for. Slot 0's cache is overwritten by its
         next prefill."""
-        int8 = any(isinstance(m, QuantizedLinear) for m in self.model.modules())
-        if self.device.type != "cuda" or not int8 or backend_for(self.device) is Backend.REFERENCE:
+        if self.device.type != "cuda" or backend_for(self.device) is Backend.REFERENCE \
+                or not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             return
         start = time.perf_counter()
         rows = warm_up_rows(min(max_tokens_per_step, self.context))
