@@ -230,10 +230,9 @@ def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> 
     probs = x.softmax(dim=-1)
     vocab, n = x.size(-1), min(TOP_P_CANDIDATES, x.size(-1))
     # a row's n most likely tokens can hold p of its mass only if n times its largest probability does
-    if n < vocab and bool((probs.amax(dim=-1, keepdim=True) * n >= p).any()):
-        top_p, exact = _top_p_among(x, probs, p, n)
-    else:
-        top_p, exact = _top_p_among(x, probs, p, vocab)
+    if not bool((probs.amax(dim=-1, keepdim=True) * n >= p).any()):
+        n = vocab
+    top_p, exact = _top_p_among(x, probs, p, n)
     if not exact.all():
         slow = (~exact).nonzero().flatten()
         top_p[slow] = _top_p_among(x[slow], probs[slow], p[slow], vocab)[0]
