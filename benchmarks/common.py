@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vramlite.engine.bench import hardware
 
 RESULTS = Path(__file__).parent / "results"
+K = TypeVar("K", bound=Hashable)
 
 
 def write_results(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
@@ -49,8 +50,8 @@ def call_seconds(run: Callable[[], object], calls: int = 1) -> Callable[[], floa
     return measure
 
 
-def best_in_turns(measures: dict[str, Callable[[], float]], repeats: int) -> dict[str, float]:
-    """For each implementation, the least of `repeats` measurements (seconds) after one warm-up.
+def best_in_turns(measures: dict[K, Callable[[], float]], repeats: int) -> dict[K, float]:
+    """For each implementation (or measurement), the least of `repeats` measurements (seconds) after one warm-up.
 
     The implementations take turns, one measurement each per round, so a noisy spell of a shared machine falls
     on all of them alike rather than on whichever ran through it.

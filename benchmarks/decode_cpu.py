@@ -7,12 +7,14 @@ Models: the shipped demo model, and a ~130M-parameter random LLaMA (hidden
 batch 1 and batch 8, greedy, EOS ignored, 16-token prompts; ours in fp32,
 bf16, and int8 weights with fp32 or bf16 activations, and fp32, bf16 and
 int8 with `compile_decode` (which compiles while loading: the load_s
-column). Decode time is the time to produce N tokens minus the time to
-produce 1 (prefill + first token), best of `--repeats`, the implementations
-taking turns. Each implementation runs in a process of its own, loaded one
-after the other and then idle while the others run: in one process, where
-each model's memory lands (which follows the order of loading) moved a step
-by up to 12%. Prints a table; writes benchmarks/results/decode_cpu.json.
+column). Decode time is the best time to produce N tokens minus the best
+time to produce 1 (prefill + first token), each the least of `--repeats`
+runs, the implementations taking turns. (The least of differences would not
+do: one slow 1-token run makes a difference small, even negative.) Each
+implementation runs in a process of its own, loaded one after the other and
+then idle while the others run: in one process, where each model's memory
+lands (which follows the order of loading) moved a step by up to 12%. Prints
+a table; writes benchmarks/results/decode_cpu.json.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +41,6 @@ OURS = {"vramlite fp32": ("fp32", None, False), "vramlite bf16": ("bf16", None, 
         "vramlite int8 w / fp32 act compiled": ("fp32", "int8", True)}
 REPLY = "@decode_cpu "
 """Marks the worker's replies on its stdout, which libraries may print to as well."""
-
-
-def decode_seconds(run: Callable[[int], None], tokens: int) -> Callable[[], float]:
-    """A measurement of `run`'s decode time: time(N tokens) - time(1 token)."""
-    def measure() -> float:
-        t0 = time.perf_counter()
-        run(1)
-        t1 = time.perf_counter()
-        run(tokens)
-        return (time.perf_counter() - t1) - (t1 - t0)
-    return measure
 
 
 def prompts(vocab: int, batch: int) -> torch.Tensor:
@@ -74,22 +66,25 @@ def load(impl: str, model_dir: Path, batch: int) -> Callable[[int], None]:
     return lambda n: engine.generate_batch(rows, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
-def worker(impl: str, model_dir: Path, batch: int, tokens: int) -> None:
-    """Load `impl`, say so with its load time, then answer each line of stdin with one decode measurement."""
+def worker(impl: str, model_dir: Path, batch: int) -> None:
+    """Load `impl`, say so with its load time, then answer each line of stdin, a token count n, with the
+    seconds it took to generate n tokens."""
     start = time.perf_counter()
-    measure = decode_seconds(load(impl, model_dir, batch), tokens)
+    run = load(impl, model_dir, batch)
     print(f"{REPLY}{time.perf_counter() - start}", flush=True)
-    for _ in sys.stdin:
-        print(f"{REPLY}{measure()}", flush=True)
+    for line in sys.stdin:
+        t0 = time.perf_counter()
+        run(int(line))
+        print(f"{REPLY}{time.perf_counter() - t0}", flush=True)
 
 
 class Worker:
     """One implementation in a process of its own (`worker`)."""
 
-    def __init__(self, impl: str, model_dir: Path, batch: int, tokens: int, threads: int) -> None:
+    def __init__(self, impl: str, model_dir: Path, batch: int, threads: int) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.decode_cpu", "--worker", impl, str(model_dir), "--batches",
-             str(batch), "--tokens", str(tokens), "--threads", str(threads)],
+             str(batch), "--threads", str(threads)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.load_seconds = self._reply()
 
@@ -100,9 +95,10 @@ class Worker:
                 return float(line.removeprefix(REPLY))
         raise RuntimeError(f"the worker exited with {self.proc.wait()}")
 
-    def measure(self) -> float:
+    def generate_seconds(self, tokens: int) -> float:
+        """Seconds to generate `tokens` tokens (prefill included)."""
         assert self.proc.stdin is not None
-        self.proc.stdin.write("\n")
+        self.proc.stdin.write(f"{tokens}\n")
         self.proc.stdin.flush()
         return self._reply()
 
@@ -117,11 +113,13 @@ def bench_model(name: str, model_dir: Path, batch: int, tokens: int, repeats: in
     workers: dict[str, Worker] = {}
     try:
         for impl in (THEIRS, *OURS):  # one after the other: compiling takes both cores
-            workers[impl] = Worker(impl, model_dir, batch, tokens, threads)
-        timings = best_in_turns({impl: w.measure for impl, w in workers.items()}, repeats)
+            workers[impl] = Worker(impl, model_dir, batch, threads)
+        best = best_in_turns({(impl, n): partial(w.generate_seconds, n)
+                              for impl, w in workers.items() for n in (1, tokens)}, repeats)
     finally:
         for w in workers.values():
             w.close()
+    timings = {impl: best[impl, tokens] - best[impl, 1] for impl in workers}
     base = timings[THEIRS]
     rows = [{"model": name, "batch": batch, "impl": impl,
              "tok_per_s": round(batch * (tokens - 1) / s, 1),
@@ -142,7 +140,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.worker:
-        worker(args.worker[0], Path(args.worker[1]), args.batches[0], args.tokens)
+        worker(args.worker[0], Path(args.worker[1]), args.batches[0])
         return
     rows = over_cpu_models(args.batches, lambda name, model_dir, batch: bench_model(
         name, model_dir, batch, args.tokens, args.repeats, args.threads))
