@@ -84,7 +84,7 @@ def _w8a16_pointers(dtype: str, config: Any) -> dict[str, str]:
     return {"x_ptr": TYPES[dtype], "w_ptr": "*i8", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "y_ptr": out}
 
 
-def _pascal_cases(configs: list, cc: int, dtype: str) -> list:
+def _pascal_cases(configs: tuple, cc: int, dtype: str) -> tuple:
     """Every config for sm_61 with fp32 x (GTX 1060: the tightest registers and shared memory), else the first."""
     return configs if (cc, dtype) == (61, "fp32") else configs[:1]
 
@@ -139,6 +139,6 @@ def test_w8a8_int8_tensor_cores(cc: int, dtype: str) -> None:
         assert compiled.metadata.shared <= limit
 
 
-def _smallest(configs: list) -> Any:
+def _smallest(configs: tuple) -> Any:
     """The config with the smallest int8 operand tiles across pipeline stages."""
     return min(configs, key=lambda c: (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * c.num_stages)

@@ -105,6 +105,15 @@ def tuned_config(key: tuple, configs: Sequence["triton.Config"], run: Callable[[
     return best
 
 
+def run_tuned(x: torch.Tensor, n: int, key: tuple, configs: Sequence["triton.Config"],
+              run: Callable[["triton.Config"], torch.Tensor], config: "triton.Config | None") -> torch.Tensor:
+    """A launcher's product y [M, N]: `run` with `config`, or else with the tuned config for `key`
+    (`tuned_config`). x of no rows gives an empty y without a launch (a grid of zero programs is invalid)."""
+    if x.shape[0] == 0:
+        return torch.empty((0, n), dtype=x.dtype, device=x.device)
+    return run(config or tuned_config(key, configs, run))
+
+
 def check_linear_args(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[int, int]:

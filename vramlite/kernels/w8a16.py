@@ -11,10 +11,12 @@ Two ways to multiply a tile:
   BLOCK_M follows M down to 1 here: no wasted math on padding rows.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, Backend, check_kernel_operands, check_linear_args, jit, launch, tl, tuned_config
+from ._common import HAS_TRITON, Backend, check_kernel_operands, check_linear_args, jit, launch, run_tuned, tl
 
 if HAS_TRITON:
     import triton
@@ -62,12 +64,14 @@ def _w8a16_kernel(
 
 
 def _block_m(m: int, use_dot: bool) -> int:
+    rows = triton.next_power_of_2(max(m, 1))
     if use_dot:
-        return min(max(triton.next_power_of_2(m), 16), 64)  # tl.dot wants >= 16 rows
-    return min(triton.next_power_of_2(m), 16)
+        return min(max(rows, 16), 64)  # tl.dot wants >= 16 rows
+    return min(rows, 16)
 
 
-def _configs(use_dot: bool, block_m: int) -> list["triton.Config"]:
+@functools.cache  # once per shape class, not on every call of a decode step
+def _configs(use_dot: bool, block_m: int) -> tuple["triton.Config", ...]:
     """The tuning space: tensor-core tiles, or fp32 tiles of 8192 products: 32 KiB of shared memory to reduce
     (GTX 1060: 48 KiB per block), 64 or 32 accumulators per thread."""
     if use_dot:
@@ -83,10 +87,10 @@ def _configs(use_dot: bool, block_m: int) -> list["triton.Config"]:
     else:  # the K reduction after the loop stages the BLOCK_M*BLOCK_N*BLOCK_K products in shared memory
         space = [(n, min(8192 // (block_m * n), 256), split, warps, 2)
                  for n, split, warps in ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))]
-    return [
+    return tuple(
         triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
         for n, k, split, warps, stages in space
-    ]
+    )
 
 
 def w8a16_linear_triton(
@@ -121,10 +125,8 @@ def w8a16_linear_triton(
         )
         return y if split_k == 1 else y.sum(dim=0).to(x.dtype)
 
-    if m == 0:
-        return torch.empty((0, n), dtype=x.dtype, device=x.device)
     key = ("w8a16", x.device, x.dtype, use_dot, block_m, n, k)
-    return run(config or tuned_config(key, _configs(use_dot, block_m), run))
+    return run_tuned(x, n, key, _configs(use_dot, block_m), run, config)
 
 
 def w8a16_linear_ref(

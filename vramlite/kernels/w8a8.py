@@ -13,6 +13,7 @@ How the int8 tiles are multiplied (`DOT`):
   run inline PTX. It is what tests the packing on CPU.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -26,8 +27,8 @@ from ._common import (
     interpreting,
     jit,
     launch,
+    run_tuned,
     tl,
-    tuned_config,
 )
 from .quant import quantize_activation_per_token_ref, quantize_activation_per_token_triton
 
@@ -109,7 +110,8 @@ def _w8a8_kernel(
     tl.store(y_ptrs, y.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _configs(backend: Backend) -> list["triton.Config"]:
+@functools.cache  # once per backend, not on every call
+def _configs(backend: Backend) -> tuple["triton.Config", ...]:
     """The tuning space per backend: (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)."""
     if backend is Backend.TENSORCORE:
         space = [
@@ -127,10 +129,10 @@ def _configs(backend: Backend) -> list["triton.Config"]:
             (64, 32, 32, 8, 1),
             (32, 64, 32, 8, 1),
         ]
-    return [
+    return tuple(
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=warps, num_stages=stages)
         for bm, bn, bk, warps, stages in space
-    ]
+    )
 
 
 def _dot(backend: Backend) -> str:
@@ -167,11 +169,9 @@ def w8a8_linear_triton(
         )
         return y
 
-    if m == 0:
-        return torch.empty((0, n), dtype=x.dtype, device=x.device)
     # Bucketing M by powers of two bounds the tuning runs over prefill lengths.
     key = ("w8a8", x.device, x.dtype, dot, triton.next_power_of_2(m), n, k)
-    return run(config or tuned_config(key, _configs(backend), run))
+    return run_tuned(x, n, key, _configs(backend), run, config)
 
 
 def _int8_matmul_ref(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
