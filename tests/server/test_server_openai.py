@@ -57,6 +57,41 @@ def test_openai_errors(oai, chat_server):
         openai.OpenAI(base_url=chat_server.url + "/v1", api_key="wrong", max_retries=0).models.list()
 
 
+@pytest.mark.parametrize("params", [{"logprobs": 2}, {"logprobs": 0}, {"echo": True}, {"best_of": 3},
+                                    {"suffix": " the end"}, {"logit_bias": {"50": 100}}])
+def test_completion_options_we_cannot_honour_are_refused(oai, params):
+    """Not ignored: the client asked for something the answer would silently lack."""
+    field = next(iter(params))
+    with pytest.raises(openai.UnprocessableEntityError, match=f"{field}: .* is not supported"):
+        oai.completions.create(model="model", prompt="x", max_tokens=2, **params)
+
+
+@pytest.mark.parametrize("params", [{"logprobs": True}, {"top_logprobs": 2, "logprobs": False},
+                                    {"response_format": {"type": "json_object"}},
+                                    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+                                    {"tool_choice": "required"}])
+def test_chat_options_we_cannot_honour_are_refused(oai, params):
+    field = next(iter(params))
+    with pytest.raises(openai.UnprocessableEntityError, match=f"{field}: .* is not supported"):
+        oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                    **params)
+
+
+def test_options_at_their_off_values_are_taken(oai):
+    done = oai.completions.create(model="model", prompt=["x"], max_tokens=2, logprobs=None, echo=False, best_of=1,
+                                  suffix=None, logit_bias={}, user="u")
+    assert done.usage.completion_tokens >= 1
+    chat = oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       logprobs=False, top_logprobs=0, response_format={"type": "text"},
+                                       tool_choice="none", tools=[], modalities=["text"])
+    assert chat.usage.completion_tokens >= 1
+
+
+def test_a_batch_of_prompts_is_refused_with_what_to_do(oai):
+    with pytest.raises(openai.UnprocessableEntityError, match="send one request per prompt"):
+        oai.completions.create(model="model", prompt=["x", "y"], max_tokens=2)
+
+
 def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):
     messages = [{"role": "user", "content": "Hello"}]
     templated = Tokenizer.from_dir(chat_llama_dir)

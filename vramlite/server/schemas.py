@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
 from vramlite.engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
@@ -133,6 +135,24 @@ class FillBlankResponse(BaseModel):
 # --- OpenAI-compatible bodies: unknown fields are ignored, as clients send many optional ones ----------
 
 
+def unsupported(*no_ops: Any, why: str) -> Any:
+    """An OpenAI field this server cannot honour: taken at one of its `no_ops` values (what clients send when
+    they mean "off"), refused otherwise with `why`, rather than ignored: a client asking for log-probabilities
+    or JSON output must not get an answer without them and no word of it."""
+    def check(value: Any) -> Any:
+        value = _integral_float_to_int(value)
+        if not any(type(value) is type(n) and value == n for n in no_ops):
+            raise PydanticCustomError("unsupported", "{value} is not supported: {why}",
+                                      {"value": json.dumps(value)[:80], "why": why})
+        return value
+    allowed = " or ".join(json.dumps(n) for n in no_ops)
+    return Annotated[Any, BeforeValidator(check), Field(None, description=f"not supported: only {allowed}")]
+
+
+NO_LOGPROBS = "this server returns no log-probabilities"
+NO_LOGIT_BIAS = "logit_bias is not implemented"
+
+
 class StreamOptions(Body):
     include_usage: bool = False
 
@@ -149,6 +169,7 @@ class OpenAIFields(SamplingFields):
                               description="must name the served model when given")
     stop: StopString | list[StopString] | None = Field(None)
     n: ChoiceCount = Field(1, description="one choice per request")
+    logit_bias: unsupported(None, {}, why=NO_LOGIT_BIAS)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -161,11 +182,25 @@ class OpenAIFields(SamplingFields):
         return stop
 
 
-class CompletionRequest(OpenAIFields):
-    """`POST /v1/completions`."""
+def _one_prompt(prompt: Any) -> Any:
+    """A batch of one prompt (`["text"]`, `[[ids]]`) is that prompt; a batch of more is refused."""
+    if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
+        if len(prompt) == 1:
+            return prompt[0]
+        raise PydanticCustomError("unsupported", "a list of prompts is not supported: send one request per "
+                                  "prompt (the server batches concurrent requests)")
+    return prompt
 
-    prompt: Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
-        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+class CompletionRequest(OpenAIFields):
+    """`POST /v1/completions`: one prompt, as text or token ids."""
+
+    prompt: Annotated[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
+        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)], BeforeValidator(_one_prompt)]
+    logprobs: unsupported(None, why=NO_LOGPROBS)
+    echo: unsupported(None, False, why="the prompt is not echoed")
+    best_of: unsupported(None, 1, why="one completion per request")
+    suffix: unsupported(None, "", why="use /fill_blank to fill text between a prefix and a suffix")
 
 
 class ChatMessage(Body):
@@ -183,4 +218,12 @@ class ChatCompletionRequest(OpenAIFields):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
+    logprobs: unsupported(None, False, why=NO_LOGPROBS)
+    top_logprobs: unsupported(None, 0, why=NO_LOGPROBS)
+    response_format: unsupported(None, {"type": "text"}, why="output is not constrained to JSON or a schema")
+    tools: unsupported(None, [], why="no tool calling")
+    tool_choice: unsupported(None, "none", "auto", why="no tool calling")
+    functions: unsupported(None, [], why="no function calling")
+    function_call: unsupported(None, "none", "auto", why="no function calling")
+    modalities: unsupported(None, ["text"], why="text is the only modality")
 
