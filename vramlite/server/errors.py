@@ -37,7 +37,9 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        parts.append(f"{where}: {err['msg']}")
+        # a ValueError of our validators reads as its own message, without pydantic's "Value error, "
+        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
+        parts.append(f"{where}: {message}")
     return "; ".join(parts)
 
 
