@@ -46,6 +46,9 @@ def test_bad_values_name_the_setting_and_source(tmp_path):
         load_settings({}, {"VRAMLITE_MAX_QUEUE": "-1"}, "default")
     with pytest.raises(SettingsError, match=r"port \(from flags\)"):
         load_settings({"port": "http"}, {}, "default")
+    with pytest.raises(SettingsError) as e:
+        load_settings({"memory_limit": "5XB"}, {}, "default")
+    assert str(e.value).startswith("bad settings: memory_limit (from flags): '5XB' is not a size; write")
     with pytest.raises(SettingsError, match="no file"):
         load_settings({}, {}, "no-such-profile")
     bad = tmp_path / "bad.toml"

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from vramlite.server.schemas import error_message
+
 log = logging.getLogger("vramlite.server")
 
 # Types for the statuses Starlette raises by itself (unknown route, wrong method, body too large...).
@@ -37,9 +39,7 @@ def _validation_message(exc: RequestValidationError) -> str:
     parts = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"] if p != "body") or "body"
-        # a ValueError of our validators reads as its own message, without pydantic's "Value error, "
-        message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-        parts.append(f"{where}: {message}")
+        parts.append(f"{where}: {error_message(err)}")
     return "; ".join(parts)
 
 

@@ -6,7 +6,7 @@ import json
 from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
 from vramlite.engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
@@ -14,6 +14,12 @@ from vramlite.engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
 MAX_MODEL_NAME_CHARS = 256
+
+
+def error_message(err: ErrorDetails) -> str:
+    """The message of one pydantic error; our validators' ValueErrors read as their own text, without
+    pydantic's "Value error, " in front."""
+    return str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
 
 
 def _integral_float_to_int(value: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vramlite.engine.config import parse_size
+from vramlite.server.schemas import error_message
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -127,5 +128,5 @@ def load_settings(flags: Mapping[str, Any], env: Mapping[str, str], profile: str
         problems = []
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "settings"
-            problems.append(f"{name} (from {source.get(name, 'defaults')}): {err['msg']}")
+            problems.append(f"{name} (from {source.get(name, 'defaults')}): {error_message(err)}")
         raise SettingsError("bad settings: " + "; ".join(problems)) from None
