@@ -131,8 +131,8 @@ def check_linear_args(
         raise ValueError(f"scale must be float32 [N]=[{n}], got {scale.dtype} {tuple(scale.shape)}")
     if bias is not None and (not bias.is_floating_point() or bias.shape != (n,)):
         raise ValueError(f"bias must be a float tensor [N]=[{n}], got {bias.dtype} {tuple(bias.shape)}")
-    devices = {str(t.device) for t in (x, qweight, scale, bias) if t is not None}
-    if len(devices) > 1:
+    if any(t is not None and t.device != x.device for t in (qweight, scale, bias)):
+        devices = {str(t.device) for t in (x, qweight, scale, bias) if t is not None}
         raise ValueError(f"operands are on different devices: {sorted(devices)}")
     return n, k
 

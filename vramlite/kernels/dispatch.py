@@ -116,9 +116,9 @@ def _w8a16_reference(
 
 
 def _linear(reference: Callable[..., torch.Tensor], kernel: Callable[..., torch.Tensor], x: torch.Tensor,
-            qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Check the operands, then run `reference` on the CPU / old GPUs or the device's `kernel` variant."""
-    n, _ = check_linear_args(x, qweight, scale, bias)
+            qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
+    """`reference` on the CPU / old GPUs, else the device's `kernel` variant, on operands `check_linear_args`
+    passed (checked once per call of a public entry point: a decode step makes hundreds)."""
     backend = backend_for(x.device)
     if backend is Backend.REFERENCE:
         return reference(x, qweight, scale, bias)
@@ -147,14 +147,16 @@ def w8a16_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """y = x · (qweight ∘ scale[:, None])ᵀ (+ bias) for x [..., K]: int8 weights [N, K], float activations."""
-    return _linear(_w8a16_reference, w8a16_linear_triton, x, qweight, scale, bias)
+    n, _ = check_linear_args(x, qweight, scale, bias)
+    return _linear(_w8a16_reference, w8a16_linear_triton, x, qweight, scale, bias, n)
 
 
 def w8a8_linear(
     x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Like `w8a16_linear`, but x is first quantized per token to int8 and the GEMM runs in int8."""
-    return _linear(w8a8_linear_ref, w8a8_linear_triton, x, qweight, scale, bias)
+    n, _ = check_linear_args(x, qweight, scale, bias)
+    return _linear(w8a8_linear_ref, w8a8_linear_triton, x, qweight, scale, bias, n)
 
 
 def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +176,7 @@ def int8_linear(
 
     The reference backend always takes W8A16: on CPU it is as fast and has no activation-quantization error.
     """
-    _, k = check_linear_args(x, qweight, scale, bias)
+    n, k = check_linear_args(x, qweight, scale, bias)
     if x.numel() // k <= W8A16_MAX_M or backend_for(x.device) is Backend.REFERENCE:
-        return w8a16_linear(x, qweight, scale, bias)
-    return w8a8_linear(x, qweight, scale, bias)
+        return _linear(_w8a16_reference, w8a16_linear_triton, x, qweight, scale, bias, n)
+    return _linear(w8a8_linear_ref, w8a8_linear_triton, x, qweight, scale, bias, n)
