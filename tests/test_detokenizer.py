@@ -121,3 +121,20 @@ def test_cost_per_token_is_constant(llama: Tokenizer) -> None:
     assert complete_prefix(llama, ids[:50]) + detok.text == llama.decode(ids)
     assert counting.longest <= 12
 
+
+
+@given(st.data())
+@settings(max_examples=40, deadline=None)
+def test_a_candidates_text_is_what_it_would_bring_out(tokenizer: Tokenizer, data: st.DataObject) -> None:
+    """For log-probabilities: each candidate's text is the text that adding it brings out, leading space
+    included, whatever came before; a candidate that would end inside a character shows it as U+FFFD."""
+    ids = tokenizer.encode(data.draw(texts), add_special_tokens=False)
+    cut = data.draw(st.integers(0, len(ids)))
+    detok = IncrementalDetokenizer(tokenizer, ids[:cut])
+    candidates = data.draw(st.lists(st.integers(0, tokenizer.vocab_size - 1), max_size=4))
+    texts_before = detok.candidate_texts(candidates)
+    for token, text in zip(candidates, texts_before, strict=True):
+        probe = IncrementalDetokenizer(tokenizer, ids[:cut])
+        brought = probe.add(token)
+        assert text == (brought or text)  # what `add` brings out, unless it holds a character back
+        assert brought or text.endswith("\ufffd") or text == ""

@@ -58,6 +58,11 @@ class IncrementalDetokenizer:
         self._chunks.append(new)
         return new
 
+    def candidate_texts(self, token_ids: Sequence[int]) -> list[str]:
+        """The text each of `token_ids` would bring out if it came next (held-back bytes of an unfinished
+        character included, a character it leaves unfinished as U+FFFD): for log-probabilities' tokens."""
+        return [self._decode([*self._ids, t])[self._done :] for t in token_ids]
+
     def flush(self) -> str:
         """At the end of generation: the held-back text of an unfinished character, shown as U+FFFD."""
         text = self._decode(self._ids)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -21,9 +21,9 @@ from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
 from vramlite.engine.offload import WeightStore
 from vramlite.engine.runner import Chunk, ModelRunner
-from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams
+from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, token_scores
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
-from vramlite.engine.sequence import FinishReason, StepOutput
+from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput
 from vramlite.engine.sequence import Sequence as Seq
 from vramlite.engine.tokenizer import Tokenizer
 
@@ -43,6 +43,14 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    logprobs: list[Logprobs] | None = None  # one per generated token, when the request asked for them
+
+
+class Sampled(NamedTuple):
+    """A sequence's new token, with its scores when its request asked for log-probabilities."""
+
+    token: int
+    scores: TokenScores | None
 
 
 class Engine:
@@ -209,33 +217,38 @@ class Engine:
         except Exception as error:
             batch, tokens, failed = self._isolate(batch, error)
             outputs += failed
-        for (seq, n), token in zip(batch, tokens, strict=True):
+        for (seq, n), sampled in zip(batch, tokens, strict=True):
             seq.num_computed += n
             seq.encoded = True
-            if token is not None:
-                out = seq.append(token, self.context)
+            if sampled is not None:
+                out = seq.append(sampled.token, self.context, sampled.scores)
                 if out.finished:
                     self._release(seq)
                 outputs.append(out)
         return outputs
 
-    def _compute(self, batch: list[tuple[Seq, int]]) -> list[int | None]:
+    def _compute(self, batch: list[tuple[Seq, int]]) -> list[Sampled | None]:
         """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
         the cache, None for a prefill still under way. Changes no sequence, so a failure can be retried."""
         chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
                         seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
         logits = self.runner.forward(chunks)
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
-        tokens: list[int | None] = [None] * len(batch)
-        if rows:
-            sampled = self.sampler(logits if len(rows) == len(batch) else logits[rows],
-                                   [batch[row][0].sampler for row in rows]).tolist()
-            for row, token in zip(rows, sampled, strict=True):
-                tokens[row] = token
+        tokens: list[Sampled | None] = [None] * len(batch)
+        if not rows:
+            return tokens
+        logits = logits if len(rows) == len(batch) else logits[rows]
+        picked = self.sampler(logits, [batch[row][0].sampler for row in rows])
+        asked = {i: batch[row][0].params.logprobs for i, row in enumerate(rows)
+                 if batch[row][0].params.logprobs is not None}
+        scores = dict(zip(asked, token_scores(logits[list(asked)], picked[list(asked)], list(asked.values())),
+                          strict=True)) if asked else {}
+        for i, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
+            tokens[row] = Sampled(token, scores.get(i))
         return tokens
 
     def _isolate(self, batch: list[tuple[Seq, int]], error: Exception
-                 ) -> tuple[list[tuple[Seq, int]], list[int | None], list[StepOutput]]:
+                 ) -> tuple[list[tuple[Seq, int]], list[Sampled | None], list[StepOutput]]:
         """After a failed batch, run each sequence alone: those that fail again end with ERROR.
 
         The retry is exact: the failed pass advanced no sequence, and the cache rows it may have
@@ -246,7 +259,7 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # an out-of-memory may pass once the failed pass's blocks are gone
         kept: list[tuple[Seq, int]] = []
-        tokens: list[int | None] = []
+        tokens: list[Sampled | None] = []
         failed: list[StepOutput] = []
         for seq, n in batch:
             cause = error
@@ -302,5 +315,5 @@ class Engine:
         finally:
             for i in ids:
                 self.abort(i)
-        return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens)
-                for s in seqs.values()]
+        return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens,
+                           None if s.params.logprobs is None else s.logprobs) for s in seqs.values()]

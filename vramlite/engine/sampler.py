@@ -12,12 +12,13 @@ import math
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
 GREEDY_TEMPERATURE = 1e-5
@@ -55,6 +56,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # tokens that end generation like a stop string (fill_blank's sentinels)
+    logprobs: int | None = None  # report each token's log-probability and this many most likely; None = off
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
@@ -111,6 +113,13 @@ class SamplingParams:
             "stop_token_ids",
             self.stop_token_ids,
             "a list of token ids",
+        )
+
+        _require(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
+            self.logprobs,
+            f"an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None (off)",
         )
 
     @classmethod
@@ -327,6 +336,29 @@ def inverse_cdf_pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     if masked.any():
         picked = torch.where(masked, argmax(logits).unsqueeze(-1), picked)
     return picked.squeeze(-1)
+
+
+class TokenScores(NamedTuple):
+    """A sampled token's log-probability and the `k` most likely tokens' (id, log-probability), best first."""
+
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def token_scores(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int]) -> list[TokenScores]:
+    """For each row of logits [B, V]: token[i]'s log-probability and the ks[i] most likely tokens'.
+
+    Under the model's own distribution, log_softmax of the logits before penalties, temperature, top-k and
+    top-p, as vLLM and OpenAI report them: the same numbers whatever the sampling parameters.
+    """
+    logprobs = logits.float().log_softmax(dim=-1)
+    chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
+    k = max(ks, default=0)
+    if k == 0:
+        return [TokenScores(lp, []) for lp in chosen]
+    values, ids = (t.tolist() for t in logprobs.topk(min(k, logprobs.size(-1)), dim=-1))
+    return [TokenScores(lp, list(zip(row_ids[:n], row_values[:n], strict=True)))
+            for lp, row_ids, row_values, n in zip(chosen, ids, values, ks, strict=True)]
 
 
 class Sampler:

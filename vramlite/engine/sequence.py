@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vramlite.engine.detokenizer import IncrementalDetokenizer
-from vramlite.engine.sampler import SamplerState, SamplingParams
+from vramlite.engine.sampler import SamplerState, SamplingParams, TokenScores
 from vramlite.engine.stop import StopMatcher
 
 
@@ -20,6 +20,24 @@ class FinishReason(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """A token, the text it brings out (see `IncrementalDetokenizer.candidate_texts`) and its log-probability."""
+
+    token_id: int
+    text: str
+    logprob: float
+
+
+@dataclass(frozen=True)
+class Logprobs:
+    """A generated token's log-probability and the most likely tokens' at its place (`SamplingParams.logprobs`
+    of them, best first)."""
+
+    chosen: TokenLogprob
+    top: tuple[TokenLogprob, ...]
+
+
+@dataclass(frozen=True)
 class StepOutput:
     """What one step produced for one sequence: a token (if sampled) and the text now safe to show."""
 
@@ -28,6 +46,7 @@ class StepOutput:
     text: str
     finish_reason: FinishReason | None = None
     error: str | None = None
+    logprobs: Logprobs | None = None  # when the request asked for them
 
     @property
     def finished(self) -> bool:
@@ -60,6 +79,7 @@ class Sequence:
         self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
         self.stop_ids = frozenset(params.stop_token_ids)
         self.text = ""
+        self.logprobs: list[Logprobs] = []  # one per generated token, when params.logprobs is set
         self.finish_reason: FinishReason | None = None
 
     @property
@@ -84,8 +104,18 @@ class Sequence:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def append(self, token_id: int, context: int) -> StepOutput:
-        """Add a sampled token; decide whether the sequence is done and what text to release."""
+    def append(self, token_id: int, context: int, scores: TokenScores | None = None) -> StepOutput:
+        """Add a sampled token, with its `scores` when the request asked for log-probabilities; decide whether
+        the sequence is done and what text to release."""
+        if scores is None:
+            return self._append(token_id, context)
+        texts = self.detokenizer.candidate_texts([token_id, *(t for t, _ in scores.top)])
+        top = tuple(TokenLogprob(t, text, lp) for (t, lp), text in zip(scores.top, texts[1:], strict=True))
+        logprobs = Logprobs(TokenLogprob(token_id, texts[0], scores.logprob), top)
+        self.logprobs.append(logprobs)
+        return replace(self._append(token_id, context), logprobs=logprobs)
+
+    def _append(self, token_id: int, context: int) -> StepOutput:
         self.token_ids.append(token_id)
         self.sampler.append(token_id)
         if token_id in self.eos_ids:
