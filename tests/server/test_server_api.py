@@ -119,3 +119,28 @@ def test_chunked_body_too_large(client):
     chunks = (b'{"prompt": "' + b"x" * 65536 for _ in range(32))
     assert_error(client.post("/generate", content=chunks, headers={"content-type": "application/json"}),
                  413, "request_too_large")
+
+
+def test_generate_logprobs_json_and_stream_agree_with_the_engine(client, tiny_llama_dir):
+    """One entry per generated token, each the engine's (the model's distribution), the same streamed."""
+    from vramlite.engine import Engine
+
+    body = {"prompt": "The quick brown fox", "max_tokens": 6, "temperature": 0, "logprobs": 3}
+    done = client.post("/generate", json=body).json()
+    tokens = done["logprobs"]
+    assert len(tokens) == done["usage"]["completion_tokens"]
+    engine = Engine.from_dir(tiny_llama_dir, device="cpu", context=128)
+    want = engine.generate(body["prompt"], engine.sampling_params(max_tokens=6, temperature=0, logprobs=3)).logprobs
+    for got, ref in zip(tokens, want, strict=True):
+        assert got["id"] == ref.chosen.token_id and got["text"] == ref.chosen.text
+        assert got["logprob"] == pytest.approx(ref.chosen.logprob, abs=1e-5)
+        assert [t["id"] for t in got["top"]] == [t.token_id for t in ref.top]
+    streamed = [json.loads(e.data) for e in sse_events(client, "/generate", {**body, "stream": True})[:-1]]
+    assert [e["logprobs"] for e in streamed if "index" in e] == tokens
+    assert "logprobs" not in client.post("/generate", json={**body, "logprobs": None}).json()
+
+
+@pytest.mark.parametrize("bad", [-1, 21, "3"])
+def test_generate_logprobs_out_of_range_is_422(client, bad):
+    message = assert_error(client.post("/generate", json={"prompt": "x", "logprobs": bad}), 422, "validation_error")
+    assert message.startswith("logprobs: ")

@@ -13,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vramlite import __version__
 from vramlite import models as demo_models
-from vramlite.engine import Engine, FinishReason, SamplingParams
+from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams
 from vramlite.engine.device import pick_device, pick_dtype
 from vramlite.engine.errors import PromptTooLongError
 from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
@@ -40,6 +40,7 @@ from vramlite.server.chat import chat_prompt_ids
 from vramlite.server.engine_loop import EngineLoop, Generation
 from vramlite.server.errors import ApiError, install_error_handlers
 from vramlite.server.guards import RequestLimitsMiddleware
+from vramlite.server.logprobs import CompletionLogprobs, chat_logprobs, generate_logprobs
 from vramlite.server.metrics import Metrics
 from vramlite.server.playground import install_playground
 from vramlite.server.schemas import (
@@ -282,15 +283,26 @@ async def _wait_disconnect(request: Request) -> None:
         pass
 
 
-async def collect(request: Request, gen: Generation) -> tuple[str, FinishReason]:
-    """The whole text of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
+@dataclass
+class Collected:
+    """A non-streamed request's result: its text, why it ended, and the log-probabilities it asked for."""
 
-    async def consume() -> tuple[str, FinishReason]:
-        parts, reason = [], FinishReason.CANCELLED
+    text: str
+    reason: FinishReason
+    logprobs: list[Logprobs]
+
+
+async def collect(request: Request, gen: Generation) -> Collected:
+    """The whole result of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
+
+    async def consume() -> Collected:
+        parts, reason, logprobs = [], FinishReason.CANCELLED, []
         async for out in runtime(request).loop.stream(gen):
             parts.append(out.text)
             reason = out.finish_reason or reason
-        return "".join(parts), reason
+            if out.logprobs is not None:
+                logprobs.append(out.logprobs)
+        return Collected("".join(parts), reason, logprobs)
 
     return await unless_disconnected(request, consume())
 
@@ -460,15 +472,17 @@ def read_engine_metrics(rt: Runtime) -> Metrics:
     return rt.metrics
 
 
-@protected.post("/generate", response_model=GenerateResponse, responses=GENERATION_RESPONSES,
+@protected.post("/generate", response_model=GenerateResponse, response_model_exclude_none=True,
+                responses=GENERATION_RESPONSES,
                 summary="continue a prompt; `stream: true` answers with server-sent events")
 async def generate(request: Request, body: GenerateRequest) -> Any:
     gen = await start_generation(request, body.prompt, body)
     if body.stream:
         return sse_response(request, _generate_chunks(request, gen))
-    text, reason = await collect(request, gen)
-    return GenerateResponse(text=text, stopped=reason in (FinishReason.STOP, FinishReason.EOS),
-                            finish_reason=reason.value, usage=usage(gen))
+    done = await collect(request, gen)
+    return GenerateResponse(text=done.text, stopped=done.reason in (FinishReason.STOP, FinishReason.EOS),
+                            finish_reason=done.reason.value, usage=usage(gen),
+                            logprobs=None if body.logprobs is None else generate_logprobs(done.logprobs))
 
 
 async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[dict[str, Any]]:
@@ -477,7 +491,10 @@ async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[d
     async for out in runtime(request).loop.stream(gen):
         parts.append(out.text)
         if out.token_id is not None:
-            yield {"index": index, "token": {"id": out.token_id, "text": out.text}}
+            event = {"index": index, "token": {"id": out.token_id, "text": out.text}}
+            if out.logprobs is not None:
+                event["logprobs"] = generate_logprobs([out.logprobs])[0]
+            yield event
             index += 1
         if out.finished:
             yield {"finish_reason": out.finish_reason.value, "text": "".join(parts), "usage": usage(gen)}
@@ -545,17 +562,24 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(request, _completion_chunks(request, gen, head, include_usage))
-    text, reason = await collect(request, gen)
-    return {**head, "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": openai_finish(reason)}],
-            "usage": openai_usage(gen)}
+    done = await collect(request, gen)
+    logprobs = None if body.logprobs is None else CompletionLogprobs()(done.logprobs)
+    return {**head, "choices": [{"index": 0, "text": done.text, "logprobs": logprobs,
+                                 "finish_reason": openai_finish(done.reason)}], "usage": openai_usage(gen)}
 
 
 async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
                              ) -> AsyncIterator[dict[str, Any]]:
+    logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
+    pending: list[Logprobs] = []  # of tokens whose text is held back (half a character): sent with the next piece
     async for out in runtime(request).loop.stream(gen):
         finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.logprobs is not None:
+            pending.append(out.logprobs)
         if out.text or finish:
-            yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": None, "finish_reason": finish}]}
+            piece = None if logprobs is None else logprobs(pending)
+            pending = []
+            yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gen)}
 
@@ -575,19 +599,26 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse_response(request, _chat_chunks(request, gen, {**head, "object": "chat.completion.chunk"},
                                                    include_usage))
-    text, reason = await collect(request, gen)
-    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                                 "finish_reason": openai_finish(reason)}], "usage": openai_usage(gen)}
+    done = await collect(request, gen)
+    logprobs = chat_logprobs(done.logprobs) if body.logprobs else None
+    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                 "logprobs": logprobs, "finish_reason": openai_finish(done.reason)}],
+            "usage": openai_usage(gen)}
 
 
 async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
                        ) -> AsyncIterator[dict[str, Any]]:
     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
+    pending: list[Logprobs] = []  # of tokens whose text is held back (half a character): sent with the next piece
     async for out in runtime(request).loop.stream(gen):
         finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.logprobs is not None:
+            pending.append(out.logprobs)
         if out.text or finish:
             delta = {"content": out.text} if out.text else {}
-            yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+            piece = chat_logprobs(pending) if gen.params.logprobs is not None else None
+            pending = []
+            yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gen)}
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
-from vramlite.engine.sampler import MAX_STOP_CHARS, MAX_STOP_STRINGS
+from vramlite.engine.sampler import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
@@ -62,7 +62,14 @@ class SamplingFields(Body):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields `Engine.sampling_params` takes; None means the model's default."""
-        return self.model_dump(include=set(SamplingFields.model_fields))
+        return {**self.model_dump(include=set(SamplingFields.model_fields)), "logprobs": self.logprobs_count()}
+
+    def logprobs_count(self) -> int | None:
+        """How many alternatives to report with each token's log-probability; None: no log-probabilities."""
+        return None
+
+
+LogprobsCount = json_int(ge=0, le=MAX_LOGPROBS)
 
 
 class GenerateRequest(SamplingFields):
@@ -72,6 +79,11 @@ class GenerateRequest(SamplingFields):
 
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     stream: bool = False
+    logprobs: LogprobsCount | None = Field(None, description="report each token's log-probability and this "
+                                           "many most likely tokens' (the model's distribution, before sampling)")
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class FillBlankRequest(SamplingFields):
@@ -109,11 +121,23 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
+class TokenLogprob(BaseModel):
+    id: int
+    text: str = Field(description="the text the token brings out; a character it leaves unfinished shows as U+FFFD")
+    logprob: float
+
+
+class GeneratedToken(TokenLogprob):
+    top: list[TokenLogprob] = Field(description="the most likely tokens at this place, best first")
+
+
 class GenerateResponse(BaseModel):
     text: str
     stopped: bool = Field(description="true when a stop string or the end of text ended it, false at a limit")
     finish_reason: Literal["stop", "length", "eos", "cancelled"]
     usage: Usage
+    logprobs: list[GeneratedToken] | None = Field(None, description="with `logprobs` asked: one per generated "
+                                                  "token, the one that ended the text included")
 
 
 class Stats(BaseModel):
@@ -155,7 +179,6 @@ def unsupported(*no_ops: Any, why: str) -> Any:
     return Annotated[Any, BeforeValidator(check), Field(None, description=f"not supported: only {allowed}")]
 
 
-NO_LOGPROBS = "this server returns no log-probabilities"
 NO_LOGIT_BIAS = "logit_bias is not implemented"
 
 
@@ -203,10 +226,14 @@ class CompletionRequest(OpenAIFields):
 
     prompt: Annotated[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
         list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)], BeforeValidator(_one_prompt)]
-    logprobs: unsupported(None, why=NO_LOGPROBS)
+    logprobs: LogprobsCount | None = Field(None, description="each token's log-probability and this many "
+                                           "most likely tokens'")
     echo: unsupported(None, False, why="the prompt is not echoed")
     best_of: unsupported(None, 1, why="one completion per request")
     suffix: unsupported(None, "", why="use /fill_blank to fill text between a prefix and a suffix")
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(Body):
@@ -224,12 +251,22 @@ class ChatCompletionRequest(OpenAIFields):
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=4096)
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
-    logprobs: unsupported(None, False, why=NO_LOGPROBS)
-    top_logprobs: unsupported(None, 0, why=NO_LOGPROBS)
+    logprobs: bool | None = Field(None, description="each token's log-probability")
+    top_logprobs: LogprobsCount | None = Field(None, description="with `logprobs`: this many most likely tokens' too")
     response_format: unsupported(None, {"type": "text"}, why="output is not constrained to JSON or a schema")
     tools: unsupported(None, [], why="no tool calling")
     tool_choice: unsupported(None, "none", "auto", why="no tool calling")
     functions: unsupported(None, [], why="no function calling")
     function_call: unsupported(None, "none", "auto", why="no function calling")
     modalities: unsupported(None, ["text"], why="text is the only modality")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, top: int | None, info: ValidationInfo) -> int | None:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return top
+
+    def logprobs_count(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 

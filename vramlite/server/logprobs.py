@@ -1,0 +1,49 @@
+"""Log-probabilities of generated tokens (`vramlite.engine.Logprobs`) in each route's JSON: ours, and OpenAI's
+completions and chat formats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vramlite.engine import Logprobs, TokenLogprob
+
+
+def _token(t: TokenLogprob) -> dict[str, Any]:
+    return {"id": t.token_id, "text": t.text, "logprob": t.logprob}
+
+
+def generate_logprobs(tokens: Sequence[Logprobs]) -> list[dict[str, Any]]:
+    """`/generate`: per token `{"id", "text", "logprob", "top": [{"id", "text", "logprob"}]}`."""
+    return [{**_token(lp.chosen), "top": [_token(t) for t in lp.top]} for lp in tokens]
+
+
+class CompletionLogprobs:
+    """`/v1/completions`: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` of each piece of a
+    completion, the offsets running on from piece to piece of a stream."""
+
+    def __init__(self) -> None:
+        self.offset = 0
+
+    def __call__(self, tokens: Sequence[Logprobs]) -> dict[str, Any]:
+        offsets = []
+        for lp in tokens:
+            offsets.append(self.offset)
+            self.offset += len(lp.chosen.text)
+        return {
+            "tokens": [lp.chosen.text for lp in tokens],
+            "token_logprobs": [lp.chosen.logprob for lp in tokens],
+            # as OpenAI: the sampled token is among them, so there may be one more than asked for
+            "top_logprobs": [{t.text: t.logprob for t in (*lp.top, lp.chosen)} for lp in tokens],
+            "text_offset": offsets,
+        }
+
+
+def _chat_token(t: TokenLogprob) -> dict[str, Any]:
+    return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
+
+
+def chat_logprobs(tokens: Sequence[Logprobs]) -> dict[str, Any]:
+    """`/v1/chat/completions`: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`."""
+    return {"content": [{**_chat_token(lp.chosen), "top_logprobs": [_chat_token(t) for t in lp.top]}
+                        for lp in tokens], "refusal": None}
