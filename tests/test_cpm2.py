@@ -74,9 +74,9 @@ def test_encoder_input_is_cpm_ids_with_sentinels(cpm2):
     captured = []
     forward = engine.runner.forward
 
-    def spy(chunks):
+    def spy(chunks, **kwargs):
         captured.extend(c.encoder_ids for c in chunks if c.encoder_ids)
-        return forward(chunks)
+        return forward(chunks, **kwargs)
 
     engine.runner.forward = spy
     fill_blank(engine, PROMPT, max_tokens=4, temperature=0)
@@ -128,9 +128,9 @@ def test_plain_prompt_is_continued_after_the_last_sentinel(cpm2):
     captured = []
     forward = engine.runner.forward
 
-    def spy(chunks):
+    def spy(chunks, **kwargs):
         captured.extend((list(c.token_ids), list(c.encoder_ids)) for c in chunks if c.encoder_ids)
-        return forward(chunks)
+        return forward(chunks, **kwargs)
 
     engine.runner.forward = spy
     ours = engine.generate(prompt, SamplingParams(max_tokens=12, temperature=0))

@@ -178,3 +178,41 @@ def test_logprobs_of_a_batch_are_each_sequences_own(engine):
 def test_logprobs_out_of_range_is_a_clear_error(bad):
     with pytest.raises(ValueError, match=r"logprobs must be an integer in \[0, 20\]"):
         SamplingParams(logprobs=bad)
+
+
+@pytest.mark.parametrize("step_budget", [512, 3])  # the prompt in one piece, or chunked across steps
+def test_prompt_logprobs_are_the_reference_models(model_dir, step_budget):
+    """Each prompt token's log-probability given those before it, against transformers' teacher-forced logits,
+    whether the prompt is prefilled whole or in chunks, with or without tokens generated after it."""
+    import torch
+    import transformers as tf
+
+    engine = Engine.from_dir(model_dir, device="cpu", max_batch_size=2, max_tokens_per_step=step_budget)
+    prompt = engine.encode("The quick brown fox jumps over the lazy dog")
+    hf = tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = hf(torch.tensor([prompt])).logits[0].log_softmax(-1)
+    for max_tokens in (0, 3):
+        done = engine.generate(prompt, SamplingParams(max_tokens=max_tokens, temperature=0, prompt_logprobs=2))
+        assert done.completion_tokens == max_tokens and done.logprobs is None
+        assert len(done.prompt_logprobs) == len(prompt) and done.prompt_logprobs[0] is None
+        for t, lp in enumerate(done.prompt_logprobs[1:], 1):
+            assert lp.chosen.token_id == prompt[t]
+            assert lp.chosen.logprob == pytest.approx(reference[t - 1, prompt[t]].item(), abs=1e-4)
+            assert [x.token_id for x in lp.top] == reference[t - 1].topk(2).indices.tolist()
+        assert "".join(lp.chosen.text for lp in done.prompt_logprobs[1:]) == engine.tokenizer.decode(prompt[1:])
+
+
+def test_prompt_logprobs_come_once_with_the_first_output(engine):
+    steps = list(engine.stream("床前明月光", SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=0)))
+    assert steps[0].prompt_logprobs is not None and len(steps[0].prompt_logprobs) == len(engine.encode("床前明月光"))
+    assert all(s.prompt_logprobs is None for s in steps[1:])
+    assert engine.generate("床前明月光", SamplingParams(max_tokens=0)).prompt_logprobs is None  # not asked: not run
+
+
+def test_prompt_logprobs_of_an_encoder_decoder_are_refused():
+    from vramlite import models
+
+    t5 = Engine.from_dir(models.path(models.FILL_BLANK), device="cpu", max_batch_size=1)
+    with pytest.raises(ValueError, match="prompt_logprobs: this model reads its prompt both ways"):
+        t5.add_request("床前明月光", SamplingParams(prompt_logprobs=0))

@@ -29,11 +29,11 @@ def faulty(engine, monkeypatch):
     forward = engine.runner.forward
     calls: list[int] = []
 
-    def poisoned(chunks):
+    def poisoned(chunks, **kwargs):
         calls.append(len(chunks))
         if any(POISON in c.token_ids for c in chunks):
             raise RuntimeError("injected fault")
-        return forward(chunks)
+        return forward(chunks, **kwargs)
 
     monkeypatch.setattr(engine.runner, "forward", poisoned)
     return calls
@@ -72,11 +72,11 @@ def test_a_fault_that_passes_on_retry_loses_nothing(engine, monkeypatch):
     forward = engine.runner.forward
     failed = []
 
-    def oom_once(chunks):
+    def oom_once(chunks, **kwargs):
         if len(chunks) == 3 and not failed:
             failed.append(True)
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return forward(chunks)
+        return forward(chunks, **kwargs)
 
     monkeypatch.setattr(engine.runner, "forward", oom_once)
     ids = [engine.add_request(p, SAMPLED) for p in prompts]

@@ -26,10 +26,10 @@ def poisoned_loader(step_delay: float):
             engine = load()
             forward = engine.runner.forward
 
-            def poisoned(chunks):
+            def poisoned(chunks, **kwargs):
                 if any(POISON in c.token_ids for c in chunks):
                     raise RuntimeError("injected fault")
-                return forward(chunks)
+                return forward(chunks, **kwargs)
 
             engine.runner.forward = poisoned
             return engine

@@ -92,3 +92,11 @@ class IncrementalDetokenizer:
 def _back_from(position: int) -> range:
     """`position` and the few before it where a character that covers `position` could begin or end."""
     return range(position, max(position - _MAX_CONTINUATION, 0) - 1, -1)
+
+
+def texts_at(tokenizer: Tokenizer, ids: Sequence[int], position: int, candidates: Sequence[int]) -> list[str]:
+    """The text each of `candidates` brings out at `position` of `ids`, after the ids before it (the last few
+    decoded as its context, as `IncrementalDetokenizer` does): for the log-probabilities of a prompt's tokens."""
+    window = list(ids[max(position - _CONTEXT, 0) : position])
+    done = len(tokenizer.decode(window).rstrip("\ufffd"))
+    return [tokenizer.decode([*window, c])[done:] for c in candidates]

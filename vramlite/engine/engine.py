@@ -6,14 +6,14 @@ import itertools
 import logging
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from vramlite.engine.config import parse_size, read_json
-from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.detokenizer import IncrementalDetokenizer, texts_at
 from vramlite.engine.device import pick_device, pick_dtype
 from vramlite.engine.errors import LoadOutOfMemoryError, PromptTooLongError
 from vramlite.engine.fill_blank import continuation
@@ -23,7 +23,7 @@ from vramlite.engine.offload import WeightStore
 from vramlite.engine.runner import Chunk, ModelRunner
 from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, token_scores
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
-from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput
+from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput, TokenLogprob
 from vramlite.engine.sequence import Sequence as Seq
 from vramlite.engine.tokenizer import Tokenizer
 
@@ -44,13 +44,17 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     logprobs: list[Logprobs] | None = None  # one per generated token, when the request asked for them
+    prompt_logprobs: list[Logprobs | None] | None = None  # one per prompt token (None for the first), if asked
 
 
-class Sampled(NamedTuple):
-    """A sequence's new token, with its scores when its request asked for log-probabilities."""
+@dataclass
+class StepResult:
+    """What a forward pass computed for one sequence: its new token, if its prompt is all in the cache, with
+    the token's scores, and the scores of the prompt tokens of this step's chunk, when the request asked."""
 
-    token: int
-    scores: TokenScores | None
+    token: int | None = None
+    scores: TokenScores | None = None
+    prompt_scores: list[TokenScores] = field(default_factory=list)
 
 
 class Engine:
@@ -166,6 +170,9 @@ class Engine:
             raise ValueError("prompt is empty and the tokenizer adds no BOS token; give at least one token")
         if len(prompt_ids) >= self.context:
             raise PromptTooLongError(len(prompt_ids), self.context)
+        if params.prompt_logprobs is not None and (self.config.is_encoder_decoder or self.config.whole_prompt):
+            raise ValueError("prompt_logprobs: this model reads its prompt both ways (an encoder's, or CPM-Ant's), "
+                             "so a prompt token has no probability given those before it")
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
@@ -207,48 +214,79 @@ class Engine:
         A sequence whose forward pass fails (an exception, CUDA out of memory) ends with
         `FinishReason.ERROR` and frees its slot; the rest of the batch goes on.
         """
+        # max_tokens 0 ends a request before it runs, unless it asked for its prompt's log-probabilities
         outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
-                   if seq.params.max_tokens == 0]
+                   if seq.params.max_tokens == 0 and seq.params.prompt_logprobs is None]
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
         try:
-            tokens = self._compute(batch)
+            results = self._compute(batch)
         except Exception as error:
-            batch, tokens, failed = self._isolate(batch, error)
+            batch, results, failed = self._isolate(batch, error)
             outputs += failed
-        for (seq, n), sampled in zip(batch, tokens, strict=True):
+        for (seq, n), result in zip(batch, results, strict=True):
+            start = seq.num_computed
+            if result.prompt_scores:
+                seq.prompt_logprobs += self._prompt_logprobs(seq, start, result.prompt_scores)
             seq.num_computed += n
             seq.encoded = True
-            if sampled is not None:
-                out = seq.append(sampled.token, self.context, sampled.scores)
-                if out.finished:
-                    self._release(seq)
-                outputs.append(out)
+            if result.token is not None:
+                out = seq.append(result.token, self.context, result.scores)
+            elif seq.num_pending == 0:  # a prompt scored with max_tokens 0, now all in the cache
+                out = seq.finish(FinishReason.LENGTH)
+            else:
+                continue
+            if seq.params.prompt_logprobs is not None and start < seq.prompt_length <= seq.num_computed:
+                out = replace(out, prompt_logprobs=tuple(seq.prompt_logprobs))
+            if out.finished:
+                self._release(seq)
+            outputs.append(out)
         return outputs
 
-    def _compute(self, batch: list[tuple[Seq, int]]) -> list[Sampled | None]:
+    def _compute(self, batch: list[tuple[Seq, int]]) -> list[StepResult]:
         """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
-        the cache, None for a prefill still under way. Changes no sequence, so a failure can be retried."""
+        the cache (and that may generate), and the scores of prompt tokens asked for. Changes no sequence, so
+        a failure can be retried."""
         chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
                         seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
-        logits = self.runner.forward(chunks)
-        rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n]
-        tokens: list[Sampled | None] = [None] * len(batch)
+        # chunk i's rows predict its tokens' successors: those that are prompt tokens get scored
+        scored = {i: min(n, seq.prompt_length - 1 - seq.num_computed) for i, (seq, n) in enumerate(batch)
+                  if seq.params.prompt_logprobs is not None}
+        scored = {i: m for i, m in scored.items() if m > 0}
+        logits = self.runner.forward(chunks, every_token_of=list(scored))
+        results = [StepResult() for _ in batch]
+        at = len(batch)
+        for i, m in scored.items():
+            seq, n = batch[i]
+            targets = torch.tensor(seq.token_ids[seq.num_computed + 1 : seq.num_computed + 1 + m], device=logits.device)
+            results[i].prompt_scores = token_scores(logits[at : at + m], targets, [seq.params.prompt_logprobs] * m)
+            at += n
+        rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n and seq.params.max_tokens > 0]
         if not rows:
-            return tokens
-        logits = logits if len(rows) == len(batch) else logits[rows]
+            return results
+        logits = logits[: len(batch)] if len(rows) == len(batch) else logits[rows]
         picked = self.sampler(logits, [batch[row][0].sampler for row in rows])
         asked = {i: batch[row][0].params.logprobs for i, row in enumerate(rows)
                  if batch[row][0].params.logprobs is not None}
         scores = dict(zip(asked, token_scores(logits[list(asked)], picked[list(asked)], list(asked.values())),
                           strict=True)) if asked else {}
         for i, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
-            tokens[row] = Sampled(token, scores.get(i))
-        return tokens
+            results[row].token, results[row].scores = token, scores.get(i)
+        return results
+
+    def _prompt_logprobs(self, seq: Seq, start: int, scores: list[TokenScores]) -> list[Logprobs]:
+        """Log-probabilities of prompt tokens start + 1, start + 2, ... from their scores, with their texts."""
+        entries = []
+        for t, score in enumerate(scores, start + 1):
+            token = seq.token_ids[t]
+            texts = texts_at(self.tokenizer, seq.token_ids, t, [token, *(i for i, _ in score.top)])
+            top = tuple(TokenLogprob(i, text, lp) for (i, lp), text in zip(score.top, texts[1:], strict=True))
+            entries.append(Logprobs(TokenLogprob(token, texts[0], score.logprob), top))
+        return entries
 
     def _isolate(self, batch: list[tuple[Seq, int]], error: Exception
-                 ) -> tuple[list[tuple[Seq, int]], list[Sampled | None], list[StepOutput]]:
+                 ) -> tuple[list[tuple[Seq, int]], list[StepResult], list[StepOutput]]:
         """After a failed batch, run each sequence alone: those that fail again end with ERROR.
 
         The retry is exact: the failed pass advanced no sequence, and the cache rows it may have
@@ -259,13 +297,13 @@ class Engine:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # an out-of-memory may pass once the failed pass's blocks are gone
         kept: list[tuple[Seq, int]] = []
-        tokens: list[Sampled | None] = []
+        results: list[StepResult] = []
         failed: list[StepOutput] = []
         for seq, n in batch:
             cause = error
             if len(batch) > 1:
                 try:
-                    tokens += self._compute([(seq, n)])
+                    results += self._compute([(seq, n)])
                     kept.append((seq, n))
                     continue
                 except Exception as e:
@@ -273,7 +311,7 @@ class Engine:
             log.error("event=sequence_failed seq_id=%d error=%r", seq.seq_id, cause)
             out = self._finish(seq, FinishReason.ERROR)
             failed.append(replace(out, error=f"{type(cause).__name__}: {cause}"))
-        return kept, tokens, failed
+        return kept, results, failed
 
     def _finish(self, seq: Seq, reason: FinishReason) -> StepOutput:
         out = seq.finish(reason)
@@ -316,4 +354,5 @@ class Engine:
             for i in ids:
                 self.abort(i)
         return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens,
-                           None if s.params.logprobs is None else s.logprobs) for s in seqs.values()]
+                           None if s.params.logprobs is None else s.logprobs,
+                           None if s.params.prompt_logprobs is None else s.prompt_logprobs) for s in seqs.values()]

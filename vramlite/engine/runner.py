@@ -170,12 +170,14 @@ class ModelRunner:
         return self.model.compute_logits(self.model(ids, meta, cache))
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk]) -> torch.Tensor:
-        """Logits [len(chunks), vocab] (fp32) for the last token of each chunk, in the given order."""
+    def forward(self, chunks: Sequence[Chunk], every_token_of: Sequence[int] = ()) -> torch.Tensor:
+        """Logits (fp32) for the last token of each chunk, in the given order: [len(chunks), vocab]; then, for
+        each chunk index in `every_token_of`, for every token of that chunk (prompt log-probabilities)."""
         ids, meta, spans = self._prepare(chunks)
         rows = [end - 1 for _, end in spans]  # each chunk's last token's row in the packing, in the given order
+        rows += [row for i in every_token_of for row in range(*spans[i])]
         last = slice(None) if rows == list(range(len(ids))) else torch.tensor(rows, device=self.device)
-        if self._decode_step is not None and not meta.prefills:
+        if self._decode_step is not None and not meta.prefills and not every_token_of:
             # slots as a tensor, not a slice: a slice's start would be compiled in (slots 0 and 1 apart)
             meta.decode_slots = meta.write_slots
             if meta.num_decode > 1 and meta.decode_mask is None:  # one graph for batches, lengths equal or not

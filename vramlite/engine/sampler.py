@@ -57,6 +57,7 @@ class SamplingParams:
     ignore_eos: bool = False
     stop_token_ids: tuple[int, ...] = ()  # tokens that end generation like a stop string (fill_blank's sentinels)
     logprobs: int | None = None  # report each token's log-probability and this many most likely; None = off
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (each given those before it)
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
@@ -115,12 +116,10 @@ class SamplingParams:
             "a list of token ids",
         )
 
-        _require(
-            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-            "logprobs",
-            self.logprobs,
-            f"an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None (off)",
-        )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            _require(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
+                     f"an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None (off)")
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> SamplingParams:

@@ -47,6 +47,8 @@ class StepOutput:
     finish_reason: FinishReason | None = None
     error: str | None = None
     logprobs: Logprobs | None = None  # when the request asked for them
+    # with the first output once the prompt is in the cache, when the request asked: None for its first token
+    prompt_logprobs: tuple[Logprobs | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,7 +82,13 @@ class Sequence:
         self.stop_ids = frozenset(params.stop_token_ids)
         self.text = ""
         self.logprobs: list[Logprobs] = []  # one per generated token, when params.logprobs is set
+        self.prompt_logprobs: list[Logprobs | None] = [None]  # the prompt's, as prefill computes them
         self.finish_reason: FinishReason | None = None
+
+    @property
+    def prompt_length(self) -> int:
+        """The prompt's ids in `token_ids` (the decoder's, for an encoder-decoder model)."""
+        return self._output_start
 
     @property
     def output_ids(self) -> list[int]:
