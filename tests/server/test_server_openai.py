@@ -89,7 +89,32 @@ def test_chat_logprobs_through_the_client(oai):
         oai.chat.completions.create(**{**kwargs, "logprobs": False})
 
 
-@pytest.mark.parametrize("params", [{"logprobs": 21}, {"echo": True}, {"best_of": 3},
+def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(oai, chat_llama_dir):
+    """`echo` with `logprobs` and `max_tokens: 0` (lm-evaluation-harness's loglikelihood): the prompt back, each
+    of its tokens' log-probabilities given those before (the first's null), as the engine scores them."""
+    from vramlite.engine import Engine, SamplingParams
+
+    prompt = "The quick brown fox"
+    done = oai.completions.create(model="model", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    choice = done.choices[0]
+    assert choice.text == prompt and done.usage.completion_tokens == 0
+    lp = choice.logprobs
+    assert len(lp.tokens) == done.usage.prompt_tokens and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert "".join(lp.tokens) == prompt and lp.text_offset[-1] == len(prompt) - len(lp.tokens[-1])
+    engine = Engine.from_dir(chat_llama_dir, device="cpu", context=128)
+    want = engine.generate(prompt, SamplingParams(max_tokens=0, prompt_logprobs=1)).prompt_logprobs
+    assert lp.token_logprobs[1:] == pytest.approx([w.chosen.logprob for w in want[1:]], abs=1e-5)
+    streamed = list(oai.completions.create(model="model", prompt=prompt, max_tokens=0, echo=True, logprobs=1,
+                                           stream=True))
+    assert streamed[0].choices[0].text == prompt and streamed[0].choices[0].logprobs.tokens == lp.tokens
+    generated = oai.completions.create(model="model", prompt=prompt, max_tokens=3, temperature=0, echo=True,
+                                       logprobs=0)
+    assert generated.choices[0].text.startswith(prompt)
+    assert len(generated.choices[0].logprobs.tokens) == done.usage.prompt_tokens + 3
+    assert oai.completions.create(model="model", prompt=prompt, max_tokens=0, echo=True).choices[0].text == prompt
+
+
+@pytest.mark.parametrize("params", [{"logprobs": 21}, {"best_of": 3},
                                     {"suffix": " the end"}, {"logit_bias": {"50": 100}}])
 def test_completion_options_we_cannot_honour_are_refused(oai, params):
     """Not ignored: the client asked for something the answer would silently lack."""

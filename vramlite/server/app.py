@@ -11,7 +11,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from vramlite import __version__
 from vramlite import models as demo_models
 from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams
+from vramlite.engine.detokenizer import texts_at
 from vramlite.engine.device import pick_device, pick_dtype
 from vramlite.engine.errors import PromptTooLongError
 from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
@@ -290,19 +291,21 @@ class Collected:
     text: str
     reason: FinishReason
     logprobs: list[Logprobs]
+    prompt_logprobs: tuple[Logprobs | None, ...] = ()
 
 
 async def collect(request: Request, gen: Generation) -> Collected:
     """The whole result of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
 
     async def consume() -> Collected:
-        parts, reason, logprobs = [], FinishReason.CANCELLED, []
+        done = Collected("", FinishReason.CANCELLED, [])
         async for out in runtime(request).loop.stream(gen):
-            parts.append(out.text)
-            reason = out.finish_reason or reason
+            done.text += out.text
+            done.reason = out.finish_reason or done.reason
             if out.logprobs is not None:
-                logprobs.append(out.logprobs)
-        return Collected("".join(parts), reason, logprobs)
+                done.logprobs.append(out.logprobs)
+            done.prompt_logprobs = out.prompt_logprobs or done.prompt_logprobs
+        return done
 
     return await unless_disconnected(request, consume())
 
@@ -559,20 +562,38 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
     gen = await start_generation(request, body.prompt, body)
     head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
             "model": runtime(request).model_name}
+    echo = None
+    if body.echo:
+        echo = body.prompt if isinstance(body.prompt, str) else runtime(request).engine.tokenizer.decode(body.prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(request, _completion_chunks(request, gen, head, include_usage))
+        return sse_response(request, _completion_chunks(request, gen, head, include_usage, echo))
     done = await collect(request, gen)
-    logprobs = None if body.logprobs is None else CompletionLogprobs()(done.logprobs)
-    return {**head, "choices": [{"index": 0, "text": done.text, "logprobs": logprobs,
+    logprobs = None if body.logprobs is None else CompletionLogprobs()(
+        [*_echoed_logprobs(request, gen, echo, done.prompt_logprobs), *done.logprobs])
+    return {**head, "choices": [{"index": 0, "text": (echo or "") + done.text, "logprobs": logprobs,
                                  "finish_reason": openai_finish(done.reason)}], "usage": openai_usage(gen)}
 
 
-async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
-                             ) -> AsyncIterator[dict[str, Any]]:
+def _echoed_logprobs(request: Request, gen: Generation, echo: str | None, prompt: Sequence[Logprobs | None]
+                     ) -> list[Logprobs | str]:
+    """The echoed prompt's tokens for `CompletionLogprobs`: the first as its text alone (it has no probability),
+    then the engine's log-probabilities of the others. None without echo."""
+    if echo is None:
+        return []
+    first = texts_at(runtime(request).engine.tokenizer, gen.prompt_ids, 0, gen.prompt_ids[:1])[0]
+    return [first, *prompt[1:]]
+
+
+async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool,
+                             echo: str | None) -> AsyncIterator[dict[str, Any]]:
     logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
     pending: list[Logprobs] = []  # of tokens whose text is held back (half a character): sent with the next piece
     async for out in runtime(request).loop.stream(gen):
+        if echo is not None:  # the prompt first, once its log-probabilities (if asked) are in
+            piece = logprobs and logprobs(_echoed_logprobs(request, gen, echo, out.prompt_logprobs or ()))
+            yield {**head, "choices": [{"index": 0, "text": echo, "logprobs": piece, "finish_reason": None}]}
+            echo = None
         finish = openai_finish(out.finish_reason) if out.finished else None
         if out.logprobs is not None:
             pending.append(out.logprobs)

@@ -20,21 +20,24 @@ def generate_logprobs(tokens: Sequence[Logprobs]) -> list[dict[str, Any]]:
 
 class CompletionLogprobs:
     """`/v1/completions`: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}` of each piece of a
-    completion, the offsets running on from piece to piece of a stream."""
+    completion, the offsets running on from piece to piece of a stream. A token given as its text alone (an
+    echoed prompt's first) has null log-probabilities, as OpenAI gives it."""
 
     def __init__(self) -> None:
         self.offset = 0
 
-    def __call__(self, tokens: Sequence[Logprobs]) -> dict[str, Any]:
+    def __call__(self, tokens: Sequence[Logprobs | str]) -> dict[str, Any]:
+        texts = [t if isinstance(t, str) else t.chosen.text for t in tokens]
         offsets = []
-        for lp in tokens:
+        for text in texts:
             offsets.append(self.offset)
-            self.offset += len(lp.chosen.text)
+            self.offset += len(text)
+        scored = [None if isinstance(t, str) else t for t in tokens]
         return {
-            "tokens": [lp.chosen.text for lp in tokens],
-            "token_logprobs": [lp.chosen.logprob for lp in tokens],
+            "tokens": texts,
+            "token_logprobs": [lp and lp.chosen.logprob for lp in scored],
             # as OpenAI: the sampled token is among them, so there may be one more than asked for
-            "top_logprobs": [{t.text: t.logprob for t in (*lp.top, lp.chosen)} for lp in tokens],
+            "top_logprobs": [lp and {t.text: t.logprob for t in (*lp.top, lp.chosen)} for lp in scored],
             "text_offset": offsets,
         }
 

@@ -62,11 +62,12 @@ class SamplingFields(Body):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields `Engine.sampling_params` takes; None means the model's default."""
-        return {**self.model_dump(include=set(SamplingFields.model_fields)), "logprobs": self.logprobs_count()}
+        return {**self.model_dump(include=set(SamplingFields.model_fields)), **self.logprobs_kwargs()}
 
-    def logprobs_count(self) -> int | None:
-        """How many alternatives to report with each token's log-probability; None: no log-probabilities."""
-        return None
+    def logprobs_kwargs(self) -> dict[str, int | None]:
+        """`logprobs` and `prompt_logprobs` for `SamplingParams` (how many alternatives to report with each
+        generated or prompt token's log-probability), where the route's body asks for them."""
+        return {}
 
 
 LogprobsCount = json_int(ge=0, le=MAX_LOGPROBS)
@@ -82,8 +83,8 @@ class GenerateRequest(SamplingFields):
     logprobs: LogprobsCount | None = Field(None, description="report each token's log-probability and this "
                                            "many most likely tokens' (the model's distribution, before sampling)")
 
-    def logprobs_count(self) -> int | None:
-        return self.logprobs
+    def logprobs_kwargs(self) -> dict[str, int | None]:
+        return {"logprobs": self.logprobs}
 
 
 class FillBlankRequest(SamplingFields):
@@ -228,12 +229,13 @@ class CompletionRequest(OpenAIFields):
         list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)], BeforeValidator(_one_prompt)]
     logprobs: LogprobsCount | None = Field(None, description="each token's log-probability and this many "
                                            "most likely tokens'")
-    echo: unsupported(None, False, why="the prompt is not echoed")
+    echo: bool | None = Field(None, description="the prompt in front of the completion (with `logprobs`: its "
+                              "tokens' too; `max_tokens: 0` scores a prompt)")
     best_of: unsupported(None, 1, why="one completion per request")
     suffix: unsupported(None, "", why="use /fill_blank to fill text between a prefix and a suffix")
 
-    def logprobs_count(self) -> int | None:
-        return self.logprobs
+    def logprobs_kwargs(self) -> dict[str, int | None]:
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
 
 class ChatMessage(Body):
@@ -267,6 +269,6 @@ class ChatCompletionRequest(OpenAIFields):
             raise ValueError("needs logprobs: true")
         return top
 
-    def logprobs_count(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
+    def logprobs_kwargs(self) -> dict[str, int | None]:
+        return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
