@@ -144,3 +144,15 @@ def test_generate_logprobs_json_and_stream_agree_with_the_engine(client, tiny_ll
 def test_generate_logprobs_out_of_range_is_422(client, bad):
     message = assert_error(client.post("/generate", json={"prompt": "x", "logprobs": bad}), 422, "validation_error")
     assert message.startswith("logprobs: ")
+
+
+def test_generate_prompt_logprobs_score_a_prompt(client):
+    body = {"prompt": "The quick brown fox", "max_tokens": 0, "prompt_logprobs": 1}
+    done = client.post("/generate", json=body).json()
+    scored = done["prompt_logprobs"]
+    assert len(scored) == done["usage"]["prompt_tokens"] and scored[0] is None
+    assert all(len(t["top"]) == 1 and t["top"][0]["logprob"] >= t["logprob"] for t in scored[1:])
+    assert done["usage"]["completion_tokens"] == 0 and done["text"] == ""
+    events = [json.loads(e.data) for e in sse_events(client, "/generate", {**body, "max_tokens": 2,
+                                                                            "stream": True})[:-1]]
+    assert events[0] == {"prompt_logprobs": scored} and "index" in events[1]

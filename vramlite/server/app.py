@@ -485,7 +485,9 @@ async def generate(request: Request, body: GenerateRequest) -> Any:
     done = await collect(request, gen)
     return GenerateResponse(text=done.text, stopped=done.reason in (FinishReason.STOP, FinishReason.EOS),
                             finish_reason=done.reason.value, usage=usage(gen),
-                            logprobs=None if body.logprobs is None else generate_logprobs(done.logprobs))
+                            logprobs=None if body.logprobs is None else generate_logprobs(done.logprobs),
+                            prompt_logprobs=None if body.prompt_logprobs is None
+                            else generate_logprobs(done.prompt_logprobs))
 
 
 async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[dict[str, Any]]:
@@ -493,6 +495,8 @@ async def _generate_chunks(request: Request, gen: Generation) -> AsyncIterator[d
     index = 0
     async for out in runtime(request).loop.stream(gen):
         parts.append(out.text)
+        if out.prompt_logprobs is not None:
+            yield {"prompt_logprobs": generate_logprobs(out.prompt_logprobs)}
         if out.token_id is not None:
             event = {"index": index, "token": {"id": out.token_id, "text": out.text}}
             if out.logprobs is not None:

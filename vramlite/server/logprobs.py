@@ -13,9 +13,10 @@ def _token(t: TokenLogprob) -> dict[str, Any]:
     return {"id": t.token_id, "text": t.text, "logprob": t.logprob}
 
 
-def generate_logprobs(tokens: Sequence[Logprobs]) -> list[dict[str, Any]]:
-    """`/generate`: per token `{"id", "text", "logprob", "top": [{"id", "text", "logprob"}]}`."""
-    return [{**_token(lp.chosen), "top": [_token(t) for t in lp.top]} for lp in tokens]
+def generate_logprobs(tokens: Sequence[Logprobs | None]) -> list[dict[str, Any] | None]:
+    """`/generate`: per token `{"id", "text", "logprob", "top": [{"id", "text", "logprob"}]}` (null for a
+    prompt's first token)."""
+    return [lp and {**_token(lp.chosen), "top": [_token(t) for t in lp.top]} for lp in tokens]
 
 
 class CompletionLogprobs:

@@ -82,9 +82,11 @@ class GenerateRequest(SamplingFields):
     stream: bool = False
     logprobs: LogprobsCount | None = Field(None, description="report each token's log-probability and this "
                                            "many most likely tokens' (the model's distribution, before sampling)")
+    prompt_logprobs: LogprobsCount | None = Field(None, description="the same for the prompt's tokens, each given "
+                                                  "those before it; with max_tokens 0, scores the prompt alone")
 
     def logprobs_kwargs(self) -> dict[str, int | None]:
-        return {"logprobs": self.logprobs}
+        return {"logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
 
 
 class FillBlankRequest(SamplingFields):
@@ -139,6 +141,8 @@ class GenerateResponse(BaseModel):
     usage: Usage
     logprobs: list[GeneratedToken] | None = Field(None, description="with `logprobs` asked: one per generated "
                                                   "token, the one that ended the text included")
+    prompt_logprobs: list[GeneratedToken | None] | None = Field(
+        None, description="with `prompt_logprobs` asked: one per prompt token, null for the first")
 
 
 class Stats(BaseModel):
