@@ -97,7 +97,7 @@ def test_workspace_counts_whole_prompts_past_the_budget_and_cpmant_prompt_tokens
                        head_dim=16, intermediate_size=128, max_position_embeddings=512, norm_eps=1e-6,
                        hidden_act="silu", tie_word_embeddings=False)
     per_token = (4 * 64 + 12 * 16 + 3 * 128) * 4
-    logits = 2 * 4 * 3 * 100
+    logits = 4 * 4 * 3 * 100
     # Chunked prefill: at most the budget of tokens in a step.
     assert workspace_bytes(base, 3, 512, 64, torch.float32) == 64 * per_token + 4 * 4 * 64 * 512 + logits
     # A whole 512-token prompt beside two decodes, each of the three with 32 prompt tokens in front.

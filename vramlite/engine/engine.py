@@ -20,7 +20,7 @@ from vramlite.engine.fill_blank import continuation
 from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
 from vramlite.engine.offload import WeightStore
-from vramlite.engine.runner import Chunk, ModelRunner
+from vramlite.engine.runner import Chunk, ModelRunner, ScoreFn
 from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, token_scores
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
 from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput, TokenLogprob
@@ -250,22 +250,14 @@ class Engine:
         a failure can be retried."""
         chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
                         seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
-        # chunk i's rows predict its tokens' successors: those that are prompt tokens get scored
-        scored = {i: min(n, seq.prompt_length - 1 - seq.num_computed) for i, (seq, n) in enumerate(batch)
-                  if seq.params.prompt_logprobs is not None}
-        scored = {i: m for i, m in scored.items() if m > 0}
-        logits = self.runner.forward(chunks, every_token_of=list(scored))
         results = [StepResult() for _ in batch]
-        at = len(batch)
-        for i, m in scored.items():
-            seq, n = batch[i]
-            targets = torch.tensor(seq.token_ids[seq.num_computed + 1 : seq.num_computed + 1 + m], device=logits.device)
-            results[i].prompt_scores = token_scores(logits[at : at + m], targets, [seq.params.prompt_logprobs] * m)
-            at += n
+        scoring = {i: self._prompt_scorer(seq, results[i]) for i, (seq, n) in enumerate(batch)
+                   if seq.params.prompt_logprobs is not None and seq.num_computed < seq.prompt_length - 1}
+        logits = self.runner.forward(chunks, scoring=scoring)
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n and seq.params.max_tokens > 0]
         if not rows:
             return results
-        logits = logits[: len(batch)] if len(rows) == len(batch) else logits[rows]
+        logits = logits if len(rows) == len(batch) else logits[rows]
         picked = self.sampler(logits, [batch[row][0].sampler for row in rows])
         asked = {i: batch[row][0].params.logprobs for i, row in enumerate(rows)
                  if batch[row][0].params.logprobs is not None}
@@ -274,6 +266,19 @@ class Engine:
         for i, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
             results[row].token, results[row].scores = token, scores.get(i)
         return results
+
+    @staticmethod
+    def _prompt_scorer(seq: Seq, result: StepResult) -> ScoreFn:
+        """Scores into `result` the prompt tokens that the logits of `seq`'s chunk predict: row r of the chunk
+        (token num_computed + r) predicts token num_computed + r + 1."""
+        def score(first: int, logits: torch.Tensor) -> None:
+            start = seq.num_computed + first + 1
+            targets = seq.token_ids[start : min(start + len(logits), seq.prompt_length)]
+            if targets:
+                ids = torch.tensor(targets, device=logits.device)
+                k = seq.params.prompt_logprobs
+                result.prompt_scores += token_scores(logits[: len(targets)], ids, [k] * len(targets))
+        return score
 
     def _prompt_logprobs(self, seq: Seq, start: int, scores: list[TokenScores]) -> list[Logprobs]:
         """Log-probabilities of prompt tokens start + 1, start + 2, ... from their scores, with their texts."""

@@ -161,9 +161,10 @@ def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tok
                     dtype: torch.dtype) -> int:
     """An upper estimate of one step's activations: per-token tensors of a layer (residual, norm, attention
     and MLP outputs, qkv, gate/up and the activation), a prefill chunk's fp32 attention scores when attention
-    is not fused, and the fp32 logits of the batch. A prompt that attends both ways (CPM-Ant) and an encoder
-    input run whole even past `max_tokens_per_step`, beside the other sequences' decodes; each CPM-Ant prompt
-    has its `cache_prefix` prompt tokens in front."""
+    is not fused, and the fp32 logits of the batch with, for prompt log-probabilities, a block of as many
+    rows (in the model's dtype, fp32, and their log-softmax) beside them. A prompt that attends both ways
+    (CPM-Ant) and an encoder input run whole even past `max_tokens_per_step`, beside the other sequences'
+    decodes; each CPM-Ant prompt has its `cache_prefix` prompt tokens in front."""
     tokens = max_tokens_per_step
     if cfg.whole_prompt or cfg.is_encoder_decoder:
         tokens = max(tokens, context + max_batch_size - 1)
@@ -172,5 +173,5 @@ def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tok
     per_token = 4 * cfg.hidden_size + (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim \
         + 3 * cfg.intermediate_size
     scores = 4 * cfg.num_heads * min(tokens, positions) * positions
-    logits = 2 * 4 * max_batch_size * cfg.vocab_size
+    logits = 4 * 4 * max_batch_size * cfg.vocab_size
     return tokens * per_token * dtype.itemsize + scores + logits

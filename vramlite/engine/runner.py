@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +64,10 @@ def warm_up_rows(limit: int) -> list[int]:
     (W8A16 tiles by powers of two up to 16 rows, W8A8 tunes per power of two of the rows), then `limit`."""
     rows = [1 << i for i in range(max(limit, 1).bit_length()) if 1 << i < limit]
     return [*rows, limit]
+
+
+ScoreFn = Callable[[int, torch.Tensor], None]
+"""Takes the logits [rows, vocab] of a chunk's tokens first, first + 1, ... (see `ModelRunner.forward`)."""
 
 
 @dataclass(frozen=True)
@@ -170,14 +174,17 @@ class ModelRunner:
         return self.model.compute_logits(self.model(ids, meta, cache))
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk], every_token_of: Sequence[int] = ()) -> torch.Tensor:
-        """Logits (fp32) for the last token of each chunk, in the given order: [len(chunks), vocab]; then, for
-        each chunk index in `every_token_of`, for every token of that chunk (prompt log-probabilities)."""
+    def forward(self, chunks: Sequence[Chunk], scoring: Mapping[int, ScoreFn] | None = None) -> torch.Tensor:
+        """Logits [len(chunks), vocab] (fp32) for the last token of each chunk, in the given order.
+
+        For each chunk index i in `scoring`, also calls `scoring[i](first, logits)` with the fp32 logits of
+        every token of that chunk from its `first`, in blocks of at most `num_slots` rows: the memory plan
+        counts that many rows of logits (`loader.workspace_bytes`), however long the chunk (prompt
+        log-probabilities)."""
         ids, meta, spans = self._prepare(chunks)
         rows = [end - 1 for _, end in spans]  # each chunk's last token's row in the packing, in the given order
-        rows += [row for i in every_token_of for row in range(*spans[i])]
         last = slice(None) if rows == list(range(len(ids))) else torch.tensor(rows, device=self.device)
-        if self._decode_step is not None and not meta.prefills and not every_token_of:
+        if self._decode_step is not None and not meta.prefills and not scoring:
             # slots as a tensor, not a slice: a slice's start would be compiled in (slots 0 and 1 apart)
             meta.decode_slots = meta.write_slots
             if meta.num_decode > 1 and meta.decode_mask is None:  # one graph for batches, lengths equal or not
@@ -191,7 +198,13 @@ class ModelRunner:
             else:
                 return logits[last].float()
         hidden = self._run(ids, meta)
-        return self.model.compute_logits(hidden[last]).float()
+        logits = self.model.compute_logits(hidden[last]).float()
+        block = self.cache.num_slots
+        for i, score in (scoring or {}).items():
+            begin, end = spans[i]
+            for first in range(begin, end, block):
+                score(first - begin, self.model.compute_logits(hidden[first : min(first + block, end)]).float())
+        return logits
 
     @torch.inference_mode()
     def forward_all(self, chunks: Sequence[Chunk]) -> list[torch.Tensor]:
