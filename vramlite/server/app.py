@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vramlite import __version__
 from vramlite import models as demo_models
-from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams
+from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams, StepOutput
 from vramlite.engine.detokenizer import texts_at
 from vramlite.engine.device import pick_device, pick_dtype
 from vramlite.engine.errors import PromptTooLongError
@@ -579,10 +579,26 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
                                  "finish_reason": openai_finish(done.reason)}], "usage": openai_usage(gen)}
 
 
+async def _openai_pieces(request: Request, gen: Generation
+                         ) -> AsyncIterator[tuple[StepOutput, str | None, list[Logprobs]]]:
+    """Each output of `gen`, its OpenAI finish reason (None until the last), and the log-probabilities of the
+    tokens since the last output that brought out text or finished: a token whose text is held back (half a
+    character) sends its log-probability with the next piece of text."""
+    pending: list[Logprobs] = []
+    async for out in runtime(request).loop.stream(gen):
+        finish = openai_finish(out.finish_reason) if out.finished else None
+        if out.logprobs is not None:
+            pending.append(out.logprobs)
+        tokens = pending
+        if out.text or finish:
+            pending = []
+        yield out, finish, tokens
+
+
 def _echoed_logprobs(request: Request, gen: Generation, echo: str | None, prompt: Sequence[Logprobs | None]
                      ) -> list[Logprobs | str]:
     """The echoed prompt's tokens for `CompletionLogprobs`: the first as its text alone (it has no probability),
-    then the engine's log-probabilities of the others. None without echo."""
+    then the engine's log-probabilities of the others; none without echo."""
     if echo is None:
         return []
     first = texts_at(runtime(request).engine.tokenizer, gen.prompt_ids, 0, gen.prompt_ids[:1])[0]
@@ -592,18 +608,14 @@ def _echoed_logprobs(request: Request, gen: Generation, echo: str | None, prompt
 async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool,
                              echo: str | None) -> AsyncIterator[dict[str, Any]]:
     logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
-    pending: list[Logprobs] = []  # of tokens whose text is held back (half a character): sent with the next piece
-    async for out in runtime(request).loop.stream(gen):
-        if echo is not None:  # the prompt first, once its log-probabilities (if asked) are in
-            piece = logprobs and logprobs(_echoed_logprobs(request, gen, echo, out.prompt_logprobs or ()))
+    async for out, finish, tokens in _openai_pieces(request, gen):
+        if echo is not None:  # the prompt first, its log-probabilities (if asked) coming with the first output
+            piece = None if logprobs is None else logprobs(
+                _echoed_logprobs(request, gen, echo, out.prompt_logprobs or ()))
             yield {**head, "choices": [{"index": 0, "text": echo, "logprobs": piece, "finish_reason": None}]}
             echo = None
-        finish = openai_finish(out.finish_reason) if out.finished else None
-        if out.logprobs is not None:
-            pending.append(out.logprobs)
         if out.text or finish:
-            piece = None if logprobs is None else logprobs(pending)
-            pending = []
+            piece = None if logprobs is None else logprobs(tokens)
             yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gen)}
@@ -634,15 +646,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
 async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
                        ) -> AsyncIterator[dict[str, Any]]:
     yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    pending: list[Logprobs] = []  # of tokens whose text is held back (half a character): sent with the next piece
-    async for out in runtime(request).loop.stream(gen):
-        finish = openai_finish(out.finish_reason) if out.finished else None
-        if out.logprobs is not None:
-            pending.append(out.logprobs)
+    async for out, finish, tokens in _openai_pieces(request, gen):
         if out.text or finish:
             delta = {"content": out.text} if out.text else {}
-            piece = chat_logprobs(pending) if gen.params.logprobs is not None else None
-            pending = []
+            piece = chat_logprobs(tokens) if gen.params.logprobs is not None else None
             yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gen)}
