@@ -21,7 +21,8 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A token, the text it brings out (see `IncrementalDetokenizer.candidate_texts`) and its log-probability."""
+    """A token, the text it brings out (`IncrementalDetokenizer.candidate_texts`, `detokenizer.texts_at`) and its
+    log-probability."""
 
     token_id: int
     text: str
@@ -30,8 +31,8 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class Logprobs:
-    """A generated token's log-probability and the most likely tokens' at its place (`SamplingParams.logprobs`
-    of them, best first)."""
+    """A token's log-probability and the most likely tokens' at its place (as many as `SamplingParams.logprobs`
+    or `prompt_logprobs` asks, best first)."""
 
     chosen: TokenLogprob
     top: tuple[TokenLogprob, ...]

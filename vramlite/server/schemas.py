@@ -172,8 +172,8 @@ class FillBlankResponse(BaseModel):
 
 def unsupported(*no_ops: Any, why: str) -> Any:
     """An OpenAI field this server cannot honour: taken at one of its `no_ops` values (what clients send when
-    they mean "off"), refused otherwise with `why`, rather than ignored: a client asking for log-probabilities
-    or JSON output must not get an answer without them and no word of it."""
+    they mean "off"), refused otherwise with `why`, rather than ignored: a client asking for JSON output or
+    tool calls must not get an answer without them and no word of it."""
     def check(value: Any) -> Any:
         value = _integral_float_to_int(value)
         if not any(type(value) is type(n) and value == n for n in no_ops):
@@ -182,9 +182,6 @@ def unsupported(*no_ops: Any, why: str) -> Any:
         return value
     allowed = " or ".join(json.dumps(n) for n in no_ops)
     return Annotated[Any, BeforeValidator(check), Field(None, description=f"not supported: only {allowed}")]
-
-
-NO_LOGIT_BIAS = "logit_bias is not implemented"
 
 
 class StreamOptions(Body):
@@ -203,7 +200,7 @@ class OpenAIFields(SamplingFields):
                               description="must name the served model when given")
     stop: StopString | list[StopString] | None = Field(None)
     n: ChoiceCount = Field(1, description="one choice per request")
-    logit_bias: unsupported(None, {}, why=NO_LOGIT_BIAS)
+    logit_bias: unsupported(None, {}, why="logit_bias is not implemented")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
