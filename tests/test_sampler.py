@@ -501,3 +501,17 @@ def test_seeded_sampling_on_the_gpu_repeats_and_stays_in_the_mask() -> None:
     allowed = top_k_top_p_mask(scaled, torch.tensor([0, 20], device="cuda"), torch.tensor([0.9, 1.0], device="cuda"))
     for row, tokens in enumerate(first[:2]):
         assert allowed[row, tokens].all()
+
+
+def test_token_scores_are_log_softmax_with_each_rows_own_count() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    logits[1, 7] = -math.inf  # no probability: a finite floor, which JSON can carry
+    tokens = torch.tensor([4, 7, 9])
+    scores = sampler.token_scores(logits, tokens, [2, 0, 5])
+    reference = logits.log_softmax(-1)
+    assert [s.logprob for s in scores] == pytest.approx([reference[0, 4].item(), sampler.IMPOSSIBLE_LOGPROB,
+                                                         reference[2, 9].item()])
+    assert [len(s.top) for s in scores] == [2, 0, 5]
+    top = reference[2].topk(5)
+    assert [t for t, _ in scores[2].top] == top.indices.tolist()
+    assert [lp for _, lp in scores[2].top] == pytest.approx(top.values.tolist())

@@ -19,6 +19,7 @@ import torch
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
+IMPOSSIBLE_LOGPROB = -9999.0
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
 GREEDY_TEMPERATURE = 1e-5
@@ -348,9 +349,10 @@ def token_scores(logits: torch.Tensor, tokens: torch.Tensor, ks: Sequence[int]) 
     """For each row of logits [B, V]: token[i]'s log-probability and the ks[i] most likely tokens'.
 
     Under the model's own distribution, log_softmax of the logits before penalties, temperature, top-k and
-    top-p, as vLLM and OpenAI report them: the same numbers whatever the sampling parameters.
+    top-p, as vLLM and OpenAI report them: the same numbers whatever the sampling parameters. A token of no
+    probability (a -inf logit) gets `IMPOSSIBLE_LOGPROB`, as vLLM gives it: JSON has no -inf.
     """
-    logprobs = logits.float().log_softmax(dim=-1)
+    logprobs = logits.float().log_softmax(dim=-1).clamp_(min=IMPOSSIBLE_LOGPROB)
     chosen = logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).tolist()
     k = max(ks, default=0)
     if k == 0:
