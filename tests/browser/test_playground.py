@@ -4,6 +4,7 @@ engine panel and its live charts, and the layout at desktop and phone widths (sc
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -99,6 +100,25 @@ def test_generate_streams_then_matches_the_json_reply(page: Any, daemon: Running
         page.wait_for_function("""id => document.querySelector(`#${id} polyline`).getAttribute('points')
                                           .split(' ').some(p => Number(p.split(',')[1]) < 100)""", arg=f"chart-{chart}")
     page.screenshot(path=artifacts / "generate-desktop.png", full_page=True)
+
+
+def test_token_probabilities_shade_each_token_and_name_its_alternatives(page: Any, daemon: Running,
+                                                                        artifacts: Path):
+    page.fill("#prompt", PROMPT)
+    set_knobs(page, temperature=0, max_tokens=12)
+    page.check("#show-probs")
+    page.click("#send")
+    wait_status(page, "Done")
+    reply = httpx.post(daemon.url + "/generate", json={"prompt": PROMPT, "temperature": 0, "max_tokens": 12,
+                                                       "logprobs": 5}, timeout=30).json()
+    tokens = page.locator("#generated .tok")
+    assert tokens.count() == len(reply["logprobs"]) and generated(page) == reply["text"]
+    first = reply["logprobs"][0]
+    title = tokens.first.get_attribute("title")
+    assert title.splitlines()[0] == f"{100 * math.exp(first['logprob']):.1f}%" and len(title.splitlines()) == 6
+    assert json.dumps(first["top"][0]["text"], ensure_ascii=False) in title.splitlines()[1]
+    page.screenshot(path=artifacts / "token-probabilities.png")
+    page.uncheck("#show-probs")
 
 
 def test_stop_cancels_the_request(page: Any, daemon: Running):

@@ -218,23 +218,41 @@ async function runGenerate(signal) {
   generated.className = "generated";
   generated.id = "generated";
   out.replaceChildren(promptEl, generated);
-  const response = await post("/generate", { prompt, ...samplingFields(), stream: true }, signal);
+  const probs = $("show-probs").checked;
+  const body = { prompt, ...samplingFields(), stream: true, ...(probs ? { logprobs: TOP_TOKENS } : {}) };
+  const response = await post("/generate", body, signal);
   const started = performance.now();
   setStatus("Generating…", "busy");
   let tokens = 0;
   for await (const chunk of sseJson(response)) {
     if (chunk.token) {
-      generated.append(chunk.token.text);
+      generated.append(chunk.logprobs ? tokenSpan(chunk.logprobs) : chunk.token.text);
       tokens += 1;
       $("meter").textContent = `${tokens} tokens · ${rate(tokens, started)} tokens/s`;
     } else if (chunk.finish_reason) {
-      generated.textContent = chunk.text;
+      // the final text (a stop string cut off): kept as token spans where they spell it
+      if (!probs || generated.textContent !== chunk.text) generated.textContent = chunk.text;
       const u = chunk.usage;
       $("meter").textContent = `${u.prompt_tokens} prompt + ${u.completion_tokens} generated tokens · `
         + `${rate(u.completion_tokens, started)} tokens/s`;
       setStatus(`Done: ${chunk.finish_reason}.`, "done");
     }
   }
+}
+
+const TOP_TOKENS = 5;
+
+/** A generated token as a span shaded by its probability, its alternatives in its title. */
+function tokenSpan(lp) {
+  const span = document.createElement("span");
+  span.className = "tok";
+  span.textContent = lp.text;
+  const p = Math.exp(lp.logprob);
+  span.style.setProperty("--p", p.toFixed(3));
+  const top = lp.top.map((t) => `${JSON.stringify(t.text)} ${(100 * Math.exp(t.logprob)).toFixed(1)}%`);
+  span.title = `${(100 * p).toFixed(1)}%\n${top.join("\n")}`;
+  span.tabIndex = 0;
+  return span;
 }
 
 /** The text with each blank as a numbered placeholder, filled in place as the blanks arrive. */
