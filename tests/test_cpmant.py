@@ -182,3 +182,26 @@ def test_too_few_segment_types_is_a_load_error(cpmant, tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps({**config, "segment_types": 2}))
     with pytest.raises(ModelLoadError, match=r"segment_types 2 .* at least 3"):
         load_model(tmp_path / "m", CPU, torch.float32)
+
+
+def test_warm_up_reaches_every_row_bucket_of_its_steps(cpmant, monkeypatch):
+    """CPM-Ant's prefills carry its prompt tokens in front, and its prompts run whole past the step budget: the
+    load-time warm-up (GPU) must still reach each row count its int8 products tune for. Its forward passes
+    run here, on the CPU, with the rows each product sees recorded."""
+    from triton import next_power_of_2
+
+    from vramlite.engine.layers import linear
+
+    _, model_dir = cpmant
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=4, max_tokens_per_step=8,
+                             context=40, quantize="int8", cpu_layout="dense")
+    seen: set[int] = set()
+    real = linear.int8_linear
+    monkeypatch.setattr(linear, "int8_linear", lambda x, *a: seen.add(x.numel() // x.shape[-1]) or real(x, *a))
+    for chunks in engine.runner.warm_up_batches(8):
+        engine.runner.forward(chunks)
+    buckets = {next_power_of_2(m) for m in seen}  # W8A16 tiles and W8A8 keys go by powers of two
+    prefix = engine.config.cache_prefix
+    # decode steps of 1 to 4 sequences; whole prompts of 1 to 40 tokens with the prompt tokens in front
+    wanted = {1, 2, 4} | {next_power_of_2(n + prefix) for n in range(1, 41)}
+    assert wanted <= buckets, sorted(wanted - buckets)

@@ -100,6 +100,21 @@ def test_warm_up_rows_reach_every_row_bucket():
     assert warm_up_rows(1) == [1] and warm_up_rows(3) == [1, 2, 3]
 
 
+@pytest.mark.parametrize("name", ["demo-llama", "demo-t5"])
+def test_warm_up_batches_are_steps_the_runner_takes(name):
+    """The load-time warm-up's forward passes (run on a GPU only) are valid steps for each family: a prefill
+    per row count up to the step budget, or up to the context where prompts run whole (an encoder's)."""
+    from vramlite import models
+
+    engine = Engine.from_dir(models.path(name), device="cpu", quantize="int8", max_batch_size=2,
+                             max_tokens_per_step=16, context=64)
+    batches = engine.runner.warm_up_batches(16)
+    sizes = [sum(len(c.token_ids) for c in chunks) for chunks in batches]
+    assert sizes == ([1, 2, 4, 8, 16, 32, 64] if engine.config.is_encoder_decoder else [1, 2, 4, 8, 16])
+    for chunks in batches:
+        assert engine.runner.forward(chunks).isfinite().all()
+
+
 @pytest.mark.gpu
 def test_int8_kernels_are_tuned_at_load_not_in_requests():
     from vramlite import models

@@ -128,21 +128,35 @@ class ModelRunner:
             log.info("compiled the decode steps in %.1f s", time.perf_counter() - start)
 
     def warm_up_kernels(self, max_tokens_per_step: int) -> None:
-        """On a GPU with the Triton int8 kernels, run one forward pass of each row count of `warm_up_rows` now,
-        at load: Triton compiles and times a kernel's configs on the first call of each shape and row bucket,
-        seconds each, which the first requests would otherwise wait for. Slot 0's cache is overwritten by its
-        next prefill."""
+        """On a GPU with the Triton int8 kernels, run the forward passes of `warm_up_batches` now, at load:
+        Triton compiles and times a kernel's configs on the first call of each shape and row bucket, seconds
+        each, which the first requests would otherwise wait for. The slots' cache is overwritten by their next
+        prefill."""
         if self.device.type != "cuda" or backend_for(self.device) is Backend.REFERENCE \
                 or not any(isinstance(m, QuantizedLinear) for m in self.model.modules()):
             return
         start = time.perf_counter()
-        rows = warm_up_rows(min(max_tokens_per_step, self.context))
-        for n in rows:
-            ids = [0] * n
-            self.forward([Chunk(0, ids, 0, ids if self.cache.cross_k is not None else ())])
+        batches = self.warm_up_batches(max_tokens_per_step)
+        for chunks in batches:
+            self.forward(chunks)
         torch.cuda.synchronize(self.device)
-        log.info("int8 kernels compiled and tuned for %s rows in %.1f s", ", ".join(map(str, rows)),
+        log.info("int8 kernels compiled and tuned in %d forward passes in %.1f s", len(batches),
                  time.perf_counter() - start)
+
+    def warm_up_batches(self, max_tokens_per_step: int) -> list[list[Chunk]]:
+        """Forward passes whose products reach every row bucket the int8 kernels tune for (`warm_up_rows`) in
+        this model's steps: prefills of 1, 2, 4, ... tokens in slot 0, up to a step's token budget, or up to
+        the context for a model whose prompts run whole past it (CPM-Ant's; an encoder's input); and where a
+        prefill has more rows than tokens (CPM-Ant's prompt tokens in front), decode steps of 1, 2, 4, ...
+        sequences, up to the slots."""
+        cfg = self.model.config
+        whole = cfg.whole_prompt or cfg.is_encoder_decoder
+        encoder = self.cache.cross_k is not None
+        batches = [[Chunk(0, [0] * n, 0, [0] * n if encoder else ())]
+                   for n in warm_up_rows(self.context if whole else min(max_tokens_per_step, self.context))]
+        if cfg.cache_prefix:
+            batches += [[Chunk(slot, [0], 1) for slot in range(b)] for b in warm_up_rows(self.cache.num_slots)]
+        return batches
 
     def _compilable(self) -> bool:
         """Whether decode steps can run compiled by torch.compile (`_decode_logits`); logs why not.
