@@ -114,6 +114,21 @@ def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(oai, chat_llama_dir):
     assert oai.completions.create(model="model", prompt=prompt, max_tokens=0, echo=True).choices[0].text == prompt
 
 
+def test_lm_evaluation_harness_loglikelihood_request(oai, chat_llama_dir):
+    """The request lm-evaluation-harness's `local-completions` makes for a log-likelihood (a batch of one
+    token-id prompt, context then continuation; one token generated, echo, logprobs 1), read as it reads it:
+    the continuation's log-probabilities are `token_logprobs[ctxlen:-1]`."""
+    from vramlite.engine import Engine, SamplingParams
+
+    engine = Engine.from_dir(chat_llama_dir, device="cpu", context=128)
+    context, continuation = engine.encode("The quick brown")[1:], engine.encode(" fox jumps")[1:]
+    done = oai.completions.create(model="model", prompt=[context + continuation], temperature=0, max_tokens=1,
+                                  logprobs=1, seed=1234, echo=True)
+    logprobs = done.choices[0].logprobs.token_logprobs[len(context) : -1]
+    want = engine.generate(context + continuation, SamplingParams(max_tokens=0, prompt_logprobs=0)).prompt_logprobs
+    assert logprobs == pytest.approx([w.chosen.logprob for w in want[len(context) :]], abs=1e-5)
+
+
 @pytest.mark.parametrize("params", [{"logprobs": 21}, {"best_of": 3},
                                     {"suffix": " the end"}, {"logit_bias": {"50": 100}}])
 def test_completion_options_we_cannot_honour_are_refused(oai, params):
