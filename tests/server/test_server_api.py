@@ -156,3 +156,18 @@ def test_generate_prompt_logprobs_score_a_prompt(client):
     events = [json.loads(e.data) for e in sse_events(client, "/generate", {**body, "max_tokens": 2,
                                                                             "stream": True})[:-1]]
     assert events[0] == {"prompt_logprobs": scored} and "index" in events[1]
+
+
+def test_tokenize_and_detokenize_round_trip(client, tiny_llama_dir):
+    from vramlite.engine.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(tiny_llama_dir)
+    r = client.post("/tokenize", json={"prompt": "The quick brown fox"}).json()
+    assert r["tokens"] == tokenizer.encode("The quick brown fox") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 128
+    bare = client.post("/tokenize", json={"prompt": "The quick brown fox", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tokenizer.encode("The quick brown fox", add_special_tokens=False)
+    assert client.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": "The quick brown fox"}
+    message = assert_error(client.post("/detokenize", json={"tokens": [1, 10**6]}), 400, "invalid_request")
+    assert message.startswith("token ids must be in 0..")
+    assert_error(client.post("/tokenize", json={"text": "x"}), 422, "validation_error")

@@ -47,6 +47,8 @@ from vramlite.server.playground import install_playground
 from vramlite.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorBody,
     FillBlankRequest,
     FillBlankResponse,
@@ -55,6 +57,8 @@ from vramlite.server.schemas import (
     OpenAIFields,
     SamplingFields,
     Stats,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from vramlite.server.settings import Settings
 
@@ -270,13 +274,18 @@ def submit(request: Request, ids: list[int], params: SamplingParams, loop: Engin
     engine = loaded(loop)
     if len(ids) >= engine.context:
         raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
-    vocab = engine.config.vocab_size
-    if any(not 0 <= t < vocab for t in ids):
-        raise ApiError(400, "invalid_request", f"prompt token ids must be in 0..{vocab - 1}")
+    check_token_ids(engine, ids, "prompt token ids")
     gen = loop.submit(request.state.request_id, ids, params, request.state.start)
     request.state.generation = gen
     request.state.tokenizer = engine.tokenizer  # for --log-prompts
     return gen
+
+
+def check_token_ids(engine: Engine, ids: list[int], what: str) -> None:
+    """400 unless every id is in the model's vocabulary."""
+    vocab = engine.config.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise ApiError(400, "invalid_request", f"{what} must be in 0..{vocab - 1}")
 
 
 async def _wait_disconnect(request: Request) -> None:
@@ -388,6 +397,7 @@ GENERATION_RESPONSES = {
     **error_responses(400, 408, 413, 422, 429, 431, 500, 503, 504),
 }
 OPENAI_RESPONSES = {**GENERATION_RESPONSES, **error_responses(404)}
+TOKENIZER_RESPONSES = error_responses(400, 408, 413, 422, 431, 500, 503)
 
 public = APIRouter()
 protected = APIRouter(dependencies=[Depends(require_api_key)], responses=error_responses(401))
@@ -544,6 +554,24 @@ async def _fill_chunks(loop: EngineLoop, gen: Generation, fill: FillRequest) -> 
         if out.finished:
             yield {"blanks": [asdict(b) for b in fill.blanks], "text": fill.text,
                    "finish_reason": out.finish_reason.value, "usage": usage(gen)}
+
+
+@protected.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_RESPONSES,
+                summary="the served model's token ids for a text, as a prompt would get them")
+async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
+    rt = runtime(request)
+    engine = loaded(rt.loop)
+    ids = await run_in_threadpool(partial(engine.tokenizer.encode, body.prompt, body.add_special_tokens,
+                                          parse_special=rt.settings.allow_special_tokens))
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.context)
+
+
+@protected.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES,
+                summary="the text of token ids of the served model (special tokens left out)")
+async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeResponse:
+    engine = loaded(runtime(request).loop)
+    check_token_ids(engine, body.tokens, "token ids")
+    return DetokenizeResponse(prompt=await run_in_threadpool(engine.tokenizer.decode, body.tokens))
 
 
 @protected.get("/v1/models", summary="OpenAI-compatible: the served model")

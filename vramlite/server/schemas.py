@@ -104,6 +104,33 @@ class FillBlankRequest(SamplingFields):
         return prompt
 
 
+class TokenizeRequest(Body):
+    """`POST /tokenize`: the served model's token ids for a text."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    add_special_tokens: bool = Field(True, description="BOS/EOS as the model adds them to a prompt")
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int = Field(description="the context: a prompt takes at most this many tokens, less one")
+
+
+class DetokenizeRequest(Body):
+    """`POST /detokenize`: the text of token ids."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tokens: list[TokenId] = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
