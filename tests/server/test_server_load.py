@@ -10,11 +10,13 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse, connect_sse
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server.conftest import running_server, slow_loader, slowed
 from tests.server.test_server_api import assert_error
+from tests.server.test_server_faults import wait_until
 from vramlite.server.app import engine_loader
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "床前明月光", "Numbers 12345", "A fortune cookie says",
@@ -90,6 +92,40 @@ def test_disconnect_frees_the_slot(tiny_llama_dir):
             time.sleep(0.02)
         assert srv.metric("vramlite_requests_running") == 0
         assert srv.metric("vramlite_generation_tokens_total") < 50
+
+
+def test_a_disconnect_frees_every_choice(tiny_llama_dir):
+    """OpenAI's n: the choices run as requests of their own, and a client that hangs up ends them all, streamed
+    or not (a client whose read times out)."""
+    with running_server(tiny_llama_dir, load=slow_loader(0.02)) as srv, srv.client() as c:
+        body = {"prompt": "Hello", "max_tokens": 100, "temperature": 0, "n": 3}
+        with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            lines = r.iter_lines()  # kept: a dropped line iterator would close the response
+            assert next(line for line in lines if line.startswith("data:"))
+            wait_until(lambda: srv.metric("vramlite_requests_running") == 3)  # the gauge follows the step
+        wait_until(lambda: srv.metric("vramlite_requests_running") == 0, timeout=1.0)  # not the 100 × 20 ms
+
+        def impatient() -> None:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(srv.url + "/v1/completions", json=body, timeout=0.5)
+
+        client = threading.Thread(target=impatient)
+        client.start()
+        wait_until(lambda: srv.metric("vramlite_requests_running") == 3)
+        client.join()
+        wait_until(lambda: srv.metric("vramlite_requests_running") == 0, timeout=1.0)
+        assert srv.metric("vramlite_generation_tokens_total") < 300
+
+
+def test_n_choices_take_their_room_all_or_none(tiny_llama_dir):
+    with running_server(tiny_llama_dir, load=slow_loader(0.02), max_batch_size=1, max_queue=2) as srv, \
+            srv.client() as c:
+        body = {"prompt": "Hello", "max_tokens": 100, "temperature": 0, "stream": True}
+        with c.stream("POST", "/generate", json=body) as r:
+            assert r.status_code == 200
+            over = httpx.post(srv.url + "/v1/completions", json={**body, "stream": False, "n": 3})
+            assert_error(over, 429, "queue_full")
+            assert srv.metric("vramlite_requests_waiting") + srv.metric("vramlite_requests_running") == 1
 
 
 def test_queue_full_is_429_with_retry_after(tiny_llama_dir):

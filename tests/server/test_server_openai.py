@@ -114,6 +114,38 @@ def test_echo_scores_a_prompt_as_evaluation_harnesses_ask(oai, chat_llama_dir):
     assert oai.completions.create(model="model", prompt=prompt, max_tokens=0, echo=True).choices[0].text == prompt
 
 
+def test_n_choices_each_their_own_and_reproducible(oai):
+    """n choices of one prompt, batched: with a seed, choice i is what a single request with seed + i gives."""
+    kwargs = dict(model="model", prompt="The quick brown fox", max_tokens=6, temperature=1.0, seed=11)
+    done = oai.completions.create(**kwargs, n=3)
+    assert [c.index for c in done.choices] == [0, 1, 2]
+    alone = [oai.completions.create(**{**kwargs, "seed": 11 + i}) for i in range(3)]
+    assert [c.text for c in done.choices] == [a.choices[0].text for a in alone]
+    assert done.usage.prompt_tokens == alone[0].usage.prompt_tokens
+    assert done.usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+    streamed = ["", "", ""]
+    for chunk in oai.completions.create(**kwargs, n=3, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in done.choices]
+    chat = dict(model="model", messages=[{"role": "user", "content": "Hello"}], max_tokens=5, temperature=1.0,
+                seed=5, n=2)
+    replies = oai.chat.completions.create(**chat)
+    assert [c.index for c in replies.choices] == [0, 1]
+    deltas = ["", ""]
+    for chunk in oai.chat.completions.create(**chat, stream=True):
+        for choice in chunk.choices:
+            deltas[choice.index] += choice.delta.content or ""
+    assert deltas == [c.message.content for c in replies.choices]
+
+
+def test_more_choices_than_the_server_holds_is_422(oai):
+    with pytest.raises(openai.UnprocessableEntityError, match="n: 16 choices are more than this server holds"):
+        oai.completions.create(model="model", prompt="x", max_tokens=1, n=16)
+    with pytest.raises(openai.UnprocessableEntityError, match="n: Input should be less than or equal to 16"):
+        oai.completions.create(model="model", prompt="x", max_tokens=1, n=17)
+
+
 def test_lm_evaluation_harness_loglikelihood_request(oai, chat_llama_dir):
     """The request lm-evaluation-harness's `local-completions` makes for a log-likelihood (a batch of one
     token-id prompt, context then continuation; one token generated, echo, logprobs 1), read as it reads it:

@@ -11,9 +11,9 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -203,7 +203,8 @@ class RequestLogMiddleware:
     def _record(self, scope: Scope, state: dict[str, Any], status: int, total_s: float) -> None:
         route = getattr(scope.get("route"), "path", "unmatched")
         self.metrics.requests.labels(route, str(status)).inc()
-        gen: Generation | None = state.get("generation")
+        gens: list[Generation] = state.get("generations", [])
+        gen = gens[0] if gens else None  # the timings of the first choice (OpenAI's n: the others are alike)
         if gen is not None:
             self.metrics.request_duration.observe(total_s)
         level = logging.INFO if route in GENERATION_ROUTES else logging.DEBUG
@@ -216,12 +217,15 @@ class RequestLogMiddleware:
         error = state.get("error")
         texts = ""
         if self.log_prompts and gen is not None:
-            texts = f" prompt={state['tokenizer'].decode(gen.prompt_ids)!r} output={''.join(gen.output)!r}"
+            outputs = ["".join(g.output) for g in gens]
+            texts = f" prompt={state['tokenizer'].decode(gen.prompt_ids)!r} output=" \
+                    f"{outputs[0] if len(outputs) == 1 else outputs!r}"
+        finish = ",".join(g.finish_reason or "-" for g in gens) or "-"
         log.log(level, "request id=%s route=%s method=%s status=%d prompt_tokens=%s completion_tokens=%s "
                 "finish_reason=%s error=%s queue_s=%s ttft_s=%s total_s=%.4f%s", state["request_id"], route,
-                scope["method"], status, gen.num_prompt_tokens if gen else "-", gen.num_tokens if gen else "-",
-                (gen.finish_reason if gen else None) or "-", error or "-", since_arrival(gen and gen.scheduled_at),
-                since_arrival(gen and gen.first_token_at), total_s, texts)
+                scope["method"], status, gen.num_prompt_tokens if gen else "-",
+                sum(g.num_tokens for g in gens) if gens else "-", finish, error or "-",
+                since_arrival(gen and gen.scheduled_at), since_arrival(gen and gen.first_token_at), total_s, texts)
 
 
 # --- auth -------------------------------------------------------------------------------------------
@@ -254,17 +258,29 @@ def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
         raise ApiError(422, "validation_error", str(e)) from None
 
 
+async def prompt_ids(request: Request, prompt: str | list[int]) -> list[int]:
+    """The served model's ids of a prompt given as text (special-token strings stay text unless the settings
+    allow them) or as ids."""
+    if not isinstance(prompt, str):
+        return prompt
+    rt = runtime(request)
+    special = rt.settings.allow_special_tokens  # off: "</s>" in a prompt is text, not the end of it
+    return await run_in_threadpool(partial(rt.engine.tokenizer.encode, prompt, parse_special=special))
+
+
 async def start_generation(request: Request, prompt: str | list[int], fields: SamplingFields) -> Generation:
     """Tokenize, check the prompt fits, and admit the request (429/503 are raised here, before any reply)."""
-    rt = runtime(request)
-    engine = rt.engine
-    params = sampling_params(engine, fields)
-    if isinstance(prompt, str):
-        special = rt.settings.allow_special_tokens  # off: "</s>" in a prompt is text, not the end of it
-        ids = await run_in_threadpool(partial(engine.tokenizer.encode, prompt, parse_special=special))
-    else:
-        ids = prompt
-    return submit(request, ids, params)
+    params = sampling_params(runtime(request).engine, fields)
+    return submit(request, await prompt_ids(request, prompt), params)
+
+
+def submit_choices(request: Request, ids: list[int], params: SamplingParams, n: int) -> list[Generation]:
+    """Admit `n` generations of one prompt, all or none (OpenAI's `n`): with a seed, choice i draws from
+    seed + i, so the choices differ and the request is reproducible."""
+    runtime(request).loop.check_room(n)
+    if params.seed is None or n == 1:
+        return [submit(request, ids, params) for _ in range(n)]
+    return [submit(request, ids, replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)) for i in range(n)]
 
 
 def submit(request: Request, ids: list[int], params: SamplingParams, loop: EngineLoop | None = None
@@ -276,7 +292,7 @@ def submit(request: Request, ids: list[int], params: SamplingParams, loop: Engin
         raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
     check_token_ids(engine, ids, "prompt token ids")
     gen = loop.submit(request.state.request_id, ids, params, request.state.start)
-    request.state.generation = gen
+    request.state.generations = [*getattr(request.state, "generations", []), gen]
     request.state.tokenizer = engine.tokenizer  # for --log-prompts
     return gen
 
@@ -305,8 +321,13 @@ class Collected:
 
 async def collect(request: Request, gen: Generation) -> Collected:
     """The whole result of a non-streamed request; a client that hangs up cancels it (status 499 in the log)."""
+    return (await collect_all(request, [gen]))[0]
 
-    async def consume() -> Collected:
+
+async def collect_all(request: Request, gens: list[Generation]) -> list[Collected]:
+    """`collect` for the generations of one request, read at once; a hang-up cancels them all."""
+
+    async def consume(gen: Generation) -> Collected:
         done = Collected("", FinishReason.CANCELLED, [])
         async for out in runtime(request).loop.stream(gen):
             done.text += out.text
@@ -316,10 +337,10 @@ async def collect(request: Request, gen: Generation) -> Collected:
             done.prompt_logprobs = out.prompt_logprobs or done.prompt_logprobs
         return done
 
-    return await unless_disconnected(request, consume())
+    return await unless_disconnected(request, asyncio.gather(*(consume(gen) for gen in gens)))
 
 
-async def unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
     """The result of `work`, which reads a generation; a client that hangs up cancels it (status 499)."""
     consumer = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
@@ -355,8 +376,41 @@ def usage(gen: Generation) -> dict[str, int]:
     return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_tokens}
 
 
-def openai_usage(gen: Generation) -> dict[str, int]:
-    return {**usage(gen), "total_tokens": gen.num_prompt_tokens + gen.num_tokens}
+def openai_usage(gens: list[Generation]) -> dict[str, int]:
+    """The prompt once, the tokens of every choice."""
+    prompt, completion = gens[0].num_prompt_tokens, sum(gen.num_tokens for gen in gens)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """The items of several streams as they come, each with its stream's index; an error in one ends all.
+    Leaving early (a client that hangs up) cancels every stream, which aborts their generations."""
+    queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+        except Exception as e:
+            await queue.put((i, e))
+        else:
+            await queue.put((i, None))
+
+    tasks = [asyncio.ensure_future(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        running = len(tasks)
+        while running:
+            i, item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def openai_finish(reason: FinishReason) -> str:
@@ -591,20 +645,24 @@ def _check_model(request: Request, body: OpenAIFields) -> None:
 @protected.post("/v1/completions", responses=OPENAI_RESPONSES, summary="OpenAI-compatible text completion")
 async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_model(request, body)
-    gen = await start_generation(request, body.prompt, body)
-    head = {"id": f"cmpl-{gen.request_id}", "object": "text_completion", "created": int(time.time()),
-            "model": runtime(request).model_name}
+    rt = runtime(request)
+    params = sampling_params(rt.engine, body)
+    gens = submit_choices(request, await prompt_ids(request, body.prompt), params, body.n)
+    head = {"id": f"cmpl-{gens[0].request_id}", "object": "text_completion", "created": int(time.time()),
+            "model": rt.model_name}
     echo = None
     if body.echo:
-        echo = body.prompt if isinstance(body.prompt, str) else runtime(request).engine.tokenizer.decode(body.prompt)
+        echo = body.prompt if isinstance(body.prompt, str) else rt.engine.tokenizer.decode(body.prompt)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(request, _completion_chunks(request, gen, head, include_usage, echo))
-    done = await collect(request, gen)
-    logprobs = None if body.logprobs is None else CompletionLogprobs()(
-        [*_echoed_logprobs(request, gen, echo, done.prompt_logprobs), *done.logprobs])
-    return {**head, "choices": [{"index": 0, "text": (echo or "") + done.text, "logprobs": logprobs,
-                                 "finish_reason": openai_finish(done.reason)}], "usage": openai_usage(gen)}
+        return sse_response(request, _completion_chunks(request, gens, head, include_usage, echo))
+    choices = []
+    for i, (gen, done) in enumerate(zip(gens, await collect_all(request, gens), strict=True)):
+        logprobs = None if body.logprobs is None else CompletionLogprobs()(
+            [*_echoed_logprobs(request, gen, echo, done.prompt_logprobs), *done.logprobs])
+        choices.append({"index": i, "text": (echo or "") + done.text, "logprobs": logprobs,
+                        "finish_reason": openai_finish(done.reason)})
+    return {**head, "choices": choices, "usage": openai_usage(gens)}
 
 
 async def _openai_pieces(request: Request, gen: Generation
@@ -633,54 +691,61 @@ def _echoed_logprobs(request: Request, gen: Generation, echo: str | None, prompt
     return [first, *prompt[1:]]
 
 
-async def _completion_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool,
+async def _completion_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool,
                              echo: str | None) -> AsyncIterator[dict[str, Any]]:
-    logprobs = CompletionLogprobs() if gen.params.logprobs is not None else None
-    async for out, finish, tokens in _openai_pieces(request, gen):
-        if echo is not None:  # the prompt first, its log-probabilities (if asked) coming with the first output
-            piece = None if logprobs is None else logprobs(
-                _echoed_logprobs(request, gen, echo, out.prompt_logprobs or ()))
-            yield {**head, "choices": [{"index": 0, "text": echo, "logprobs": piece, "finish_reason": None}]}
-            echo = None
+    """The choices' pieces as they come, each chunk naming its choice by `index`."""
+    asked = gens[0].params.logprobs is not None
+    logprobs = [CompletionLogprobs() if asked else None for _ in gens]
+    echoed = [echo is None] * len(gens)
+    async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
+        if not echoed[i]:  # the prompt first, its log-probabilities (if asked) coming with the first output
+            echoed[i] = True
+            scored = _echoed_logprobs(request, gens[i], echo, out.prompt_logprobs or ())
+            piece = None if logprobs[i] is None else logprobs[i](scored)
+            yield {**head, "choices": [{"index": i, "text": echo, "logprobs": piece, "finish_reason": None}]}
         if out.text or finish:
-            piece = None if logprobs is None else logprobs(tokens)
-            yield {**head, "choices": [{"index": 0, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
+            piece = None if logprobs[i] is None else logprobs[i](tokens)
+            yield {**head, "choices": [{"index": i, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": openai_usage(gen)}
+        yield {**head, "choices": [], "usage": openai_usage(gens)}
 
 
 @protected.post("/v1/chat/completions", responses=OPENAI_RESPONSES,
                 summary="OpenAI-compatible chat completion (the model's chat template)")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
     _check_model(request, body)
-    engine = runtime(request).engine
-    params = sampling_params(engine, body)
+    rt = runtime(request)
+    params = sampling_params(rt.engine, body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = await run_in_threadpool(chat_prompt_ids, engine.tokenizer, messages)
-    gen = submit(request, ids, params)
-    head = {"id": f"chatcmpl-{gen.request_id}", "object": "chat.completion", "created": int(time.time()),
-            "model": runtime(request).model_name}
+    ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, messages)
+    gens = submit_choices(request, ids, params, body.n)
+    head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
+            "model": rt.model_name}
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(request, _chat_chunks(request, gen, {**head, "object": "chat.completion.chunk"},
+        return sse_response(request, _chat_chunks(request, gens, {**head, "object": "chat.completion.chunk"},
                                                    include_usage))
-    done = await collect(request, gen)
-    logprobs = chat_logprobs(done.logprobs) if body.logprobs else None
-    return {**head, "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                                 "logprobs": logprobs, "finish_reason": openai_finish(done.reason)}],
-            "usage": openai_usage(gen)}
+    choices = [{"index": i, "message": {"role": "assistant", "content": done.text},
+                "logprobs": chat_logprobs(done.logprobs) if body.logprobs else None,
+                "finish_reason": openai_finish(done.reason)}
+               for i, done in enumerate(await collect_all(request, gens))]
+    return {**head, "choices": choices, "usage": openai_usage(gens)}
 
 
-async def _chat_chunks(request: Request, gen: Generation, head: dict[str, Any], include_usage: bool
+async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool
                        ) -> AsyncIterator[dict[str, Any]]:
-    yield {**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}
-    async for out, finish, tokens in _openai_pieces(request, gen):
+    """Each choice's role first, then the choices' pieces as they come, each chunk naming its choice."""
+    for i in range(len(gens)):
+        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
+    asked = gens[0].params.logprobs is not None
+    async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
         if out.text or finish:
             delta = {"content": out.text} if out.text else {}
-            piece = chat_logprobs(tokens) if gen.params.logprobs is not None else None
-            yield {**head, "choices": [{"index": 0, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
+            piece = chat_logprobs(tokens) if asked else None
+            yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": openai_usage(gen)}
+        yield {**head, "choices": [], "usage": openai_usage(gens)}
 
 
 # --- the app ----------------------------------------------------------------------------------------

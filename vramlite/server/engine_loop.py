@@ -121,14 +121,22 @@ class EngineLoop:
                            f"serves the others; healthy again in {left:.0f} s if nothing else fails",
                            {"Retry-After": str(max(1, round(left)))})
 
-    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float) -> Generation:
-        """Admit a request, or raise 503 (not ready) / 429 (running batch and queue full)."""
+    def check_room(self, count: int) -> None:
+        """Raise 503 (not ready), 422 (more than the batch and queue can ever hold) or 429 (not now) unless
+        `count` more requests can be admitted. Nothing is admitted in between while the caller does not await."""
         self.check_ready()
         capacity = self.max_batch_size + self.max_queue
-        if len(self._active) >= capacity:
+        if count > capacity:
+            raise ApiError(422, "validation_error", f"n: {count} choices are more than this server holds at once "
+                           f"(max_batch_size {self.max_batch_size} + max_queue {self.max_queue})")
+        if len(self._active) + count > capacity:
             raise ApiError(429, "queue_full", f"{len(self._active)} requests are in flight (max_batch_size "
                            f"{self.max_batch_size} + max_queue {self.max_queue}); retry later",
                            {"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+
+    def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float) -> Generation:
+        """Admit a request, or raise 503 (not ready) / 429 (running batch and queue full)."""
+        self.check_room(1)
         gen = Generation(request_id, prompt_ids, params, arrival, arrival + self.request_timeout)
         self._active.add(gen)
         self._idle.clear()

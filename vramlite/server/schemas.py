@@ -37,7 +37,8 @@ Seed = json_int(ge=-(2**63), lt=2**63)
 MaxTokens = json_int(ge=0, le=MAX_TOKENS_BOUND)
 TopK = json_int(ge=0, le=1 << 20)
 TokenId = json_int()
-ChoiceCount = json_int(ge=1, le=1)
+MAX_CHOICES = 16
+ChoiceCount = json_int(ge=1, le=MAX_CHOICES)
 
 
 class Body(BaseModel):
@@ -226,7 +227,8 @@ class OpenAIFields(SamplingFields):
     model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
                               description="must name the served model when given")
     stop: StopString | list[StopString] | None = Field(None)
-    n: ChoiceCount = Field(1, description="one choice per request")
+    n: ChoiceCount = Field(1, description="choices to generate, batched together; with a seed, choice i draws "
+                           "from seed + i")
     logit_bias: unsupported(None, {}, why="logit_bias is not implemented")
     stream: bool = False
     stream_options: StreamOptions | None = None
