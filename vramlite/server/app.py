@@ -278,9 +278,9 @@ def submit_choices(request: Request, ids: list[int], params: SamplingParams, n: 
     """Admit `n` generations of one prompt, all or none (OpenAI's `n`): with a seed, choice i draws from
     seed + i, so the choices differ and the request is reproducible."""
     runtime(request).loop.check_room(n)
-    if params.seed is None or n == 1:
-        return [submit(request, ids, params) for _ in range(n)]
-    return [submit(request, ids, replace(params, seed=(params.seed + i + 2**63) % 2**64 - 2**63)) for i in range(n)]
+    seed = params.seed
+    return [submit(request, ids, params if seed is None else replace(params, seed=(seed + i + 2**63) % 2**64 - 2**63))
+            for i in range(n)]
 
 
 def submit(request: Request, ids: list[int], params: SamplingParams, loop: EngineLoop | None = None
@@ -383,8 +383,9 @@ def openai_usage(gens: list[Generation]) -> dict[str, int]:
 
 
 async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
-    """The items of several streams as they come, each with its stream's index; an error in one ends all.
-    Leaving early (a client that hangs up) cancels every stream, which aborts their generations."""
+    """The items (never None: it marks a stream's end) of several streams as they come, each with its stream's
+    index; an error in one ends all. Leaving early (a client that hangs up) cancels every stream, which aborts
+    their generations."""
     queue: asyncio.Queue[tuple[int, T | BaseException | None]] = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[T]) -> None:
