@@ -96,14 +96,21 @@ def test_offloaded_logits_match_resident(model_dir, device, dtype, quantize):
 def test_offloaded_greedy_batch_matches_resident(model_dir, device, dtype, quantize):
     limit = half_streamed_limit(model_dir, torch.device(device), {"fp32": torch.float32, "fp16": torch.float16}[dtype],
                                 quantize)
-    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    # log-probabilities too: the prompt's are scored from every row of the prefill, block by block
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     kwargs = dict(device=device, dtype=dtype, max_batch_size=BATCH, quantize=quantize)
     resident = Engine.from_dir(model_dir, **kwargs)
     offloaded = Engine.from_dir(model_dir, memory_limit=limit, **kwargs)
     assert resident.offload is None
     assert len(offloaded.offload.plan.streamed) >= LAYERS // 2
-    ref = [c.token_ids for c in resident.generate_batch(PROMPTS, params)]
-    assert [c.token_ids for c in offloaded.generate_batch(PROMPTS, params)] == ref
+    ref, got = resident.generate_batch(PROMPTS, params), offloaded.generate_batch(PROMPTS, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in ref]
+    atol = 1e-4 if dtype == "fp32" else 2e-2
+    for a, b in zip(ref, got, strict=True):
+        scored = [(x.chosen.logprob, y.chosen.logprob) for x, y in zip(a.logprobs, b.logprobs, strict=True)]
+        scored += [(x.chosen.logprob, y.chosen.logprob)
+                   for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True)]
+        assert [y for _, y in scored] == pytest.approx([x for x, _ in scored], abs=atol)
 
 
 def test_limit_given_as_a_string_and_prefetch_depth(model_dir):
