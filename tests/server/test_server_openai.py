@@ -204,3 +204,16 @@ def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):
     assert templated.decode(ids) == "[user] Hello[assistant]"
     plain = Tokenizer.from_dir(tiny_llama_dir)
     assert plain.decode(chat_prompt_ids(plain, messages)) == "user: Hello\nassistant:"
+
+
+def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(chat_llama_dir):
+    """As OpenAI and vLLM: no max_tokens means until the model stops or the context is full, not /generate's
+    default of 128 tokens."""
+    with running_server(chat_llama_dir, context=256) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="-", max_retries=0)
+        done = client.completions.create(model="model", prompt="The quick brown fox", temperature=0)
+        assert done.choices[0].finish_reason == "length"  # this random model never ends its text
+        assert done.usage.prompt_tokens + done.usage.completion_tokens == 256
+        with srv.client() as c:
+            assert c.post("/generate", json={"prompt": "The quick brown fox", "temperature": 0}).json()["usage"][
+                "completion_tokens"] == 128

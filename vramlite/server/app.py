@@ -248,12 +248,17 @@ async def require_api_key(request: Request,
 
 
 def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
-    """The request's sampling parameters over the model's defaults; 422 for what only the engine knows."""
+    """The request's sampling parameters over the model's defaults; 422 for what only the engine knows. The
+    OpenAI routes without max_tokens generate until the context is full, as OpenAI and vLLM do, unless the
+    model's generation_config sets max_new_tokens."""
     if fields.max_tokens is not None and fields.max_tokens > engine.context:
         raise ApiError(422, "validation_error",
                        f"max_tokens: {fields.max_tokens} is more than the context of {engine.context} tokens")
+    kwargs = fields.sampling_kwargs()
+    if kwargs["max_tokens"] is None and fields.until_context:
+        kwargs["max_tokens"] = engine.defaults.get("max_tokens", engine.context)
     try:
-        return engine.sampling_params(**fields.sampling_kwargs())
+        return engine.sampling_params(**kwargs)
     except ValueError as e:
         raise ApiError(422, "validation_error", str(e)) from None
 

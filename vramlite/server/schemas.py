@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -49,6 +49,9 @@ class Body(BaseModel):
 
 class SamplingFields(Body):
     """BMInf's sampling parameters; a field left out (or null) takes the model's generation_config default."""
+
+    # max_tokens left out: 128 (BMInf's and TGI's habit), or generate until the context is full (OpenAI's)
+    until_context: ClassVar[bool] = False
 
     max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most (default 128); ≤ the context")
     temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (default 0.9)")
@@ -223,6 +226,7 @@ class ContentPart(Body):
 
 class OpenAIFields(SamplingFields):
     model_config = ConfigDict(extra="ignore")
+    until_context: ClassVar[bool] = True
 
     model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
                               description="must name the served model when given")
