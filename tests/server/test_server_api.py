@@ -171,3 +171,11 @@ def test_tokenize_and_detokenize_round_trip(client, tiny_llama_dir):
     message = assert_error(client.post("/detokenize", json={"tokens": [1, 10**6]}), 400, "invalid_request")
     assert message.startswith("token ids must be in 0..")
     assert_error(client.post("/tokenize", json={"text": "x"}), 422, "validation_error")
+
+
+def test_a_stop_string_may_come_alone(client):
+    body = {"prompt": "The quick brown fox", "max_tokens": 12, "temperature": 0}
+    text = client.post("/generate", json=body).json()["text"]
+    stop = text[len(text) // 2 :][:2]
+    alone, listed = (client.post("/generate", json={**body, "stop": s}).json() for s in (stop, [stop]))
+    assert alone == listed and alone["finish_reason"] == "stop" and stop not in alone["text"]

@@ -110,7 +110,7 @@ def test_special_tokens_in_a_prompt_are_text_unless_allowed(tiny_llama_dir, guar
 
 
 @pytest.mark.parametrize("fields, status", [
-    ({"stop": [""]}, 422), ({"stop": ["x" * 100_000]}, 422), ({"stop": ["a"] * 1000}, 422),
+    ({"stop": [""]}, 422), ({"stop": ["x" * 100_000]}, 422), ({"stop": ["a"] * 1000}, 422), ({"stop": ""}, 422),
     ({"max_tokens": 0}, 200), ({"max_tokens": -1}, 422), ({"max_tokens": 10**9}, 422),
     ({"temperature": float("1e308")}, 422), ({"seed": 2**64}, 422),
 ])

@@ -53,7 +53,8 @@ class SamplingFields(Body):
     # max_tokens left out: 128 (BMInf's and TGI's habit), or generate until the context is full (OpenAI's)
     until_context: ClassVar[bool] = False
 
-    max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most (default 128); ≤ the context")
+    max_tokens: MaxTokens | None = Field(None, description="tokens to generate at most, ≤ the context (default "
+                                         "128 on /generate, until the context is full on the OpenAI routes)")
     temperature: float | None = Field(None, ge=0, le=100, description="0 = greedy (default 0.9)")
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1.0)")
     top_k: TopK | None = Field(None, validation_alias=AliasChoices("top_k", "top_n"),
@@ -61,8 +62,16 @@ class SamplingFields(Body):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
-    stop: list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: StopString | list[StopString] | None = Field(None, description=f"a string or up to {MAX_STOP_STRINGS}")
     seed: Seed | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if stop is not None and len(stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        return stop
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields `Engine.sampling_params` takes; None means the model's default."""
@@ -230,20 +239,12 @@ class OpenAIFields(SamplingFields):
 
     model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS,
                               description="must name the served model when given")
-    stop: StopString | list[StopString] | None = Field(None)
     n: ChoiceCount = Field(1, description="choices to generate, batched together; with a seed, choice i draws "
                            "from seed + i")
     logit_bias: unsupported(None, {}, why="logit_bias is not implemented")
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("stop")
-    @classmethod
-    def _stop_list(cls, stop: str | list[str] | None) -> list[str] | None:
-        stop = [stop] if isinstance(stop, str) else stop
-        if stop is not None and len(stop) > MAX_STOP_STRINGS:
-            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return stop
 
 
 def _one_prompt(prompt: Any) -> Any:
