@@ -1,4 +1,5 @@
-"""The `vramlite` command line: `serve`, `generate`, `fill-blank`, `bench`, `quantize` and `plan`."""
+"""The `vramlite` command line: `serve`, `generate`, `fill-blank`, `bench`, `perplexity`, `quantize` and
+`plan`."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from vramlite import __version__
@@ -138,6 +140,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from vramlite.engine.perplexity import perplexity
+
+    texts = [Path(path).read_text(encoding="utf-8") for path in args.files]
+    engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=args.batch, context=args.context,
+                             **model_kwargs(args))
+    result = perplexity(engine, texts)
+    weights = engine.config.quantization or str(engine.dtype).removeprefix("torch.")
+    print(f"model {engine.model_dir}: {weights} weights on {engine.probe.name}, windows of {engine.context - 1} "
+          f"tokens")
+    print(f"perplexity {result.value:.4f} over {result.tokens} tokens (mean NLL {result.nll / result.tokens:.4f}), "
+          f"{result.tokens_per_second:.1f} tokens/s")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vramlite.engine.quantize import quantize_checkpoint
 
@@ -235,6 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     bch.add_argument("--tokens", type=int, default=64, help="new tokens per sequence (default: 64)")
     bch.add_argument("--json", help="also write the results, the hardware and the memory plan to this file")
     bch.set_defaults(func=cmd_bench)
+    ppl = sub.add_parser("perplexity", help="perplexity of text files under a model as loaded (dtype, int8, "
+                         "memory limit): how much int8 or a setting costs in quality, on this machine",
+                         description="Each file is tokenized as a prompt and cut into windows of the context less one "
+                         "token; every token but a window's first is scored, the windows batched.")
+    add_model_args(ppl)
+    ppl.add_argument("--context", type=int, help="window size plus one (default: the model's maximum)")
+    ppl.add_argument("--batch", type=int, default=8, help="windows scored at once (default: 8)")
+    ppl.add_argument("files", nargs="+", help="UTF-8 text files")
+    ppl.set_defaults(func=cmd_perplexity)
     qnt = sub.add_parser("quantize", help="write an int8 copy of an HF-format checkpoint (loads without re-quantizing)")
     qnt.add_argument("in_dir", help="HF-format model directory")
     qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")
