@@ -257,7 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Each file is tokenized as a prompt and cut into windows of the context less one "
                          "token; every token but a window's first is scored, the windows batched.")
     add_model_args(ppl)
-    ppl.add_argument("--context", type=int, help="window size plus one (default: the model's maximum)")
+    ppl.add_argument("--context", type=int, help="window size plus one (default: the model's maximum, whose KV "
+                     "cache for --batch windows a long-context model may not have room for: set it lower)")
     ppl.add_argument("--batch", type=int, default=8, help="windows scored at once (default: 8)")
     ppl.add_argument("files", nargs="+", help="UTF-8 text files")
     ppl.set_defaults(func=cmd_perplexity)
