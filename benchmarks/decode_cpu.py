@@ -60,8 +60,9 @@ def load(impl: str, model_dir: Path, batch: int) -> Callable[[int], None]:
     from vramlite.engine import Engine, SamplingParams
 
     dtype, quantize, compiled = OURS[impl]
+    # compiling is part of loading; prefix caching off, as transformers computes each run's prompts again
     engine = Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=256,
-                             quantize=quantize, compile_decode=compiled)  # compiling is part of loading
+                             quantize=quantize, compile_decode=compiled, prefix_caching=False)
     rows = prompts(engine.config.vocab_size, batch).tolist()
     return lambda n: engine.generate_batch(rows, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 

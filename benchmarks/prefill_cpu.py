@@ -44,8 +44,9 @@ def first_token_seconds(hfs: dict[str, Any], engines: dict[str, Engine], prompts
 def bench_model(name: str, model_dir: Path, batch: int, prompt_lens: list[int], repeats: int
                 ) -> list[dict[str, Any]]:
     hfs = {label: tf.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval() for label, dtype in THEIRS}
+    # prefix caching off: the same prompts run again and again, and every run must compute them
     engines = {label: Engine.from_dir(model_dir, device="cpu", dtype=dtype, max_batch_size=batch, context=CONTEXT,
-                                      quantize=quantize) for label, dtype, quantize in OURS}
+                                      quantize=quantize, prefix_caching=False) for label, dtype, quantize in OURS}
     vocab = next(iter(hfs.values())).config.vocab_size
     rows = []
     for prompt_len in prompt_lens:

@@ -32,7 +32,7 @@ def test_bench_counts_the_steps_and_leaves_the_engine_idle(demo):
     assert result.prefill_tokens_per_second == pytest.approx(3 * 10 / result.prefill_seconds)
     assert result.h2d_bytes == 0 and result.peak_device_bytes == 0  # resident, on the CPU
     assert not demo.has_unfinished()
-    slots = [demo.runner.cache.allocate() for _ in range(4)]  # every slot is free again
+    slots = [demo.runner.cache.allocate()[0] for _ in range(4)]  # every slot is free again
     for slot in slots:
         demo.runner.cache.free(slot)
 

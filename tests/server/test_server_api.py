@@ -135,8 +135,11 @@ def test_generate_logprobs_json_and_stream_agree_with_the_engine(client, tiny_ll
         assert got["id"] == ref.chosen.token_id and got["text"] == ref.chosen.text
         assert got["logprob"] == pytest.approx(ref.chosen.logprob, abs=1e-5)
         assert [t["id"] for t in got["top"]] == [t.token_id for t in ref.top]
-    streamed = [json.loads(e.data) for e in sse_events(client, "/generate", {**body, "stream": True})[:-1]]
-    assert [e["logprobs"] for e in streamed if "index" in e] == tokens
+    # streamed: the prompt's keys and values now come from the prefix cache, equal up to rounding
+    streamed = [json.loads(e.data)["logprobs"] for e in sse_events(client, "/generate", {**body, "stream": True})
+                if e.data != "[DONE]" and "index" in json.loads(e.data)]
+    assert [(t["id"], t["text"]) for t in streamed] == [(t["id"], t["text"]) for t in tokens]
+    assert [t["logprob"] for t in streamed] == pytest.approx([t["logprob"] for t in tokens], abs=1e-5)
     assert "logprobs" not in client.post("/generate", json={**body, "logprobs": None}).json()
 
 
@@ -179,3 +182,13 @@ def test_a_stop_string_may_come_alone(client):
     stop = text[len(text) // 2 :][:2]
     alone, listed = (client.post("/generate", json={**body, "stop": s}).json() for s in (stop, [stop]))
     assert alone == listed and alone["finish_reason"] == "stop" and stop not in alone["text"]
+
+
+def test_a_repeated_prompt_is_a_prefix_cache_hit(server, client):
+    body = {"prompt": "A prompt sent twice, as a chat resends its history", "max_tokens": 2, "temperature": 0}
+    first = client.post("/generate", json=body).json()
+    before = server.metric("vramlite_prefix_cache_hit_tokens_total")
+    second = client.post("/generate", json=body).json()
+    assert first["text"] == second["text"]
+    hits = server.metric("vramlite_prefix_cache_hit_tokens_total") - before
+    assert hits == first["usage"]["prompt_tokens"] - 1  # all but the last prompt token, whose logits are needed

@@ -84,7 +84,9 @@ def test_chat_logprobs_through_the_client(oai):
         assert entry.top_logprobs[0].logprob >= entry.logprob
     streamed = [e for c in oai.chat.completions.create(**kwargs, stream=True) if c.choices and c.choices[0].logprobs
                 for e in c.choices[0].logprobs.content]
-    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    assert [e.token for e in streamed] == [e.token for e in content]
+    # the prompt's keys and values came from the prefix cache the second time: equal up to rounding
+    assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-5)
     with pytest.raises(openai.UnprocessableEntityError, match="top_logprobs: needs logprobs: true"):
         oai.chat.completions.create(**{**kwargs, "logprobs": False})
 

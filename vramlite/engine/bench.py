@@ -8,7 +8,7 @@ import os
 import platform
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -60,7 +60,8 @@ class BenchResult:
 
 
 def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed: int = 0) -> BenchResult:
-    """Run `batch` random prompts through `engine` together (greedy, EOS ignored) and time both phases.
+    """Run `batch` random prompts through `engine` together (greedy, EOS ignored) and time both phases, prefix
+    caching off while it runs (every call computes its prompts, whatever an earlier call left in the cache).
 
     The engine must be idle and hold `batch` sequences of `prompt_tokens + new_tokens` positions.
     """
@@ -78,6 +79,17 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
     if cuda:
         torch.cuda.synchronize(engine.device)
         torch.cuda.reset_peak_memory_stats(engine.device)
+    config = engine.scheduler.config
+    engine.scheduler.config = replace(config, prefix_caching=False)
+    try:
+        return _timed(engine, batch, prompt_tokens, new_tokens, prompts, params)
+    finally:
+        engine.scheduler.config = config
+
+
+def _timed(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, prompts: list[list[int]],
+           params: SamplingParams) -> BenchResult:
+    cuda = engine.device.type == "cuda"
     ids = [engine.add_request(p, params) for p in prompts]
     start = time.perf_counter()
     while any(not engine.sequence(i).output_ids for i in ids):

@@ -85,7 +85,7 @@ class Engine:
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
                  max_tokens_per_step: int = 512, quantize: str | None = None,
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
-                 compile_decode: bool = False, cpu_layout: str = "auto") -> Engine:
+                 compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -100,7 +100,8 @@ class Engine:
         torch.compile, compiled here at load (CPU, float models wholly
         resident; see `ModelRunner`). cpu_layout: how CPU linear weights (float
         and int8) are laid out, "auto" (timed at load: the fastest here) or
-        "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`).
+        "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`). prefix_caching: a prompt that
+        starts like the tokens a freed cache slot holds reuses their keys and values (see `KVCache`).
         """
         start = time.perf_counter()
         model_dir = Path(path)
@@ -108,7 +109,7 @@ class Engine:
         dt = pick_dtype(dev, dtype)
         probe = probe_device(dev)  # raises for a GPU too old to use, before any weight is read
         log.info("%s", probe.log_line())
-        scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step)
+        scheduler_config = SchedulerConfig(max_batch_size, max_tokens_per_step, prefix_caching)
         free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (None, None)
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,

@@ -6,6 +6,12 @@ its keys and values for position p live at k[layer][slot, :, p]. Slots are
 handed out lowest-first so a batch tends to occupy a contiguous range, which
 attention reads as a view instead of a gather.
 
+A freed slot keeps the keys and values of the tokens its sequence computed
+(prefix caching, as llama.cpp's server keeps a slot's prompt): a new prompt
+that starts with the same tokens takes that slot and skips computing them (a
+chat's next turn resends the whole conversation). A prompt that matches none
+takes a slot that holds nothing, else the one freed longest ago.
+
 One tensor per layer rather than one for all layers: a step compiled by
 torch.compile writes a layer's cache in place only when it is a tensor of its
 own (into a view of a bigger one, Inductor copied the layer's whole cache
@@ -19,6 +25,7 @@ encoder runs and read by every decode step after.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Sequence
 
 import torch
 
@@ -45,6 +52,7 @@ class KVCache:
         self.num_slots = num_slots
         self.context = context
         self._free = list(range(num_slots))
+        self._held: dict[int, list[int]] = {}  # free slot -> the tokens whose K/V it still holds, oldest first
 
     @property
     def num_free_slots(self) -> int:
@@ -55,15 +63,42 @@ class KVCache:
         tensors = [*self.k, *self.v, *(self.cross_k or ()), *(self.cross_v or ())]
         return sum(t.nbytes for t in tensors)
 
-    def allocate(self) -> int:
-        """Take the lowest free slot; raises RuntimeError when all are taken."""
+    def allocate(self, token_ids: Sequence[int] = ()) -> tuple[int, int]:
+        """Take a free slot for a sequence of `token_ids` (none: no reuse) and say how many of its first
+        positions already hold their keys and values: the slot holding the longest prefix of `token_ids`
+        (all but the last token at most, whose logits the caller needs), else the lowest slot holding nothing,
+        else the one freed longest ago. Raises RuntimeError when all are taken."""
         if not self._free:
             raise RuntimeError("KV cache has no free slot")
-        return heapq.heappop(self._free)
+        slot, reused = None, 0
+        for held_slot, held in self._held.items():
+            n = _common_prefix(held, token_ids, len(token_ids) - 1)
+            if n > reused:
+                slot, reused = held_slot, n
+        if slot is None:
+            empty = [s for s in self._free if s not in self._held]
+            slot = min(empty) if empty else next(iter(self._held))
+        self._free.remove(slot)
+        heapq.heapify(self._free)
+        self._held.pop(slot, None)
+        return slot, reused
 
-    def free(self, slot: int) -> None:
-        """Give a slot back; its stale contents are masked out until overwritten."""
+    def free(self, slot: int, computed: Sequence[int] = ()) -> None:
+        """Give a slot back, with the tokens whose keys and values it holds from position 0 (`computed`: for
+        `allocate` to reuse; none: nothing reusable). Its stale contents are masked out until overwritten."""
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
         self.cross_lens[slot] = 0
         heapq.heappush(self._free, slot)
+        if computed:
+            self._held[slot] = list(computed)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
+    """How many first items a and b share, at most `limit`."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if n >= limit or x != y:
+            break
+        n += 1
+    return n

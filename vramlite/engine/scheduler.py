@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from collections.abc import Sequence as SeqOf
 from dataclasses import dataclass
 
 from vramlite.engine.sequence import Sequence
@@ -25,10 +26,12 @@ from vramlite.engine.sequence import Sequence
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """`max_batch_size` sequences at once (KV cache slots); `max_tokens_per_step` tokens per forward."""
+    """`max_batch_size` sequences at once (KV cache slots); `max_tokens_per_step` tokens per forward;
+    `prefix_caching`: a prompt reuses the keys and values a freed slot holds of its first tokens."""
 
     max_batch_size: int = 8
     max_tokens_per_step: int = 512
+    prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -39,15 +42,17 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    """Waiting queue + running set; slots come from `allocate` / go back through `release`."""
+    """Waiting queue + running set; slots come from `allocate(token_ids)` (with how many of those tokens the slot
+    already holds) and go back through `release(slot, computed_ids)` (`KVCache.allocate` / `free`)."""
 
-    def __init__(self, config: SchedulerConfig, allocate: Callable[[], int], release: Callable[[int], None]
-                 ) -> None:
+    def __init__(self, config: SchedulerConfig, allocate: Callable[[SeqOf[int]], tuple[int, int]],
+                 release: Callable[[int, SeqOf[int]], None]) -> None:
         self.config = config
         self._allocate = allocate
         self._release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reused_tokens = 0  # prompt tokens not computed again, their K/V found in a freed slot
 
     @property
     def num_unfinished(self) -> int:
@@ -74,17 +79,28 @@ class Scheduler:
             if whole and n + encoder > budget and any(k > 1 or s.num_encoder_pending for s, k in batch):
                 break
             self.waiting.popleft()
-            seq.slot = self._allocate()
+            seq.slot, reused = self._allocate(seq.token_ids if self._reuses(seq) else ())
+            if reused:
+                seq.num_computed = reused
+                self.reused_tokens += reused
+                n = min(seq.num_pending, budget)
             self.running.append(seq)
             batch.append((seq, n))
             budget = max(budget - n - encoder, 0)
         return batch
 
+    def _reuses(self, seq: Sequence) -> bool:
+        """Whether `seq` may start from a freed slot's keys and values: decoder-only, read left to right, and
+        not asking for its prompt's log-probabilities (which need every prompt token computed)."""
+        return self.config.prefix_caching and seq.caches_prefix and seq.params.prompt_logprobs is None
+
     def remove(self, seq: Sequence) -> None:
-        """Take a finished or cancelled sequence out, freeing its slot."""
+        """Take a finished or cancelled sequence out, freeing its slot (with the tokens it computed, which a
+        later prompt may reuse)."""
         if seq in self.running:
             self.running.remove(seq)
-            self._release(seq.slot)
+            computed = seq.token_ids[: seq.num_computed] if self.config.prefix_caching and seq.caches_prefix else ()
+            self._release(seq.slot, computed)
             seq.slot = None
         elif seq in self.waiting:
             self.waiting.remove(seq)

@@ -68,6 +68,9 @@ class Sequence:
                  whole_prompt: bool = False) -> None:
         self.seq_id = seq_id
         self.whole_prompt = whole_prompt  # prefill the prompt in one piece (its tokens attend both ways)
+        # its keys and values at position p depend on tokens 0..p alone: another prompt with the same first
+        # tokens may reuse them (not so for an encoder-decoder's decoder, nor a prompt read both ways)
+        self.caches_prefix = not encoder_ids and not whole_prompt
         self.params = params
         self.token_ids = list(prompt_ids)
         self.encoder_ids = list(encoder_ids)

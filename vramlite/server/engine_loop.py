@@ -93,6 +93,7 @@ class EngineLoop:
         self._failed_steps = 0
         self.num_running = 0
         self.num_waiting = 0
+        self._reused_tokens = 0  # the engine's prefix-cache hits counted so far
 
     # --- asyncio side -----------------------------------------------------------------------------
 
@@ -348,7 +349,9 @@ class EngineLoop:
         self.metrics.generation_tokens.inc()
 
     def _update_gauges(self, engine: Engine) -> None:
-        """The load figures `Metrics.watch` reads at scrape time."""
+        """The load figures `Metrics.watch` reads at scrape time, and the prefix cache's new hits."""
+        self.metrics.prefix_cache_hit_tokens.inc(engine.scheduler.reused_tokens - self._reused_tokens)
+        self._reused_tokens = engine.scheduler.reused_tokens
         self.num_running = len(engine.scheduler.running)
         self.num_waiting = len(engine.scheduler.waiting) + self._inbox.qsize()
 

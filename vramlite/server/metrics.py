@@ -72,6 +72,8 @@ class Metrics:
         self.request_duration = histogram("request_duration_seconds", "Arrival to the end of a generation reply.")
         self.queue_time = histogram("queue_time_seconds", "Arrival to joining the running batch.")
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of requests that joined a batch.")
+        self.prefix_cache_hit_tokens = counter("prefix_cache_hit_tokens", "Prompt tokens whose keys and values "
+                                               "a freed cache slot still held: not computed again.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.engine_faults = counter("engine_faults", "Requests ended by an error in the engine's forward pass.")
         self._last_offload: StatsSnapshot | None = None

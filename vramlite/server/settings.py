@@ -59,6 +59,8 @@ class Settings(BaseModel):
     memory_limit: str | None = Field(None, description="VRAM budget such as 5GiB; layers beyond it are streamed")
     prefetch_depth: int = Field(1, ge=1, le=8, description="streamed layers copied ahead of compute")
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
+    prefix_caching: bool = Field(True, description="a prompt that starts like the tokens a freed KV cache slot "
+                                 "holds (a chat's earlier turns) reuses their keys and values")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
                                  "compiled at load (the demo model 1.4-1.45x faster on 2 Intel cores)")
     cpu_layout: Literal["auto", "dense", "rows", "packed"] = Field(
