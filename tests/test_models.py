@@ -84,6 +84,23 @@ def test_greedy_generation_matches_transformers(model_pair):
     assert ours.finish_reason.value == "length"
 
 
+def test_a_prompt_continuing_a_finished_one_reuses_its_cache_and_matches_transformers(model_pair):
+    """Prefix caching in each family: the keys and values of a finished sequence's prompt and of the tokens it
+    generated (computed one by one in decode steps) serve a longer prompt that starts with them."""
+    hf, model_dir = model_pair
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=1)
+    greedy = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    first = engine.generate([1, 17, 42, 99, 7], greedy)
+    prompt = [1, 17, 42, 99, 7, *first.token_ids, 123, 45]
+    before = engine.scheduler.reused_tokens
+    ours = engine.generate(prompt, greedy)
+    assert engine.scheduler.reused_tokens - before == 5 + 15  # the first prompt and all its tokens but the last
+    with torch.inference_mode():
+        ref = hf.generate(torch.tensor([prompt]), max_new_tokens=16, min_new_tokens=16, do_sample=False,
+                          pad_token_id=0, suppress_tokens=None)
+    assert ours.token_ids == ref[0, len(prompt):].tolist()
+
+
 def test_batch_of_different_lengths_matches_each_alone(model_pair):
     _, model_dir = model_pair
     engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=4)
