@@ -206,6 +206,10 @@ def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):
     assert templated.decode(ids) == "[user] Hello[assistant]"
     plain = Tokenizer.from_dir(tiny_llama_dir)
     assert plain.decode(chat_prompt_ids(plain, messages)) == "user: Hello\nassistant:"
+    # a reply generated after "assistant:" starts with its own space: sent back, it reads as generated, so the
+    # next turn's prompt starts with the tokens the last one computed (the prefix cache reuses them)
+    turn = [*messages, {"role": "assistant", "content": " Hi there"}, {"role": "user", "content": "Bye"}]
+    assert plain.decode(chat_prompt_ids(plain, turn)) == "user: Hello\nassistant: Hi there\nuser: Bye\nassistant:"
 
 
 def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(chat_llama_dir):

@@ -32,10 +32,12 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> lis
     """Token ids that ask the model for the assistant's next message.
 
     With a template, the rendered text is trusted (it places the special tokens itself, BOS included);
-    without one, the messages become "role: content" lines ending with "assistant:".
+    without one, the messages become "role: content" lines ending with "assistant:". The space after the
+    colon is left out where the content starts with one, as a reply generated after "assistant:" does: a reply
+    sent back in the next turn then reads as it was generated, and the prefix cache reuses its tokens.
     """
     if tokenizer.chat_template is None:
-        lines = [f"{m['role']}: {m['content']}" for m in messages]
+        lines = [f"{m['role']}:{'' if m['content'][:1].isspace() else ' '}{m['content']}" for m in messages]
         return tokenizer.encode("\n".join([*lines, "assistant:"]))
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
     try:
