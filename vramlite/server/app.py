@@ -263,14 +263,15 @@ def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
         raise ApiError(422, "validation_error", str(e)) from None
 
 
-async def prompt_ids(request: Request, prompt: str | list[int]) -> list[int]:
+async def prompt_ids(request: Request, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
     """The served model's ids of a prompt given as text (special-token strings stay text unless the settings
-    allow them) or as ids."""
+    allow them; BOS/EOS as the model adds them, unless `add_special_tokens` is false) or as ids."""
     if not isinstance(prompt, str):
         return prompt
     rt = runtime(request)
     special = rt.settings.allow_special_tokens  # off: "</s>" in a prompt is text, not the end of it
-    return await run_in_threadpool(partial(rt.engine.tokenizer.encode, prompt, parse_special=special))
+    return await run_in_threadpool(partial(rt.engine.tokenizer.encode, prompt, add_special_tokens,
+                                           parse_special=special))
 
 
 async def start_generation(request: Request, prompt: str | list[int], fields: SamplingFields) -> Generation:
@@ -619,11 +620,8 @@ async def _fill_chunks(loop: EngineLoop, gen: Generation, fill: FillRequest) -> 
 @protected.post("/tokenize", response_model=TokenizeResponse, responses=TOKENIZER_RESPONSES,
                 summary="the served model's token ids for a text, as a prompt would get them")
 async def tokenize(request: Request, body: TokenizeRequest) -> TokenizeResponse:
-    rt = runtime(request)
-    engine = loaded(rt.loop)
-    ids = await run_in_threadpool(partial(engine.tokenizer.encode, body.prompt, body.add_special_tokens,
-                                          parse_special=rt.settings.allow_special_tokens))
-    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.context)
+    ids = await prompt_ids(request, body.prompt, body.add_special_tokens)
+    return TokenizeResponse(tokens=ids, count=len(ids), max_model_len=runtime(request).engine.context)
 
 
 @protected.post("/detokenize", response_model=DetokenizeResponse, responses=TOKENIZER_RESPONSES,
