@@ -151,3 +151,11 @@ def check_kernel_operands(x: torch.Tensor, backend: Backend | None = None, **ope
     for name, t in {"x": x, **operands}.items():
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
+
+
+def check_linear_launch(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                        backend: Backend) -> tuple[int, int]:
+    """A linear launcher's checks, `check_linear_args` then `check_kernel_operands`; returns (N, K)."""
+    n, k = check_linear_args(x, qweight, scale, bias)
+    check_kernel_operands(x, backend, qweight=qweight, scale=scale, bias=bias)
+    return n, k

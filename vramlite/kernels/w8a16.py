@@ -16,7 +16,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._common import HAS_TRITON, Backend, check_kernel_operands, check_linear_args, jit, launch, run_tuned, tl
+from ._common import HAS_TRITON, Backend, check_linear_launch, jit, launch, run_tuned, tl
 
 if HAS_TRITON:
     import triton
@@ -103,8 +103,7 @@ def w8a16_linear_triton(
     config: "triton.Config | None" = None,
 ) -> torch.Tensor:
     """W8A16 on x [M, K] with `backend`'s kernel variant; `config` overrides tuning (tests)."""
-    n, k = check_linear_args(x, qweight, scale, bias)
-    check_kernel_operands(x, backend, qweight=qweight, scale=scale, bias=bias)
+    n, k = check_linear_launch(x, qweight, scale, bias, backend)
     m = x.shape[0]
     use_dot = backend is Backend.TENSORCORE and x.dtype != torch.float32
     block_m = _block_m(m, use_dot)

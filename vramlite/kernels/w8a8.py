@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from ._common import (
     HAS_TRITON,
     Backend,
-    check_kernel_operands,
-    check_linear_args,
+    check_linear_launch,
     interpreting,
     jit,
     launch,
@@ -151,8 +150,7 @@ def w8a8_linear_triton(
     config: "triton.Config | None" = None,
 ) -> torch.Tensor:
     """W8A8 on x [M, K]: quantize x per token (Triton), then the int8 GEMM; `config` overrides tuning (tests)."""
-    n, k = check_linear_args(x, qweight, scale, bias)
-    check_kernel_operands(x, backend, qweight=qweight, scale=scale, bias=bias)
+    n, k = check_linear_launch(x, qweight, scale, bias, backend)
     xq, xs = quantize_activation_per_token_triton(x)
     m = x.shape[0]
     dot = _dot(backend)
