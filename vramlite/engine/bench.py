@@ -75,10 +75,6 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
     ordinary = [i for i in range(engine.config.vocab_size) if i not in special]
     prompts = [rng.choices(ordinary, k=prompt_tokens) for _ in range(batch)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0, ignore_eos=True)
-    cuda = engine.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(engine.device)
-        torch.cuda.reset_peak_memory_stats(engine.device)
     config = engine.scheduler.config
     engine.scheduler.config = replace(config, prefix_caching=False)
     try:
@@ -90,6 +86,9 @@ def bench(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, seed:
 def _timed(engine: Engine, batch: int, prompt_tokens: int, new_tokens: int, prompts: list[list[int]],
            params: SamplingParams) -> BenchResult:
     cuda = engine.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(engine.device)
+        torch.cuda.reset_peak_memory_stats(engine.device)
     ids = [engine.add_request(p, params) for p in prompts]
     start = time.perf_counter()
     while any(not engine.sequence(i).output_ids for i in ids):
