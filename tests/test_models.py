@@ -30,6 +30,7 @@ CASES = {
         **LLAMA, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**LLAMA, sliding_window=None)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
+    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**LLAMA, head_dim=24, tie_word_embeddings=True)),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                                                       n_positions=256, bos_token_id=1, eos_token_id=2)),
 }
@@ -41,6 +42,10 @@ def model_pair(request, tmp_path_factory, spm_tokenizer_dir):
     """(transformers model, directory holding it in HF format) for one case."""
     torch.manual_seed(0)
     hf = CASES[request.param]().eval()
+    with torch.no_grad():  # transformers starts norms at 1 and biases at 0: move them so that loading them counts
+        for param in hf.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
     out = tmp_path_factory.mktemp(request.param)
     return hf, save_tiny_model(hf, out, spm_tokenizer_dir)
 

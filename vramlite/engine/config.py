@@ -50,6 +50,7 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
     sliding_window: int | None = None
     rope: RopeConfig | None = None
     bos_token_id: int | None = None

@@ -13,6 +13,7 @@ FAMILIES: dict[str, type[CausalLM]] = {
     "llama": LlamaForCausalLM,
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
+    "qwen3": LlamaForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "t5": T5ForConditionalGeneration,
     "mt5": T5ForConditionalGeneration,

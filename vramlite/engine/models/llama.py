@@ -1,4 +1,5 @@
-"""LLaMA-style decoders: llama, mistral, qwen2 (GQA, RoPE with scaling, optional qkv bias)."""
+"""LLaMA-style decoders: llama, mistral, qwen2, qwen3 (GQA, RoPE with scaling, optional qkv bias, optional
+per-head q/k RMSNorm)."""
 
 from __future__ import annotations
 
@@ -30,13 +31,20 @@ class Attention(nn.Module):
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, cfg.quantization)
         self.o_proj = make_linear(self.q_size, cfg.hidden_size, cfg.o_bias, cfg.quantization)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
                 cache_k: torch.Tensor, cache_v: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+            qk = torch.cat((self.q_norm(q), self.k_norm(k)), dim=1)
         # q and k rotate together: one set of elementwise ops per layer instead of two.
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(-1, self.num_heads + self.num_kv_heads,
-                                                                     self.head_dim), *rope)
+        qk = apply_rotary(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
         o = cached_attention(q, k, v, cache_k, cache_v, meta)
@@ -71,7 +79,7 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """llama / mistral / qwen2; parameter names follow the HF checkpoint, with q/k/v and gate/up fused."""
+    """llama / mistral / qwen2 / qwen3; parameter names follow the HF checkpoint, with q/k/v and gate/up fused."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -108,6 +116,7 @@ class LlamaForCausalLM(CausalLM):
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=model_type == "qwen3",
             sliding_window=sliding,
             rope=parse_rope(raw),
             **common_fields(raw),
@@ -141,6 +150,9 @@ class LlamaForCausalLM(CausalLM):
                 yield spec(mlp.down_proj, "bias", [f"{p}mlp.down_proj.bias"], [(h,)])
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
+            if cfg.qk_norm:
+                for norm in ("q_norm", "k_norm"):
+                    yield spec(getattr(attn, norm), "weight", [f"{p}self_attn.{norm}.weight"], [(hd,)])
         yield spec(self.norm, "weight", ["norm.weight"], [(h,)])
 
     def blocks(self) -> nn.ModuleList:
