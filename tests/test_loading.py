@@ -16,7 +16,7 @@ from tests.conftest import save_tiny_llama, save_tiny_model
 from vramlite.engine import Engine
 from vramlite.engine.config import parse_rope
 from vramlite.engine.errors import ModelLoadError, PromptTooLongError
-from vramlite.engine.loader import load_model
+from vramlite.engine.loader import load_model, meta_model
 
 CPU = torch.device("cpu")
 
@@ -144,8 +144,35 @@ def test_rope_config_old_and_new_formats():
     old = parse_rope({"rope_theta": 1e6, "rope_scaling": {"type": "linear", "factor": 4.0}})
     new = parse_rope({"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}})
     assert old == new and old.theta == 1e6 and old.rope_type == "linear"
-    with pytest.raises(ModelLoadError, match="rope type 'su' is not supported"):
-        parse_rope({"rope_scaling": {"type": "su"}})
+    with pytest.raises(ModelLoadError, match="rope type 'mrope' is not supported"):
+        parse_rope({"rope_scaling": {"type": "mrope"}})
+
+
+def test_phi3_rope_in_its_old_and_new_formats():
+    """Phi-3's first configs say `su` and keep the original context and partial factor beside rope_scaling."""
+    factors = {"short_factor": [1.0, 1.5], "long_factor": [2.0, 4.0]}
+    old = parse_rope({"max_position_embeddings": 131072, "original_max_position_embeddings": 4096,
+                      "partial_rotary_factor": 0.75, "rope_scaling": {"type": "su", **factors}})
+    new = parse_rope({"max_position_embeddings": 131072, "rope_parameters": {
+        "rope_type": "longrope", "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75,
+        **factors}})
+    assert old == new
+    assert (old.rope_type, old.factor, old.short_factor, old.long_factor) == ("longrope", 32.0, (1.0, 1.5), (2.0, 4.0))
+    with pytest.raises(ModelLoadError, match="missing long_factor"):
+        parse_rope({"max_position_embeddings": 4096, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}})
+
+
+@pytest.mark.parametrize(("raw", "context"), [
+    ({"model_type": "phi3", "sliding_window": 2047}, 2047),
+    ({"model_type": "mistral", "sliding_window": 1024}, 1024),
+    ({"model_type": "qwen3", "sliding_window": 1024, "use_sliding_window": False}, 4096),
+    ({"model_type": "qwen2", "sliding_window": 1024, "use_sliding_window": True}, 1024),
+])
+def test_a_sliding_window_caps_the_context(raw, context):
+    """The cache holds no more than the window, so no token ever looks past it."""
+    config = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "max_position_embeddings": 4096, **raw}
+    assert meta_model(config)[1] == context
 
 
 @pytest.mark.parametrize("demo", ["demo-llama", "demo-t5"])

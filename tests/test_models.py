@@ -14,6 +14,15 @@ from vramlite.engine.runner import Chunk, ModelRunner
 VOCAB = 512
 LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256)
+
+
+def phi3_longrope(**kwargs) -> tf.Phi3Config:
+    """A phi3 config with LongRoPE factors for its 12 rotated dimensions of 16."""
+    return tf.Phi3Config(**LLAMA, pad_token_id=0, partial_rotary_factor=0.75, **kwargs,
+                         rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.7, 2.0, 2.5],
+                                       "long_factor": [1.5, 2.0, 3.0, 5.0, 8.0, 13.0]})
+
+
 CASES = {
     "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**LLAMA)),
     "llama-tied-mha-bias-headdim": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
@@ -31,11 +40,14 @@ CASES = {
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**LLAMA, sliding_window=None)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**LLAMA, head_dim=24, tie_word_embeddings=True)),
+    # phi3-mini-128k's rope, its long factors (the cache reaches past the original 4 positions, and so do all the
+    # tests' sequences); phi-4-mini's partial rotary factor
+    "phi3-longrope-partial": lambda: tf.Phi3ForCausalLM(phi3_longrope(original_max_position_embeddings=4)),
+    "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**LLAMA, pad_token_id=0, tie_word_embeddings=True)),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                                                       n_positions=256, bos_token_id=1, eos_token_id=2)),
 }
 PROMPT, DECODE = 12, 20
-
 
 @pytest.fixture(scope="module", params=list(CASES))
 def model_pair(request, tmp_path_factory, spm_tokenizer_dir):
@@ -116,3 +128,21 @@ def test_batch_of_different_lengths_matches_each_alone(model_pair):
         alone = [engine.generate(p, params).token_ids for p in prompts]
         together = [c.token_ids for c in engine.generate_batch(prompts, params)]
         assert together == alone
+
+
+@torch.inference_mode()
+def test_phi3_longrope_keeps_its_short_factors_in_a_context_within_the_original(tmp_path, spm_tokenizer_dir):
+    """As transformers for a sequence that has not outgrown the original context; a longer cache takes the long
+    factors for every position (the CASES entry checks those)."""
+    torch.manual_seed(0)
+    hf = tf.Phi3ForCausalLM(phi3_longrope(original_max_position_embeddings=32)).eval()
+    model_dir = save_tiny_model(hf, tmp_path, spm_tokenizer_dir)
+    tokens = list(range(7, 39))
+    ref = hf(torch.tensor([tokens])).logits[0]
+    logits = {}
+    for context in (32, 33):
+        model, _ = load_model(model_dir, torch.device("cpu"), torch.float32, context=context)
+        runner = ModelRunner(model, torch.device("cpu"), torch.float32, num_slots=1, context=context)
+        logits[context] = runner.forward_all([Chunk(0, tokens, 0)])[0]
+    torch.testing.assert_close(logits[32], ref, atol=1e-4, rtol=0)
+    assert (logits[33] - ref).abs().max() > 1e-3

@@ -13,7 +13,10 @@ from vramlite.engine.errors import ModelLoadError
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (`rope_type` is default, linear, dynamic, llama3 or yarn)."""
+    """Rotary embedding parameters (`rope_type` is default, linear, dynamic, llama3, yarn or longrope).
+
+    `partial_rotary_factor` < 1 rotates only that leading fraction of each head's dimensions (phi3).
+    """
 
     theta: float = 10000.0
     rope_type: str = "default"
@@ -27,8 +30,11 @@ class RopeConfig:
     mscale: float | None = None
     mscale_all_dim: float | None = None
     truncate: bool = True
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    partial_rotary_factor: float = 1.0
 
-    SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn")
+    SUPPORTED = ("default", "linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -114,18 +120,30 @@ def parse_rope(raw: dict[str, Any]) -> RopeConfig:
     params.update(raw.get("rope_parameters") or {})
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "su":  # LongRoPE's first name, in early phi3 configs
+        rope_type = "longrope"
     if rope_type not in RopeConfig.SUPPORTED:
         raise ModelLoadError(
             f"config.json: rope type {rope_type!r} is not supported (supported: {', '.join(RopeConfig.SUPPORTED)})"
         )
+    # Older phi3 configs keep these two beside rope_scaling rather than inside it.
+    for k in ("original_max_position_embeddings", "partial_rotary_factor"):
+        if params.get(k) is None and raw.get(k) is not None:
+            params[k] = raw[k]
     kwargs = {
         k: params[k]
         for k in ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor",
-                  "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate")
+                  "beta_fast", "beta_slow", "attention_factor", "mscale", "mscale_all_dim", "truncate",
+                  "partial_rotary_factor")
         if params.get(k) is not None
     }
-    if rope_type in ("llama3", "yarn") and "original_max_position_embeddings" not in kwargs:
-        kwargs["original_max_position_embeddings"] = raw.get("max_position_embeddings")
+    if rope_type in ("llama3", "yarn", "longrope") and "original_max_position_embeddings" not in kwargs:
+        kwargs["original_max_position_embeddings"] = require(raw, "max_position_embeddings")
+    if rope_type == "longrope":
+        if "factor" not in kwargs:  # phi3 gives the context's growth by its two lengths
+            kwargs["factor"] = require(raw, "max_position_embeddings") / kwargs["original_max_position_embeddings"]
+        kwargs["short_factor"] = tuple(require(params, "short_factor", source="config.json rope_scaling"))
+        kwargs["long_factor"] = tuple(require(params, "long_factor", source="config.json rope_scaling"))
     return RopeConfig(theta=theta, rope_type=rope_type, **kwargs)
 
 

@@ -7,6 +7,7 @@ import math
 import torch
 
 from vramlite.engine.config import RopeConfig
+from vramlite.engine.errors import ModelLoadError
 
 
 def inv_frequencies(rope: RopeConfig, dim: int, max_position: int, context: int) -> tuple[torch.Tensor, float]:
@@ -27,6 +28,8 @@ def inv_frequencies(rope: RopeConfig, dim: int, max_position: int, context: int)
         return _llama3(inv_freq, rope), 1.0
     if rope.rope_type == "yarn":
         return _yarn(inv_freq, rope, dim)
+    if rope.rope_type == "longrope":
+        return _longrope(rope, exponents, context)
     return inv_freq, 1.0
 
 
@@ -69,18 +72,40 @@ def _yarn(inv_freq: torch.Tensor, rope: RopeConfig, dim: int) -> tuple[torch.Ten
     return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation, attention_factor
 
 
+def _longrope(rope: RopeConfig, exponents: torch.Tensor, context: int) -> tuple[torch.Tensor, float]:
+    """phi3's LongRoPE: each frequency stretched by its own factor, the long ones if the cache reaches past the
+    original context, else the short ones. The choice holds for every position and sequence, as vLLM makes it:
+    transformers switches a sequence to the long factors once it grows past the original context, re-encoding it;
+    keys rotated by both sets in one sequence break attention."""
+    factors = rope.long_factor if context > rope.original_max_position_embeddings else rope.short_factor
+    if len(factors) != len(exponents):
+        raise ModelLoadError(
+            f"config.json: longrope needs {len(exponents)} short and long factors (half the rotated head "
+            f"dimension), got {len(factors)}"
+        )
+    scale = rope.attention_factor
+    if scale is None:
+        scale = 1.0 if rope.factor <= 1 else math.sqrt(
+            1 + math.log(rope.factor) / math.log(rope.original_max_position_embeddings))
+    return 1.0 / (torch.tensor(factors) * rope.theta**exponents), scale
+
+
 class RotaryEmbedding:
-    """cos and signed sin tables (see `apply_rotary`) for every position of the cache, gathered per token."""
+    """cos and signed sin tables (see `apply_rotary`) for every position of the cache, gathered per token.
+
+    With a partial rotary factor the tables cover only the rotated leading dimensions of a head.
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_position: int, context: int,
                  device: torch.device, dtype: torch.dtype) -> None:
-        inv_freq, scale = inv_frequencies(rope, head_dim, max_position, context)
+        dim = int(head_dim * rope.partial_rotary_factor)
+        inv_freq, scale = inv_frequencies(rope, dim, max_position, context)
         freqs = torch.outer(torch.arange(context, dtype=torch.float32), inv_freq)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.cos = (emb.cos() * scale).to(device=device, dtype=dtype)
         # rotate_half(x) * sin == swap_halves(x) * [-sin, sin]: the sign lives in the table, not in a per-step neg.
         sin = emb.sin() * scale
-        sin[:, : head_dim // 2].neg_()
+        sin[:, : dim // 2].neg_()
         self.sin = sin.to(device=device, dtype=dtype)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,7 +115,11 @@ class RotaryEmbedding:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [N, heads, head_dim] by the tables (transformers' rotate_half convention, with `sin`'s first
-    half negated): x * cos + swap_halves(x) * sin, in three ops."""
+    half negated): x * cos + swap_halves(x) * sin, in three ops. Tables narrower than the head rotate its leading
+    dimensions and pass the rest through."""
     n, heads, dim = x.shape
+    rotated = cos.shape[-1]
+    if rotated < dim:
+        return torch.cat((apply_rotary(x[..., :rotated], cos, sin), x[..., rotated:]), dim=-1)
     swapped = x.reshape(n, heads, 2, dim // 2).flip(2).view(n, heads, dim)
     return torch.addcmul(x * cos, swapped, sin)

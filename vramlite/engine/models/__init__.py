@@ -14,6 +14,7 @@ FAMILIES: dict[str, type[CausalLM]] = {
     "mistral": LlamaForCausalLM,
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
+    "phi3": LlamaForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "t5": T5ForConditionalGeneration,
     "mt5": T5ForConditionalGeneration,

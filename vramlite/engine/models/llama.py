@@ -1,4 +1,4 @@
-"""LLaMA-style decoders: llama, mistral, qwen2, qwen3 (GQA, RoPE with scaling, optional qkv bias, optional
+"""LLaMA-style decoders: llama, mistral, qwen2, qwen3, phi3 (GQA, RoPE with scaling, optional qkv bias, optional
 per-head q/k RMSNorm)."""
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(CausalLM):
-    """llama / mistral / qwen2 / qwen3; parameter names follow the HF checkpoint, with q/k/v and gate/up fused."""
+    """llama / mistral / qwen2 / qwen3 / phi3; parameter names follow the HF checkpoint, with q/k/v and gate/up
+    fused (as phi3 checkpoints store them)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -99,7 +100,7 @@ class LlamaForCausalLM(CausalLM):
         act = raw.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ModelLoadError(f"config.json: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
-        sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type == "mistral") else None
+        sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         return ModelConfig(
             model_type=model_type,
             vocab_size=require(raw, "vocab_size"),
@@ -127,6 +128,7 @@ class LlamaForCausalLM(CausalLM):
         h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
         prefix = "model." if "model.embed_tokens.weight" in reader else ""
+        fused = cfg.model_type == "phi3"
 
         def spec(module: nn.Module, param: str, names: list[str], shapes: list[tuple[int, ...]]) -> WeightSpec:
             return WeightSpec(module, param, tuple(prefix + n for n in names), tuple(shapes))
@@ -135,18 +137,22 @@ class LlamaForCausalLM(CausalLM):
         for i, layer in enumerate(self.layers):
             p = f"layers.{i}."
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = [f"{p}self_attn.{n}_proj." for n in "qkv"]
-            gate_up = [f"{p}mlp.gate_proj.", f"{p}mlp.up_proj."]
-            yield spec(attn.qkv_proj, "weight", [n + "weight" for n in qkv], [(q_out, h), (kv_out, h), (kv_out, h)])
+            if fused:
+                qkv, qkv_rows = [f"{p}self_attn.qkv_proj."], [q_out + 2 * kv_out]
+                gate_up, gate_up_rows = [f"{p}mlp.gate_up_proj."], [2 * inter]
+            else:
+                qkv, qkv_rows = [f"{p}self_attn.{n}_proj." for n in "qkv"], [q_out, kv_out, kv_out]
+                gate_up, gate_up_rows = [f"{p}mlp.gate_proj.", f"{p}mlp.up_proj."], [inter, inter]
+            yield spec(attn.qkv_proj, "weight", [n + "weight" for n in qkv], [(r, h) for r in qkv_rows])
             yield spec(attn.o_proj, "weight", [f"{p}self_attn.o_proj.weight"], [(h, q_out)])
-            yield spec(mlp.gate_up_proj, "weight", [n + "weight" for n in gate_up], [(inter, h)] * 2)
+            yield spec(mlp.gate_up_proj, "weight", [n + "weight" for n in gate_up], [(r, h) for r in gate_up_rows])
             yield spec(mlp.down_proj, "weight", [f"{p}mlp.down_proj.weight"], [(h, inter)])
             if cfg.qkv_bias:
-                yield spec(attn.qkv_proj, "bias", [n + "bias" for n in qkv], [(q_out,), (kv_out,), (kv_out,)])
+                yield spec(attn.qkv_proj, "bias", [n + "bias" for n in qkv], [(r,) for r in qkv_rows])
             if cfg.o_bias:
                 yield spec(attn.o_proj, "bias", [f"{p}self_attn.o_proj.bias"], [(h,)])
             if cfg.mlp_bias:
-                yield spec(mlp.gate_up_proj, "bias", [n + "bias" for n in gate_up], [(inter,)] * 2)
+                yield spec(mlp.gate_up_proj, "bias", [n + "bias" for n in gate_up], [(r,) for r in gate_up_rows])
                 yield spec(mlp.down_proj, "bias", [f"{p}mlp.down_proj.bias"], [(h,)])
             for norm in ("input_layernorm", "post_attention_layernorm"):
                 yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
