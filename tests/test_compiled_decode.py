@@ -22,6 +22,10 @@ CASES = {
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                                                       n_positions=64)),
+    # sequences outgrow the window during the tests, in the graphs compiled at load
+    "mistral-sliding": lambda: tf.MistralForCausalLM(tf.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, sliding_window=6)),
 }
 PROMPTS = ([5, 9, 13, 2, 7], [40, 41, 42], list(range(100, 111)))
 COMPILES = pytest.mark.skipif(not torch_compiles_decode(), reason=f"torch {torch.__version__} decodes eagerly")

@@ -162,17 +162,21 @@ def test_phi3_rope_in_its_old_and_new_formats():
         parse_rope({"max_position_embeddings": 4096, "rope_scaling": {"type": "longrope", "short_factor": [1.0]}})
 
 
-@pytest.mark.parametrize(("raw", "context"), [
-    ({"model_type": "phi3", "sliding_window": 2047}, 2047),
-    ({"model_type": "mistral", "sliding_window": 1024}, 1024),
-    ({"model_type": "qwen3", "sliding_window": 1024, "use_sliding_window": False}, 4096),
-    ({"model_type": "qwen2", "sliding_window": 1024, "use_sliding_window": True}, 1024),
+@pytest.mark.parametrize(("raw", "windows"), [
+    ({"model_type": "phi3", "sliding_window": 2047}, (2047, 2047, 2047)),
+    ({"model_type": "mistral", "sliding_window": None}, ()),
+    ({"model_type": "qwen3", "sliding_window": 1024, "use_sliding_window": False}, ()),
+    ({"model_type": "qwen2", "sliding_window": 1024, "use_sliding_window": True, "max_window_layers": 2},
+     (None, None, 1024)),
+    ({"model_type": "qwen2", "sliding_window": 1024, "use_sliding_window": True,
+      "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}, (1024, None, 1024)),
 ])
-def test_a_sliding_window_caps_the_context(raw, context):
-    """The cache holds no more than the window, so no token ever looks past it."""
-    config = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+def test_sliding_windows_per_layer_and_the_context_they_leave_whole(raw, windows):
+    """Older configs and transformers 5's `layer_types`; the cache still holds the model's whole context."""
+    config = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
               "intermediate_size": 64, "max_position_embeddings": 4096, **raw}
-    assert meta_model(config)[1] == context
+    model, context = meta_model(config)
+    assert model.config.layer_windows == windows and context == 4096
 
 
 @pytest.mark.parametrize("demo", ["demo-llama", "demo-t5"])

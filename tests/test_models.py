@@ -38,6 +38,11 @@ CASES = {
     "llama-rope-dynamic": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(
         **LLAMA, rope_scaling={"rope_type": "dynamic", "factor": 2.0})),
     "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**LLAMA, sliding_window=None)),
+    # windows narrower than the tests' sequences (prompts of 5 to 20 tokens, 32 tokens in all), in every layer or
+    # from max_window_layers on
+    "mistral-sliding": lambda: tf.MistralForCausalLM(tf.MistralConfig(**LLAMA, sliding_window=7)),
+    "qwen2-sliding-layer-1": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(
+        **LLAMA, use_sliding_window=True, sliding_window=6, max_window_layers=1)),
     "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**LLAMA, tie_word_embeddings=True)),
     "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(**LLAMA, head_dim=24, tie_word_embeddings=True)),
     # phi3-mini-128k's rope, its long factors (the cache reaches past the original 4 positions, and so do all the

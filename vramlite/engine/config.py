@@ -57,7 +57,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
-    sliding_window: int | None = None
+    layer_windows: tuple[int | None, ...] = ()  # each decoder layer's sliding window (None: full); () if none has
     rope: RopeConfig | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

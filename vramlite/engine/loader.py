@@ -37,7 +37,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
-    maximum; a sliding-window model is capped at its window). `quantize="int8"`
+    maximum). `quantize="int8"`
     quantizes the decoder blocks' linear layers as they load; an int8
     checkpoint (written by `vramlite quantize`) loads as int8 whatever it says.
 
@@ -97,8 +97,6 @@ def meta_model(raw: dict[str, Any], quantize: str | None = None, context: int | 
         raise ModelLoadError(f"config.json: quantization {stored!r} is not supported (only {INT8_METHOD!r})")
     cfg = dataclasses.replace(cfg, quantization=quantize)
     limit = cfg.max_position_embeddings
-    if cfg.sliding_window:
-        limit = min(limit, cfg.sliding_window)
     if context is None:
         context = limit
     elif context > limit:

@@ -12,7 +12,7 @@ second cache holding each slot's encoder keys and values (`CrossMetadata`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -69,6 +69,26 @@ class AttentionBias:
 
     decode: torch.Tensor | None  # [Bd, heads, decode_kv_len]
     prefills: list[torch.Tensor]  # [1, heads, t, kv_len] per prefill chunk
+
+
+def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
+    """`meta` for a layer whose queries see only the `window` latest positions, their own included (a sliding
+    window, as transformers defines it): the masks also hide keys at or before position - window. The cache
+    keeps every position; keys wholly outside the window are masked rather than skipped."""
+    decode_mask = meta.decode_mask
+    # compiled, always masked: a test of the length would compile a second graph once sequences outgrow the window
+    if meta.num_decode and (torch.compiler.is_compiling() or meta.decode_kv_len > window):
+        keys = torch.arange(meta.decode_kv_len, device=meta.positions.device)
+        band = (keys > (meta.positions[: meta.num_decode, None] - window))[:, None, None, :]
+        decode_mask = band if decode_mask is None else band & decode_mask
+    prefills = []
+    for chunk in meta.prefills:
+        if chunk.kv_len > window:
+            queries = meta.positions[chunk.start : chunk.end, None]
+            keys = torch.arange(chunk.kv_len, device=queries.device)
+            chunk = replace(chunk, mask=(keys <= queries) & (keys > queries - window))
+        prefills.append(chunk)
+    return replace(meta, decode_mask=decode_mask, prefills=prefills)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,

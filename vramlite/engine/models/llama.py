@@ -13,7 +13,7 @@ from torch import nn
 from vramlite.engine.config import ModelConfig, common_fields, parse_rope, require
 from vramlite.engine.errors import ModelLoadError
 from vramlite.engine.layers.embedding import Embedding
-from vramlite.engine.layers.attention import AttentionMetadata, cached_attention
+from vramlite.engine.layers.attention import AttentionMetadata, cached_attention, windowed
 from vramlite.engine.layers.linear import make_linear
 from vramlite.engine.layers.norm import RMSNorm
 from vramlite.engine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -21,6 +21,21 @@ from vramlite.engine.models.base import CausalLM, WeightSpec
 from vramlite.engine.weights import CheckpointReader
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh")}
+
+
+def layer_windows(raw: dict[str, Any]) -> tuple[int | None, ...]:
+    """Each layer's sliding window from config.json: transformers 5's `layer_types`, else the older keys
+    (mistral and phi3 slide in every layer; qwen2, when `use_sliding_window`, from `max_window_layers` on)."""
+    model_type, layers = raw["model_type"], require(raw, "num_hidden_layers")
+    window = raw.get("sliding_window")
+    if not window or not raw.get("use_sliding_window", model_type in ("mistral", "phi3")):
+        return ()
+    types = raw.get("layer_types")
+    if types is not None:
+        sliding = [t == "sliding_attention" for t in types]
+    else:
+        sliding = [model_type != "qwen2" or i >= raw.get("max_window_layers", 0) for i in range(layers)]
+    return tuple(window if s else None for s in sliding) if any(sliding) else ()
 
 
 class Attention(nn.Module):
@@ -65,8 +80,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, window: int | None) -> None:
         super().__init__()
+        self.window = window  # the layer's sliding window; None: it attends to every position
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -86,7 +102,8 @@ class LlamaForCausalLM(CausalLM):
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        windows = cfg.layer_windows or (None,) * cfg.num_layers
+        self.layers = nn.ModuleList(DecoderLayer(cfg, window) for window in windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
         self.rotary: RotaryEmbedding | None = None
@@ -100,7 +117,6 @@ class LlamaForCausalLM(CausalLM):
         act = raw.get("hidden_act", "silu")
         if act not in ACTIVATIONS:
             raise ModelLoadError(f"config.json: hidden_act {act!r} is not supported ({', '.join(ACTIVATIONS)})")
-        sliding = raw.get("sliding_window") if raw.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         return ModelConfig(
             model_type=model_type,
             vocab_size=require(raw, "vocab_size"),
@@ -118,7 +134,7 @@ class LlamaForCausalLM(CausalLM):
             o_bias=attention_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=model_type == "qwen3",
-            sliding_window=sliding,
+            layer_windows=layer_windows(raw),
             rope=parse_rope(raw),
             **common_fields(raw),
         )
@@ -175,9 +191,10 @@ class LlamaForCausalLM(CausalLM):
                 cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(meta.positions)
+        windows = {w: windowed(meta, w) for w in set(self.config.layer_windows) if w is not None}
         cache_k, cache_v = cache
         for i, layer in self.decoder_layers():
-            x = layer(x, rope, meta, cache_k[i], cache_v[i])
+            x = layer(x, rope, windows.get(layer.window, meta), cache_k[i], cache_v[i])
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
