@@ -49,6 +49,17 @@ CASES = {
     # tests' sequences); phi-4-mini's partial rotary factor
     "phi3-longrope-partial": lambda: tf.Phi3ForCausalLM(phi3_longrope(original_max_position_embeddings=4)),
     "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**LLAMA, pad_token_id=0, tie_word_embeddings=True)),
+    "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**LLAMA, head_dim=24)),
+    # softcapped scores and logits (small caps, so that they bite), query_pre_attn_scalar, windows in every other
+    # layer
+    "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+        **{**LLAMA, "num_hidden_layers": 3}, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+        attn_logit_softcapping=0.05, final_logit_softcapping=0.2)),
+    # q/k norms; sliding layers with their own rope base, full ones with linear scaling
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+        **{**LLAMA, "num_hidden_layers": 3}, head_dim=16, sliding_window=6, sliding_window_pattern=3,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 100000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0}})),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
                                                       n_positions=256, bos_token_id=1, eos_token_id=2)),
 }

@@ -29,10 +29,11 @@ FAMILIES = {
         num_key_value_heads=2, max_position_embeddings=128)),
     "gpt2": lambda: tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4,
                                                       n_positions=128, bos_token_id=1, eos_token_id=2)),
-    # q/k norms: small per-head weights beside the linears in each streamed layer
-    "qwen3": lambda: tf.Qwen3ForCausalLM(tf.Qwen3Config(
+    # q/k norms and four layer norms: small weights beside the linears in each streamed layer; layers of two
+    # kinds (sliding windows, a rope each)
+    "gemma3": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=24, max_position_embeddings=128)),
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=128, sliding_window=8, sliding_window_pattern=3)),
 }
 DEVICES = [pytest.param("cpu", "fp32", id="cpu-fp32"),
            pytest.param("cuda", "fp16", id="cuda-fp16", marks=pytest.mark.gpu)]

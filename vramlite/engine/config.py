@@ -56,9 +56,13 @@ class ModelConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (qwen3, gemma3)
+    attention_scale: float | None = None  # scores' scale when not head_dim ** -0.5 (gemma2, gemma3)
+    attention_softcap: float | None = None  # scores squashed to cap·tanh(score / cap) (gemma2)
+    logit_softcap: float | None = None  # the same for the final logits (gemma2)
     layer_windows: tuple[int | None, ...] = ()  # each decoder layer's sliding window (None: full); () if none has
     rope: RopeConfig | None = None
+    local_rope: RopeConfig | None = None  # sliding-window layers' rope, where it differs (gemma3)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None

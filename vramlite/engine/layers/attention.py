@@ -93,11 +93,12 @@ def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, meta: AttentionMetadata, scale: float | None = None,
-                     bias: AttentionBias | None = None) -> torch.Tensor:
+                     bias: AttentionBias | None = None, softcap: float | None = None) -> torch.Tensor:
     """Write k, v [N, kv_heads, D] into one layer's cache [slots, kv_heads, context, D], then attend.
 
     q is [N, heads, D]; returns [N, heads, D]. Grouped-query attention never
-    materializes repeated K/V. Scores are scaled by `scale` (default D**-0.5);
+    materializes repeated K/V. Scores are scaled by `scale` (default D**-0.5)
+    and, with `softcap`, squashed to softcap·tanh(score / softcap) (Gemma 2);
     a `bias` replaces the causal and length masks.
     """
     cache_k[meta.write_slots, :, meta.positions] = k
@@ -107,21 +108,41 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     mask = meta.decode_mask if bias is None else None
     if not meta.prefills:
         return _decode(q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
-                       None if bias is None else bias.decode)
+                       None if bias is None else bias.decode, softcap)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode(q[:nd], cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
-                           None if bias is None else bias.decode)
+                           None if bias is None else bias.decode, softcap)
     for i, chunk in enumerate(meta.prefills):
-        qc = q[chunk.start : chunk.end].transpose(0, 1).unsqueeze(0)
-        kc = cache_k[chunk.slot, :, : chunk.kv_len].unsqueeze(0)
-        vc = cache_v[chunk.slot, :, : chunk.kv_len].unsqueeze(0)
+        qc = q[chunk.start : chunk.end].transpose(0, 1)
+        kc = cache_k[chunk.slot, :, : chunk.kv_len]
+        vc = cache_v[chunk.slot, :, : chunk.kv_len]
         chunk_mask = chunk.mask if bias is None else bias.prefills[i]
-        o = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=chunk_mask, is_causal=chunk_mask is None,
-                                           enable_gqa=gqa, scale=scale)
-        out[chunk.start : chunk.end] = o[0].transpose(0, 1)
+        if softcap is not None:
+            o = _softcapped(qc, kc, vc, chunk_mask, scale, softcap)
+        else:
+            o = F.scaled_dot_product_attention(qc[None], kc[None], vc[None], attn_mask=chunk_mask,
+                                               is_causal=chunk_mask is None, enable_gqa=gqa, scale=scale)[0]
+        out[chunk.start : chunk.end] = o.transpose(0, 1)
     return out
+
+
+def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                scale: float | None, softcap: float) -> torch.Tensor:
+    """One prefill chunk's attention, q [heads, t, D] over k, v [kv_heads, L, D], with capped scores (which SDPA
+    cannot apply). `mask` [t, L] (True = attend); None: causal, the chunk starting its sequence."""
+    heads, t, d = q.shape
+    kv_heads, length = k.shape[0], k.shape[1]
+    group = heads // kv_heads
+    scores = torch.matmul(q.reshape(kv_heads, group * t, d), k.transpose(1, 2)) * (d**-0.5 if scale is None
+                                                                                     else scale)
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(t, length, dtype=torch.bool, device=q.device).tril(length - t)
+    scores = scores.view(kv_heads, group, t, length).masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    return torch.matmul(probs.view(kv_heads, group * t, length), v).view(heads, t, d)
 
 
 def cross_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tensor, meta: AttentionMetadata,
@@ -145,23 +166,27 @@ def cross_attention(q: torch.Tensor, cross_k: torch.Tensor, cross_v: torch.Tenso
 
 
 def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Tensor | None,
-            scale: float | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+            scale: float | None = None, bias: torch.Tensor | None = None,
+            softcap: float | None = None) -> torch.Tensor:
     """One query per sequence over its K/V kd, vd [B, kv_heads, L, D]: for a batch, two small batched matmuls
     beat SDPA's kernels (on CPU by 1.1-1.7x at B = 8); for one sequence, SDPA wins (10 vs 15 us).
 
     Query heads are grouped under their KV head ([B * kv_heads, group, D]) so
     grouped-query attention reads each cached K/V once; a cache slice of
     consecutive slots merges B and kv_heads without a copy. `mask` [B, 1, 1, L]
-    (True = attend) and `bias` [B, heads, L] are optional.
+    (True = attend), `bias` [B, heads, L] and `softcap` are optional.
     """
     b, heads, d = q.shape
     kv_heads, length = kd.shape[1], kd.shape[2]
     group = heads // kv_heads
-    if b == 1 and mask is None and bias is None:  # one sequence: its query heads are SDPA's query rows, 1.5x faster
+    if b == 1 and mask is None and bias is None and softcap is None:
+        # one sequence: its query heads are SDPA's query rows, 1.5x faster
         return F.scaled_dot_product_attention(q.view(1, kv_heads, group, d), kd, vd, scale=scale).view(1, heads, d)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv_heads, group, d),
                            kd.reshape(b * kv_heads, length, d).transpose(1, 2), beta=0,
                            alpha=d**-0.5 if scale is None else scale)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     if mask is not None:
         scores = scores.view(b, kv_heads, group, length).masked_fill(~mask, float("-inf")).view(scores.shape)
     if bias is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from vramlite.engine.errors import ModelLoadError
 from vramlite.engine.models.base import CausalLM
 from vramlite.engine.models.cpmant import CpmAntForCausalLM
+from vramlite.engine.models.gemma import GemmaForCausalLM
 from vramlite.engine.models.gpt2 import GPT2LMHeadModel
 from vramlite.engine.models.llama import LlamaForCausalLM
 from vramlite.engine.models.t5 import T5ForConditionalGeneration
@@ -15,6 +16,9 @@ FAMILIES: dict[str, type[CausalLM]] = {
     "qwen2": LlamaForCausalLM,
     "qwen3": LlamaForCausalLM,
     "phi3": LlamaForCausalLM,
+    "gemma": GemmaForCausalLM,
+    "gemma2": GemmaForCausalLM,
+    "gemma3_text": GemmaForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "t5": T5ForConditionalGeneration,
     "mt5": T5ForConditionalGeneration,

@@ -25,30 +25,35 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": lambda x: F.
 
 def layer_windows(raw: dict[str, Any]) -> tuple[int | None, ...]:
     """Each layer's sliding window from config.json: transformers 5's `layer_types`, else the older keys
-    (mistral and phi3 slide in every layer; qwen2, when `use_sliding_window`, from `max_window_layers` on)."""
+    (mistral and phi3 slide in every layer; qwen2 and qwen3, when `use_sliding_window`, from `max_window_layers`
+    on; gemma2 in every other layer, gemma3 in all but every `sliding_window_pattern`-th)."""
     model_type, layers = raw["model_type"], require(raw, "num_hidden_layers")
     window = raw.get("sliding_window")
-    if not window or not raw.get("use_sliding_window", model_type in ("mistral", "phi3")):
+    if not window or not raw.get("use_sliding_window", model_type in ("mistral", "phi3", "gemma2", "gemma3_text")):
         return ()
     types = raw.get("layer_types")
     if types is not None:
         sliding = [t == "sliding_attention" for t in types]
+    elif model_type in ("gemma2", "gemma3_text"):
+        pattern = raw.get("sliding_window_pattern", 2 if model_type == "gemma2" else 6)
+        sliding = [(i + 1) % pattern != 0 for i in range(layers)]
     else:
-        sliding = [model_type != "qwen2" or i >= raw.get("max_window_layers", 0) for i in range(layers)]
+        sliding = [model_type not in ("qwen2", "qwen3") or i >= raw.get("max_window_layers", 0) for i in range(layers)]
     return tuple(window if s else None for s in sliding) if any(sliding) else ()
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, norm: type[nn.Module] = RMSNorm) -> None:
         super().__init__()
+        self.scale, self.softcap = cfg.attention_scale, cfg.attention_softcap
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
         self.qkv_proj = make_linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, cfg.qkv_bias, cfg.quantization)
         self.o_proj = make_linear(self.q_size, cfg.hidden_size, cfg.o_bias, cfg.quantization)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.q_norm = norm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = norm(cfg.head_dim, cfg.norm_eps)
         self.qk_norm = cfg.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata,
@@ -62,7 +67,7 @@ class Attention(nn.Module):
         qk = apply_rotary(qk, *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size :].view(-1, self.num_kv_heads, self.head_dim)
-        o = cached_attention(q, k, v, cache_k, cache_v, meta)
+        o = cached_attention(q, k, v, cache_k, cache_v, meta, self.scale, softcap=self.softcap)
         return self.o_proj(o.flatten(1))
 
 
@@ -80,6 +85,8 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    NORMS = ("input_layernorm", "post_attention_layernorm")  # its norms' checkpoint names
+
     def __init__(self, cfg: ModelConfig, window: int | None) -> None:
         super().__init__()
         self.window = window  # the layer's sliding window; None: it attends to every position
@@ -98,13 +105,16 @@ class LlamaForCausalLM(CausalLM):
     """llama / mistral / qwen2 / qwen3 / phi3; parameter names follow the HF checkpoint, with q/k/v and gate/up
     fused (as phi3 checkpoints store them)."""
 
+    decoder_layer: type[nn.Module] = DecoderLayer
+    final_norm: type[nn.Module] = RMSNorm
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.config = cfg
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         windows = cfg.layer_windows or (None,) * cfg.num_layers
-        self.layers = nn.ModuleList(DecoderLayer(cfg, window) for window in windows)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList(self.decoder_layer(cfg, window) for window in windows)
+        self.norm = self.final_norm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = make_linear(cfg.hidden_size, cfg.vocab_size, False, cfg.quantization)
         self.rotary: RotaryEmbedding | None = None
 
@@ -170,7 +180,7 @@ class LlamaForCausalLM(CausalLM):
             if cfg.mlp_bias:
                 yield spec(mlp.gate_up_proj, "bias", [n + "bias" for n in gate_up], [(r,) for r in gate_up_rows])
                 yield spec(mlp.down_proj, "bias", [f"{p}mlp.down_proj.bias"], [(h,)])
-            for norm in ("input_layernorm", "post_attention_layernorm"):
+            for norm in layer.NORMS:
                 yield spec(getattr(layer, norm), "weight", [f"{p}{norm}.weight"], [(h,)])
             if cfg.qk_norm:
                 for norm in ("q_norm", "k_norm"):
