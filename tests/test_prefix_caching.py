@@ -36,6 +36,23 @@ def test_a_slot_is_taken_for_its_longest_prefix_then_empty_then_oldest():
         kv.allocate()
 
 
+def test_a_prefix_a_running_sequence_holds_is_copied_into_a_slot_of_its_own():
+    import torch
+
+    kv = cache(4)
+    assert [kv.allocate()[0] for _ in range(2)] == [0, 1]
+    for layer in (*kv.k, *kv.v):
+        layer[1] = torch.randn_like(layer[1])
+    kv.free(0, [5, 6])  # a free slot holding a shorter prefix than the running one's
+    running = {1: ([5, 6, 7, 8, 9, 3], 5)}  # slot 1: 6 tokens, the last not computed yet
+    assert kv.allocate([5, 6, 7, 8, 9, 3, 4], running) == (2, 5)  # the computed ones, into an empty slot
+    for layer in (*kv.k, *kv.v):
+        assert torch.equal(layer[2, :, :5], layer[1, :, :5])
+    assert kv.allocate([5, 6, 7], running) == (0, 2)  # no better than the free slot 0: taken in place
+    kv.free(0, [1])
+    assert kv.allocate([9, 9], running) == (3, 0)  # no match anywhere
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory, spm_tokenizer_dir):
     return save_tiny_llama(tmp_path_factory.mktemp("llama"), spm_tokenizer_dir, max_position_embeddings=256)
@@ -102,3 +119,29 @@ def test_no_reuse_where_the_prompt_must_be_scored_or_caching_is_off(engines, mon
     fresh.generate(prompt, GREEDY)
     fresh.generate(prompt, GREEDY)
     assert fresh.scheduler.reused_tokens == 0
+
+
+def test_a_request_sharing_a_running_ones_prompt_copies_its_keys_and_values(engines, monkeypatch):
+    """Two users with one system prompt: the second arrives while the first decodes, and computes only its
+    own tokens; both get what an engine without caching gives each."""
+    cached, fresh = engines
+    system = cached.encode("You are a helpful assistant who answers briefly and politely.")
+    first, second = (system + cached.tokenizer.encode(q, add_special_tokens=False) for q in (" Hi!", " Why?"))
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
+    a = cached.add_request(first, params)
+    while cached.sequence(a).num_output_tokens < 2:
+        cached.step()
+    before = cached.scheduler.reused_tokens
+    sizes = computed_tokens(cached, monkeypatch)
+    b = cached.add_request(second, params)
+    seqs = [cached.sequence(a), cached.sequence(b)]
+    while not all(seq.finished for seq in seqs):
+        cached.step()
+    reused = cached.scheduler.reused_tokens - before
+    assert reused == len(system)  # the common prefix, held by a slot that is not free
+    assert sum(sizes) == len(second) - reused + (params.max_tokens - 1) + (params.max_tokens - 2)
+    for seq, prompt in zip(seqs, (first, second), strict=True):
+        want = fresh.generate(prompt, params)
+        assert seq.output_ids == want.token_ids
+        assert [x.chosen.logprob for x in seq.logprobs] == pytest.approx(
+            [x.chosen.logprob for x in want.logprobs], abs=1e-5)

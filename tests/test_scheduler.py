@@ -25,7 +25,7 @@ class Seq:
 def make(batch: int, budget: int) -> tuple[Scheduler, list[int]]:
     free = list(range(batch))
     # prefix caching off: these sequences hold no tokens (the KV cache's and the engine's tests cover it)
-    return Scheduler(SchedulerConfig(batch, budget, prefix_caching=False), lambda ids: (free.pop(0), 0),
+    return Scheduler(SchedulerConfig(batch, budget, prefix_caching=False), lambda ids, running: (free.pop(0), 0),
                      lambda slot, computed: free.append(slot)), free
 
 

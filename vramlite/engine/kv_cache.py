@@ -9,8 +9,11 @@ attention reads as a view instead of a gather.
 A freed slot keeps the keys and values of the tokens its sequence computed
 (prefix caching, as llama.cpp's server keeps a slot's prompt): a new prompt
 that starts with the same tokens takes that slot and skips computing them (a
-chat's next turn resends the whole conversation). A prompt that matches none
-takes a slot that holds nothing, else the one freed longest ago.
+chat's next turn resends the whole conversation). A prompt that starts like a
+running sequence (requests sharing a system prompt) copies those keys and
+values into its own slot: a copy of a few MiB, where computing them again
+runs the whole model. A prompt that matches none takes a slot that holds
+nothing, else the one freed longest ago.
 
 One tensor per layer rather than one for all layers: a step compiled by
 torch.compile writes a layer's cache in place only when it is a tensor of its
@@ -25,7 +28,7 @@ encoder runs and read by every decode step after.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -63,24 +66,38 @@ class KVCache:
         tensors = [*self.k, *self.v, *(self.cross_k or ()), *(self.cross_v or ())]
         return sum(t.nbytes for t in tensors)
 
-    def allocate(self, token_ids: Sequence[int] = ()) -> tuple[int, int]:
+    def allocate(self, token_ids: Sequence[int] = (),
+                 running: Mapping[int, tuple[Sequence[int], int]] | None = None) -> tuple[int, int]:
         """Take a free slot for a sequence of `token_ids` (none: no reuse) and say how many of its first
-        positions already hold their keys and values: the slot holding the longest prefix of `token_ids`
-        (all but the last token at most, whose logits the caller needs), else the lowest slot holding nothing,
-        else the one freed longest ago. Raises RuntimeError when all are taken."""
+        positions already hold their keys and values, at most all but the last token (whose logits the caller
+        needs). The free slot holding the longest prefix of `token_ids` is taken; where a taken slot holds a
+        longer one (`running`: slot -> its sequence's tokens and how many of them it has computed), those keys
+        and values are copied into the lowest slot holding nothing, else the one freed longest ago, which is
+        also the choice when nothing matches. Raises RuntimeError when all are taken."""
         if not self._free:
             raise RuntimeError("KV cache has no free slot")
+        limit = len(token_ids) - 1
         slot, reused = None, 0
         for held_slot, held in self._held.items():
-            n = _common_prefix(held, token_ids, len(token_ids) - 1)
+            n = _common_prefix(held, token_ids, limit)
             if n > reused:
                 slot, reused = held_slot, n
-        if slot is None:
+        source, copied = None, reused
+        for running_slot, (tokens, computed) in (running or {}).items():
+            n = _common_prefix(tokens, token_ids, min(computed, limit))
+            if n > copied:
+                source, copied = running_slot, n
+        if source is not None or slot is None:
             empty = [s for s in self._free if s not in self._held]
             slot = min(empty) if empty else next(iter(self._held))
+            reused = 0
         self._free.remove(slot)
         heapq.heapify(self._free)
         self._held.pop(slot, None)
+        if source is not None:
+            for layer in (*self.k, *self.v):
+                layer[slot, :, :copied] = layer[source, :, :copied]
+            reused = copied
         return slot, reused
 
     def free(self, slot: int, computed: Sequence[int] = ()) -> None:

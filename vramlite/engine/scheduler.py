@@ -17,7 +17,7 @@ longer than the budget gets its turn.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from collections.abc import Sequence as SeqOf
 from dataclasses import dataclass
 
@@ -42,17 +42,19 @@ class SchedulerConfig:
 
 
 class Scheduler:
-    """Waiting queue + running set; slots come from `allocate(token_ids)` (with how many of those tokens the slot
-    already holds) and go back through `release(slot, computed_ids)` (`KVCache.allocate` / `free`)."""
+    """Waiting queue + running set; slots come from `allocate(token_ids, running)` (with how many of those tokens
+    the slot already holds; `running`: each running slot's tokens and how many it computed) and go back through
+    `release(slot, computed_ids)` (`KVCache.allocate` / `free`)."""
 
-    def __init__(self, config: SchedulerConfig, allocate: Callable[[SeqOf[int]], tuple[int, int]],
+    def __init__(self, config: SchedulerConfig,
+                 allocate: Callable[[SeqOf[int], Mapping[int, tuple[SeqOf[int], int]]], tuple[int, int]],
                  release: Callable[[int, SeqOf[int]], None]) -> None:
         self.config = config
         self._allocate = allocate
         self._release = release
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
-        self.reused_tokens = 0  # prompt tokens not computed again, their K/V found in a freed slot
+        self.reused_tokens = 0  # prompt tokens not computed again, their K/V found in a freed or running slot
 
     @property
     def num_unfinished(self) -> int:
@@ -79,7 +81,11 @@ class Scheduler:
             if whole and n + encoder > budget and any(k > 1 or s.num_encoder_pending for s, k in batch):
                 break
             self.waiting.popleft()
-            seq.slot, reused = self._allocate(seq.token_ids if self._reuses(seq) else ())
+            if self._reuses(seq):
+                sources = {s.slot: (s.token_ids, s.num_computed) for s in self.running if s.caches_prefix}
+                seq.slot, reused = self._allocate(seq.token_ids, sources)
+            else:
+                seq.slot, reused = self._allocate((), {})
             if reused:
                 seq.num_computed = reused
                 self.reused_tokens += reused
@@ -90,7 +96,7 @@ class Scheduler:
         return batch
 
     def _reuses(self, seq: Sequence) -> bool:
-        """Whether `seq` may start from a freed slot's keys and values: decoder-only, read left to right, and
+        """Whether `seq` may start from another sequence's keys and values: decoder-only, read left to right, and
         not asking for its prompt's log-probabilities (which need every prompt token computed)."""
         return self.config.prefix_caching and seq.caches_prefix and seq.params.prompt_logprobs is None
 
