@@ -1,5 +1,6 @@
-"""A GPU host may have the engine's packages only (torch, triton, transformers, ...): no FastAPI, pydantic or
-jieba. There the engine must import and run, and `pytest -m gpu` must collect its tests, the others skipping."""
+"""A GPU host may have the engine's packages only (torch, triton, transformers, ...): no FastAPI, pydantic,
+jieba or outlines-core. There the engine must import and run, and `pytest -m gpu` must collect its tests, the
+others skipping."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-# the server's packages, the CPM tokenizers' and the test extras' that the engine does not need
+# the packages the engine does not need: the server's, the CPM tokenizers', structured output's, the test extras'
 ABSENT = ("fastapi", "starlette", "uvicorn", "pydantic", "pydantic_core", "sse_starlette", "httpx_sse", "openai",
-          "schemathesis", "playwright", "jieba", "rjieba")
+          "schemathesis", "playwright", "jieba", "rjieba", "outlines_core")
 
 
 def _run_without_server_packages(code: str) -> subprocess.CompletedProcess:
@@ -28,9 +29,12 @@ def test_engine_generates_without_server_packages() -> None:
         "import vramlite, vramlite.kernels\n"
         "from vramlite import models\n"
         "engine = vramlite.Engine.from_dir(models.path(), device='cpu')\n"
-        "print(engine.generate('床前明月光', max_tokens=4, temperature=0, ignore_eos=True).completion_tokens)\n")
+        "print(engine.generate('床前明月光', max_tokens=4, temperature=0, ignore_eos=True).completion_tokens)\n"
+        "try:\n    engine.generate('x', regex='a+')\nexcept ValueError as e:\n    print(e)\n")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split()[-1] == "4"
+    generated, refused = proc.stdout.splitlines()[-2:]
+    assert generated == "4"
+    assert refused == "structured output needs the outlines-core package: pip install outlines-core"
 
 
 def test_gpu_tests_collect_without_server_packages() -> None:

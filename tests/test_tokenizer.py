@@ -316,3 +316,16 @@ def test_unigram_model_is_refused(tmp_path: Path) -> None:
     (tmp_path / "tokenizer.model").write_bytes(model.getvalue())
     with pytest.raises(ModelLoadError, match="unigram sentencepiece model; only BPE"):
         Tokenizer.from_dir(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_token_bytes_spell_out_what_decoding_writes(kind: str, llama_dir: Path, gpt2_dir: Path) -> None:
+    """Sentencepiece (▁ and <0xNN> byte tokens) and byte-level BPE: the bytes of a run of tokens, joined, are the
+    decoded text (structured output matches patterns against them); special tokens have none."""
+    tok = Tokenizer.from_dir(llama_dir if kind == "llama" else gpt2_dir)
+    spelled = tok.token_bytes()
+    text = "Ünïcode — 文字 and\nnew lines, emoji 🎉, {\"json\": [1, 2.5e3]}"
+    ids = tok.encode(text, add_special_tokens=False)
+    assert any(len(spelled[i]) == 1 and spelled[i][0] >= 0x80 for i in ids)  # partial UTF-8 bytes among them
+    assert b"".join(spelled[i] for i in ids).decode() in (text, " " + text)  # sentencepiece's first ▁ included
+    assert all(spelled[i] is None for i in tok.special_ids)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+
+import httpx
 import openai
 import pytest
 
@@ -172,8 +176,7 @@ def test_completion_options_we_cannot_honour_are_refused(oai, params):
         oai.completions.create(model="model", prompt="x", max_tokens=2, **params)
 
 
-@pytest.mark.parametrize("params", [{"response_format": {"type": "json_object"}},
-                                    {"tools": [{"type": "function", "function": {"name": "f"}}]},
+@pytest.mark.parametrize("params", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
                                     {"tool_choice": "required"}])
 def test_chat_options_we_cannot_honour_are_refused(oai, params):
     field = next(iter(params))
@@ -190,6 +193,64 @@ def test_options_at_their_off_values_are_taken(oai):
                                        response_format={"type": "text"},
                                        tool_choice="none", tools=[], modalities=["text"])
     assert chat.usage.completion_tokens >= 1
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "adult": {"type": "boolean"}},
+          "required": ["name", "adult"]}
+
+
+def is_person(text: str) -> bool:
+    doc = json.loads(text)
+    return set(doc) == {"name", "adult"} and isinstance(doc["name"], str) and isinstance(doc["adult"], bool)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_response_format_json_schema(oai, stream):
+    """The answer is JSON the schema accepts, whole or streamed, and it ends there ("stop")."""
+    kwargs = dict(model="model", messages=[{"role": "user", "content": "Who? Answer in JSON."}], max_tokens=64,
+                  temperature=1.0, seed=5, response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "person", "schema": PERSON}})
+    if stream:
+        chunks = list(oai.chat.completions.create(**kwargs, stream=True))
+        text, finish = "".join(c.choices[0].delta.content or "" for c in chunks), chunks[-1].choices[0].finish_reason
+    else:
+        choice = oai.chat.completions.create(**kwargs).choices[0]
+        text, finish = choice.message.content, choice.finish_reason
+    assert is_person(text) and finish == "stop"
+
+
+def test_json_object_mode_and_structured_completions(oai):
+    chat = oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "JSON please"}],
+                                       max_tokens=48, temperature=0, response_format={"type": "json_object"})
+    assert chat.choices[0].finish_reason == "length" or isinstance(json.loads(chat.choices[0].message.content), dict)
+    done = oai.completions.create(model="model", prompt="Person:", max_tokens=64, temperature=0,
+                                  extra_body={"response_format": {"type": "json_schema",
+                                                                  "json_schema": {"schema": PERSON}}})
+    assert is_person(done.choices[0].text)
+
+
+@pytest.mark.parametrize(("response_format", "message"), [
+    ({"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}, "Unsupported type: nonsense"),
+    ({"type": "json_schema"}, "json_schema goes with type"),
+    ({"type": "json_object", "json_schema": {"schema": PERSON}}, "json_schema goes with type"),
+    ({"type": "xml"}, "response_format.type"),
+])
+def test_bad_response_formats_are_refused_with_what_is_wrong(oai, response_format, message):
+    with pytest.raises(openai.UnprocessableEntityError, match=message):
+        oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                    response_format=response_format)
+
+
+def test_generate_with_a_regex_or_a_json_schema(chat_server):
+    for body, check in (({"regex": "[0-9]{4}-[0-9]{2}"}, lambda text: re.fullmatch("[0-9]{4}-[0-9]{2}", text)),
+                        ({"json_schema": PERSON}, is_person)):
+        reply = httpx.post(chat_server.url + "/generate", headers={"Authorization": "Bearer sk-test"},
+                           json={"prompt": "Date:", "max_tokens": 64, "temperature": 0.7, "seed": 1, **body})
+        assert reply.status_code == 200, reply.text
+        assert check(reply.json()["text"]) and reply.json()["finish_reason"] == "eos"
+    reply = httpx.post(chat_server.url + "/generate", headers={"Authorization": "Bearer sk-test"},
+                       json={"prompt": "x", "regex": "(unclosed"})
+    assert reply.status_code == 422 and "output pattern" in reply.json()["error"]["message"]
 
 
 def test_a_batch_of_prompts_is_refused_with_what_to_do(oai):

@@ -25,6 +25,7 @@ from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, Token
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
 from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput, TokenLogprob
 from vramlite.engine.sequence import Sequence as Seq
+from vramlite.engine.structured import Grammars
 from vramlite.engine.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class Engine:
         self.sampler = Sampler()
         self.scheduler = Scheduler(scheduler_config, runner.cache.allocate, runner.cache.free)
         self.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *self.config.eos_token_ids)))
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_ids)  # structured output
         self.continuation = continuation(self.config, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
@@ -160,7 +162,9 @@ class Engine:
         return self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
 
     def add_request(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> int:
-        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError.
+        """Queue a prompt (text or token ids); returns its sequence id. Raises PromptTooLongError, and
+        ValueError for bad input (a structured-output pattern that does not compile, among others; compiling
+        one takes up to seconds, once per pattern: `grammars.index` may do it ahead, in another thread).
 
         An encoder-decoder model with sentinels continues a prompt that holds none as one blank at its end
         (see `fill_blank.Continuation`); a prompt with sentinels is passed to the encoder as it is.
@@ -187,7 +191,8 @@ class Engine:
                 params = replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(cont.sentinel_ids)))
             if len(encoder_ids) > self.context:
                 raise PromptTooLongError(len(encoder_ids), self.context)
-        seq = Seq(next(self._ids), prompt_ids, params, SamplerState(params, prompt_ids, self.device),
+        state = SamplerState(params, prompt_ids, self.device, self.grammars.constraint(params))
+        seq = Seq(next(self._ids), prompt_ids, params, state,
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
                   self.config.whole_prompt)
         seq.num_prompt_tokens = given

@@ -1,7 +1,8 @@
 """Next-token sampling: per-request parameters, per-sequence state and a batched sampler.
 
 The pipeline over a batch of logits is repetition penalty (HF) -> frequency/presence
-penalties (OpenAI) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every row draws
+penalties (OpenAI) -> structured output's mask (tokens its pattern does not allow
+next) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every row draws
 its randomness from its own seeded generator, so a seeded request produces the same tokens
 whatever else shares its batch.
 """
@@ -16,9 +17,12 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vramlite.engine.structured import Constraint, allowed_tokens, canonical_schema
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
+MAX_PATTERN_CHARS = 65536  # a regex or JSON schema for structured output
 IMPOSSIBLE_LOGPROB = -9999.0
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
@@ -59,6 +63,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # tokens that end generation like a stop string (fill_blank's sentinels)
     logprobs: int | None = None  # report each token's log-probability and this many most likely; None = off
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (each given those before it)
+    json_schema: str | None = None  # output must be JSON this schema accepts (given as JSON text or an object)
+    regex: str | None = None  # output must match this regular expression
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
@@ -121,6 +127,23 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
                      f"an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None (off)")
+        if self.json_schema is not None:
+            object.__setattr__(self, "json_schema", canonical_schema(self.json_schema))
+        for name in ("json_schema", "regex"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, str) and 0 < len(value) <= MAX_PATTERN_CHARS), name,
+                     value if value is None or len(str(value)) < 80 else f"{str(value)[:80]}...",
+                     f"None or a non-empty string of at most {MAX_PATTERN_CHARS} characters")
+        if self.json_schema is not None and self.regex is not None:
+            raise ValueError("give json_schema or regex, not both")
+        if self.ignore_eos and self.structured:
+            raise ValueError("ignore_eos cannot be combined with json_schema or regex: output ends where its "
+                             "pattern does")
+
+    @property
+    def structured(self) -> bool:
+        """Whether the output is held to a pattern (`json_schema` or `regex`)."""
+        return self.json_schema is not None or self.regex is not None
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> SamplingParams:
@@ -141,8 +164,10 @@ class SamplingParams:
 class SamplerState:
     """Per-sequence sampling state: parameters, seeded generator, prompt and generated token ids."""
 
-    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu"):
+    def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu",
+                 constraint: Constraint | None = None):
         self.params = params
+        self.constraint = constraint  # the tokens structured output allows next
         self.prompt_ids: tuple[int, ...] = tuple(int(i) for i in prompt_ids)
         self.output_ids: list[int] = []
         self.device = torch.device(device)
@@ -164,6 +189,8 @@ class SamplerState:
     def append(self, token_id: int) -> None:
         """Record a generated token."""
         self.output_ids.append(int(token_id))
+        if self.constraint is not None:
+            self.constraint.advance(int(token_id))
 
     def penalty_tensors(self, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The tokens seen so far, prompt and generated (int64 [n], each once, in order of first sight), and how
@@ -369,15 +396,21 @@ class Sampler:
         """Sample int64 token ids [B] from logits [B, V] (any float dtype), row i following states[i]."""
         if logits.dim() != 2 or logits.size(0) != len(states):
             raise ValueError(f"expected logits [{len(states)}, vocab], got {list(logits.shape)}")
-        if all(s.greedy and not s.penalized for s in states):
+        constrained = [i for i, s in enumerate(states) if s.constraint is not None]
+        if not constrained and all(s.greedy and not s.penalized for s in states):
             return argmax(logits)
         device = logits.device
         penalized = [i for i, s in enumerate(states) if s.penalized]
-        if penalized:  # on a copy: the caller's logits stay as they are
+        if penalized or constrained:  # on a copy: the caller's logits stay as they are
             x = logits.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-            apply_penalties_(x, penalized, [states[i] for i in penalized])
+            if penalized:
+                apply_penalties_(x, penalized, [states[i] for i in penalized])
         else:
             x = logits.float()
+        if constrained:
+            allowed = allowed_tokens([states[i].constraint for i in constrained], x.size(-1), device)
+            rows = torch.tensor(constrained, device=device)
+            x[rows] = x[rows].masked_fill(~allowed, -math.inf)
         sampled = [i for i, s in enumerate(states) if not s.greedy]
         if len(sampled) == len(states):
             return _sample(x, states)

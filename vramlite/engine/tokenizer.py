@@ -21,6 +21,8 @@ trusted text such as a rendered chat template.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -36,6 +38,8 @@ from vramlite.engine.errors import ModelLoadError
 # sentencepiece_model.proto: ModelProto.SentencePiece.Type and TrainerSpec.ModelType values.
 _SP_CONTROL, _SP_USER_DEFINED = 3, 4
 _SP_BPE = 2
+
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # sentencepiece's byte-fallback tokens
 
 
 class Tokenizer:
@@ -130,12 +134,53 @@ class Tokenizer:
         """Ids of special (control) tokens: skipped by `decode` by default."""
         return self._special_ids
 
+    def token_bytes(self) -> list[bytes | None]:
+        """The bytes each id writes into generated text (None for special tokens), read from the decoder: GPT-2's
+        byte-level alphabet, sentencepiece's `▁` for a space and `<0xNN>` byte tokens, string replacements.
+        (The decoder's strip of the text's first space is left out: a token's bytes are the same anywhere.)"""
+        decoder = json.loads(self._backend.to_str()).get("decoder") or {}
+        steps = decoder.get("decoders", []) if decoder.get("type") == "Sequence" else [decoder]
+        kinds = {step.get("type") for step in steps}
+        unknown = kinds - {"ByteLevel", "ByteFallback", "Replace", "Metaspace", "Fuse", "Strip", None}
+        if unknown:
+            raise ValueError(f"the tokenizer's {', '.join(sorted(unknown))} decoder is not supported")
+        replacements = [(step["pattern"]["String"], step["content"]) for step in steps
+                        if step.get("type") == "Replace" and "String" in step.get("pattern", {})]
+        replacements += [(step.get("replacement", "▁"), " ") for step in steps if step.get("type") == "Metaspace"]
+        alphabet = {char: byte for byte, char in enumerate(_byte_alphabet())} if "ByteLevel" in kinds else {}
+        out: list[bytes | None] = [None] * self.vocab_size
+        for token, i in self._backend.get_vocab(with_added_tokens=True).items():
+            if i in self._special_ids:
+                continue
+            if alphabet and all(c in alphabet for c in token):
+                out[i] = bytes(alphabet[c] for c in token)
+            elif "ByteFallback" in kinds and (byte := _BYTE_TOKEN.fullmatch(token)):
+                out[i] = bytes([int(byte[1], 16)])
+            else:
+                for old, new in replacements:
+                    token = token.replace(old, new)
+                out[i] = token.encode()
+        return out
+
     @cached_property
     def _parsing_backend(self) -> tokenizers.Tokenizer:
         # A copy, not a toggle of `encode_special_tokens`, so concurrent encodes never see the wrong mode.
         backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
         backend.encode_special_tokens = False
         return backend
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: the printable character that stands for each byte 0..255 in its tokens."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            chars.append(chr(byte))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
 
 
 def _is_cpm(path: Path, config: dict[str, Any]) -> bool:

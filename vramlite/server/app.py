@@ -247,10 +247,11 @@ async def require_api_key(request: Request,
 # --- the generation path ----------------------------------------------------------------------------
 
 
-def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
+async def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
     """The request's sampling parameters over the model's defaults; 422 for what only the engine knows. The
     OpenAI routes without max_tokens generate until the context is full, as OpenAI and vLLM do, unless the
-    model's generation_config sets max_new_tokens."""
+    model's generation_config sets max_new_tokens. A structured-output pattern is compiled here, in a worker
+    thread (up to seconds, once per pattern), so that the engine's loop finds it compiled."""
     if fields.max_tokens is not None and fields.max_tokens > engine.context:
         raise ApiError(422, "validation_error",
                        f"max_tokens: {fields.max_tokens} is more than the context of {engine.context} tokens")
@@ -258,9 +259,12 @@ def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingParams:
     if kwargs["max_tokens"] is None and fields.until_context:
         kwargs["max_tokens"] = engine.defaults.get("max_tokens", engine.context)
     try:
-        return engine.sampling_params(**kwargs)
+        params = engine.sampling_params(**kwargs)
+        if params.structured:
+            await run_in_threadpool(engine.grammars.index_for, params)
     except ValueError as e:
         raise ApiError(422, "validation_error", str(e)) from None
+    return params
 
 
 async def prompt_ids(request: Request, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
@@ -276,7 +280,7 @@ async def prompt_ids(request: Request, prompt: str | list[int], add_special_toke
 
 async def start_generation(request: Request, prompt: str | list[int], fields: SamplingFields) -> Generation:
     """Tokenize, check the prompt fits, and admit the request (429/503 are raised here, before any reply)."""
-    params = sampling_params(runtime(request).engine, fields)
+    params = await sampling_params(runtime(request).engine, fields)
     return submit(request, await prompt_ids(request, prompt), params)
 
 
@@ -593,7 +597,7 @@ async def fill_blank(request: Request, body: FillBlankRequest) -> Any:
         raise ApiError(400, "unsupported_task", str(e)) from None
     except BlankCountError as e:
         raise ApiError(422, "validation_error", f"prompt: {e}") from None
-    gen = submit(request, fill.prompt_ids, fill.sampling(sampling_params(engine, body)), loop)
+    gen = submit(request, fill.prompt_ids, fill.sampling(await sampling_params(engine, body)), loop)
     chunks = _fill_chunks(loop, gen, fill)
     if body.stream:
         return sse_response(request, chunks)
@@ -650,7 +654,7 @@ def _check_model(request: Request, body: OpenAIFields) -> None:
 async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_model(request, body)
     rt = runtime(request)
-    params = sampling_params(rt.engine, body)
+    params = await sampling_params(rt.engine, body)
     gens = submit_choices(request, await prompt_ids(request, body.prompt), params, body.n)
     head = {"id": f"cmpl-{gens[0].request_id}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_name}
@@ -719,7 +723,7 @@ async def _completion_chunks(request: Request, gens: list[Generation], head: dic
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
     _check_model(request, body)
     rt = runtime(request)
-    params = sampling_params(rt.engine, body)
+    params = await sampling_params(rt.engine, body)
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
     ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, messages)
     gens = submit_choices(request, ids, params, body.n)

@@ -5,11 +5,20 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
-from vramlite.engine.sampler import MAX_LOGPROBS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from vramlite.engine.sampler import MAX_LOGPROBS, MAX_PATTERN_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
@@ -75,7 +84,12 @@ class SamplingFields(Body):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields `Engine.sampling_params` takes; None means the model's default."""
-        return {**self.model_dump(include=set(SamplingFields.model_fields)), **self.logprobs_kwargs()}
+        return {**self.model_dump(include=set(SamplingFields.model_fields)), **self.logprobs_kwargs(),
+                **self.output_kwargs()}
+
+    def output_kwargs(self) -> dict[str, Any]:
+        """`json_schema` or `regex` for `SamplingParams` (structured output), where the route's body asks."""
+        return {}
 
     def logprobs_kwargs(self) -> dict[str, int | None]:
         """`logprobs` and `prompt_logprobs` for `SamplingParams` (how many alternatives to report with each
@@ -98,8 +112,16 @@ class GenerateRequest(SamplingFields):
     prompt_logprobs: LogprobsCount | None = Field(None, description="the same for the prompt's tokens, each given "
                                                   "those before it; with max_tokens 0, scores the prompt alone")
 
+    json_schema: dict[str, Any] | None = Field(None, description="output JSON that this JSON Schema accepts (then "
+                                               "it ends, with EOS)")
+    regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS,
+                              description="output text that this regular expression matches whole")
+
     def logprobs_kwargs(self) -> dict[str, int | None]:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
+
+    def output_kwargs(self) -> dict[str, Any]:
+        return {"json_schema": self.json_schema, "regex": self.regex}
 
 
 class FillBlankRequest(SamplingFields):
@@ -233,6 +255,32 @@ class ContentPart(Body):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
+class JsonSchemaFormat(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str | None = Field(None, max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Body):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON that a schema accepts."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_for_its_type(self) -> ResponseFormat:
+        if (self.json_schema is not None) != (self.type == "json_schema"):
+            raise ValueError('json_schema goes with type "json_schema", and only with it')
+        return self
+
+    def json_schema_of(self) -> dict[str, Any] | None:
+        if self.type == "json_object":
+            return {"type": "object"}
+        return None if self.json_schema is None else self.json_schema.schema_
+
+
 class OpenAIFields(SamplingFields):
     model_config = ConfigDict(extra="ignore")
     until_context: ClassVar[bool] = True
@@ -244,6 +292,11 @@ class OpenAIFields(SamplingFields):
     logit_bias: unsupported(None, {}, why="logit_bias is not implemented")
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = Field(None, description="structured output: `json_object`, or "
+                                                   "`json_schema` with its `schema`")
+
+    def output_kwargs(self) -> dict[str, Any]:
+        return {"json_schema": None if self.response_format is None else self.response_format.json_schema_of()}
 
 
 
@@ -290,7 +343,6 @@ class ChatCompletionRequest(OpenAIFields):
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     logprobs: bool | None = Field(None, description="each token's log-probability")
     top_logprobs: LogprobsCount | None = Field(None, description="with `logprobs`: this many most likely tokens' too")
-    response_format: unsupported(None, {"type": "text"}, why="output is not constrained to JSON or a schema")
     tools: unsupported(None, [], why="no tool calling")
     tool_choice: unsupported(None, "none", "auto", why="no tool calling")
     functions: unsupported(None, [], why="no function calling")

@@ -1,0 +1,101 @@
+"""Structured output: generation held to a regex or a JSON schema, whatever the model would rather write."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+from tests.conftest import save_tiny_llama
+from vramlite.engine import Engine, SamplingParams
+from vramlite.engine.structured import Constraint, allowed_tokens
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory, spm_tokenizer_dir) -> Engine:
+    model_dir = save_tiny_llama(tmp_path_factory.mktemp("llama"), spm_tokenizer_dir, max_position_embeddings=256)
+    return Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=4)
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "ok": {"type": "boolean"},
+        "size": {"enum": ["S", "M", "L"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+    },
+    "required": ["name", "ok", "size", "tags"],
+}
+
+
+def assert_fits(doc: dict) -> None:
+    """`doc` is what SCHEMA accepts."""
+    assert set(doc) == {"name", "ok", "size", "tags"}
+    assert isinstance(doc["name"], str) and len(doc["name"]) <= 6
+    assert isinstance(doc["ok"], bool) and doc["size"] in ("S", "M", "L")
+    assert isinstance(doc["tags"], list) and len(doc["tags"]) <= 2
+    assert all(isinstance(t, str) and len(t) <= 3 for t in doc["tags"])
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=7),
+                                      dict(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.3, seed=3)],
+                         ids=["greedy", "sampled", "penalized-top-k-top-p"])
+def test_json_schema_output_parses_and_fits_the_schema(engine, sampling):
+    out = engine.generate("The answer, as JSON:", SamplingParams(max_tokens=120, json_schema=SCHEMA, **sampling))
+    assert out.finish_reason.value == "eos"  # the pattern ended, and so did the output
+    assert_fits(json.loads(out.text))
+
+
+def test_regex_output_matches(engine):
+    pattern = r"[0-9]{3}-[a-z]{2,4}( ok| no)"
+    for seed in range(3):
+        out = engine.generate("Code:", SamplingParams(max_tokens=40, temperature=1.0, seed=seed, regex=pattern))
+        assert re.fullmatch(pattern, out.text), out.text
+        assert out.finish_reason.value == "eos"
+
+
+def test_a_constrained_row_leaves_the_rest_of_its_batch_alone(engine):
+    free = SamplingParams(max_tokens=12, temperature=1.0, seed=11, ignore_eos=True)
+    alone = engine.generate("Once upon a time", free)
+    ids = [engine.add_request("Once upon a time", free),
+           engine.add_request("Reply in JSON:", SamplingParams(max_tokens=120, temperature=0, json_schema=SCHEMA))]
+    seqs = [engine.sequence(i) for i in ids]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    assert seqs[0].output_ids == alone.token_ids
+    assert_fits(json.loads(seqs[1].text))
+
+
+def test_the_mask_allows_what_the_index_allows(engine):
+    """The bitmask unpacked per row: every allowed id, across 32-bit words (bit 31 included), and no other."""
+    index = engine.grammars.index(r"[a-z ]+\.")
+    expected = sorted(index.get_allowed_tokens(index.get_initial_state()))
+    assert any(i % 32 == 31 for i in expected) or len(expected) > 32
+    rows = allowed_tokens([Constraint(index, engine.eos_ids)] * 2, engine.config.vocab_size, torch.device("cpu"))
+    assert rows.shape == (2, engine.config.vocab_size)
+    assert rows[0].nonzero().flatten().tolist() == expected == rows[1].nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    (dict(regex="([a-z]"), "output pattern"),
+    (dict(json_schema="{not json"), "json_schema is not valid JSON"),
+    (dict(json_schema=[1, 2]), "json_schema must be a JSON object"),
+    (dict(json_schema={"type": "nonsense"}), "json_schema: Unsupported type: nonsense"),
+    (dict(json_schema={"type": "object"}, regex="a"), "give json_schema or regex, not both"),
+    (dict(regex="a+", ignore_eos=True), "ignore_eos cannot be combined"),
+    (dict(regex=""), "regex must be None or a non-empty string"),
+])
+def test_bad_patterns_are_refused_with_what_is_wrong(engine, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        engine.add_request("x", SamplingParams(**kwargs))
+    assert not engine.has_unfinished()
+
+
+def test_equal_schemas_share_one_compiled_index(engine):
+    a = SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "boolean"}}})
+    b = SamplingParams(json_schema='{"properties": {"a": {"type": "boolean"}}, "type": "object"}')
+    assert a.json_schema == b.json_schema
+    assert engine.grammars.index_for(a) is engine.grammars.index_for(b)
