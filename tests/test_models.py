@@ -162,3 +162,49 @@ def test_phi3_longrope_keeps_its_short_factors_in_a_context_within_the_original(
         logits[context] = runner.forward_all([Chunk(0, tokens, 0)])[0]
     torch.testing.assert_close(logits[32], ref, atol=1e-4, rtol=0)
     assert (logits[33] - ref).abs().max() > 1e-3
+
+
+@torch.inference_mode()
+def test_gemma3_multimodal_checkpoint_serves_its_language_model(tmp_path, spm_tokenizer_dir):
+    """Gemma 3 from 4B up ships as a vision-language checkpoint: its text_config (written, as on the hub, with
+    only what differs from transformers' defaults, and the rope in the older format) and its language model's
+    weights are read; the vision tower is not."""
+    import json
+
+    from vramlite.engine.models.gemma import GEMMA3_TEXT_DEFAULTS
+
+    defaults = tf.Gemma3TextConfig()
+    older_names = {"rope_theta": defaults.rope_parameters["full_attention"]["rope_theta"],
+                   "rope_local_base_freq": defaults.rope_parameters["sliding_attention"]["rope_theta"],
+                   "sliding_window_pattern": defaults._sliding_window_pattern}
+    transformers_defaults = {k: older_names[k] if k in older_names else getattr(defaults, k)
+                             for k in GEMMA3_TEXT_DEFAULTS}
+    assert transformers_defaults == GEMMA3_TEXT_DEFAULTS
+
+    torch.manual_seed(0)
+    text = tf.Gemma3TextConfig(**{**LLAMA, "num_hidden_layers": 6}, head_dim=16, sliding_window=6,
+                               rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                                   "rope_theta": 1_000_000.0},
+                                                "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}})
+    vision = tf.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                   image_size=28, patch_size=14)
+    hf = tf.Gemma3ForConditionalGeneration(tf.Gemma3Config(text_config=text, vision_config=vision,
+                                                           mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for param in hf.parameters():
+            if param.dim() == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    model_dir = save_tiny_model(hf, tmp_path, spm_tokenizer_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    written = config["text_config"]
+    config["text_config"] = {"model_type": "gemma3_text", "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+                             **{k: v for k, v in written.items() if k in LLAMA and GEMMA3_TEXT_DEFAULTS.get(k) != v},
+                             "head_dim": 16, "sliding_window": 6}
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+    model, context = load_model(model_dir, torch.device("cpu"), torch.float32)
+    assert model.config.layer_windows == (6, 6, 6, 6, 6, None)
+    runner = ModelRunner(model, torch.device("cpu"), torch.float32, num_slots=1, context=context)
+    ids = torch.randint(3, VOCAB, (1, 24), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(runner.forward_all([Chunk(0, ids[0].tolist(), 0)])[0], hf(input_ids=ids).logits[0],
+                               atol=1e-4, rtol=0)

@@ -19,6 +19,7 @@ FAMILIES: dict[str, type[CausalLM]] = {
     "gemma": GemmaForCausalLM,
     "gemma2": GemmaForCausalLM,
     "gemma3_text": GemmaForCausalLM,
+    "gemma3": GemmaForCausalLM,
     "gpt2": GPT2LMHeadModel,
     "t5": T5ForConditionalGeneration,
     "mt5": T5ForConditionalGeneration,

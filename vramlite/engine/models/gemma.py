@@ -1,4 +1,4 @@
-"""Gemma decoders: gemma, gemma2, gemma3 (text).
+"""Gemma decoders: gemma, gemma2, gemma3 (text, and the language model of Gemma 3's multimodal checkpoints).
 
 LLaMA's blocks with Gemma's differences: norms that store their weight as an
 offset from 1, embeddings scaled by sqrt(hidden), and the GeLU-tanh MLP. Gemma 2
@@ -21,6 +21,15 @@ from vramlite.engine.layers.attention import AttentionMetadata, windowed
 from vramlite.engine.layers.norm import GemmaRMSNorm
 from vramlite.engine.layers.rotary import RotaryEmbedding
 from vramlite.engine.models.llama import MLP, Attention, LlamaForCausalLM
+
+# transformers' Gemma3TextConfig defaults, which the text_config of Gemma 3's multimodal checkpoints leaves out
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256, "sliding_window": 4096, "sliding_window_pattern": 6,
+    "rope_theta": 1_000_000.0, "rope_local_base_freq": 10_000.0, "hidden_activation": "gelu_pytorch_tanh",
+    "bos_token_id": 2, "eos_token_id": 1,
+}
 
 SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                   "post_feedforward_layernorm")
@@ -48,7 +57,7 @@ class GemmaDecoderLayer(torch.nn.Module):
 
 
 class GemmaForCausalLM(LlamaForCausalLM):
-    """gemma / gemma2 / gemma3_text; the head is the embedding's (Gemma ties them)."""
+    """gemma / gemma2 / gemma3_text / gemma3; the head is the embedding's (Gemma ties them)."""
 
     decoder_layer = GemmaDecoderLayer
     final_norm = GemmaRMSNorm
@@ -59,6 +68,9 @@ class GemmaForCausalLM(LlamaForCausalLM):
 
     @staticmethod
     def parse_config(raw: dict[str, Any]) -> ModelConfig:
+        if raw["model_type"] == "gemma3":  # multimodal: its language model alone (images are not read)
+            top = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype", "dtype") if k in raw}
+            raw = {**GEMMA3_TEXT_DEFAULTS, **top, **(raw.get("text_config") or {}), "model_type": "gemma3_text"}
         model_type = raw["model_type"]
         if raw.get("use_bidirectional_attention"):
             raise ModelLoadError("config.json: use_bidirectional_attention (an embedding model) is not supported")

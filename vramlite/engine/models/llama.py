@@ -153,7 +153,9 @@ class LlamaForCausalLM(CausalLM):
         cfg = self.config
         h, hd, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
         q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-        prefix = "model." if "model.embed_tokens.weight" in reader else ""
+        # a causal LM's "model.", none for a bare decoder, a multimodal checkpoint's language model (gemma3)
+        prefix = next((p for p in ("model.", "language_model.model.", "model.language_model.")
+                       if f"{p}embed_tokens.weight" in reader), "")
         fused = cfg.model_type == "phi3"
 
         def spec(module: nn.Module, param: str, names: list[str], shapes: list[tuple[int, ...]]) -> WeightSpec:
