@@ -116,7 +116,8 @@ class Engine:
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
                                         max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second)
-            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode, cpu_layout)
+            runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode, cpu_layout,
+                                 max_chunk=max_tokens_per_step)
             runner.warm_up_kernels(max_tokens_per_step)
         except torch.cuda.OutOfMemoryError as e:
             limit = parse_size(memory_limit) if isinstance(memory_limit, str) else memory_limit

@@ -15,6 +15,13 @@ values into its own slot: a copy of a few MiB, where computing them again
 runs the whole model. A prompt that matches none takes a slot that holds
 nothing, else the one freed longest ago.
 
+A sliding-window layer (Mistral, Gemma 2 and 3, ...) whose window is shorter
+than the context keeps a ring instead (Mistral's rolling buffer): position p
+at p mod R, R being the window plus a step's longest prefill chunk less one, as
+much as any query of that chunk can still see (`cache_lengths`). The prefix
+cache then reuses a slot only where its ring still holds what the new
+sequence's queries will look back to.
+
 One tensor per layer rather than one for all layers: a step compiled by
 torch.compile writes a layer's cache in place only when it is a tensor of its
 own (into a view of a bigger one, Inductor copied the layer's whole cache
@@ -41,16 +48,19 @@ class KVCache:
     """
 
     def __init__(self, num_layers: int, num_slots: int, context: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device, cross_context: int = 0) -> None:
-        def layers(length: int) -> list[torch.Tensor]:
-            shape = (num_slots, num_kv_heads, length, head_dim)
-            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+                 dtype: torch.dtype, device: torch.device, cross_context: int = 0,
+                 windows: Sequence[int | None] = (), max_chunk: int | None = None) -> None:
+        def layers(lengths: Sequence[int]) -> list[torch.Tensor]:
+            return [torch.zeros((num_slots, num_kv_heads, n, head_dim), dtype=dtype, device=device) for n in lengths]
 
-        self.k, self.v = layers(context), layers(context)
+        self.lengths = cache_lengths(windows or [None] * num_layers, context, max_chunk)
+        self.k, self.v = layers(self.lengths), layers(self.lengths)
+        # how many of a freed sequence's last positions a reuse may leave behind, where rings overwrite the rest
+        self._reuse_slack = max_chunk - 1 if max_chunk and min(self.lengths) < context else None
         self.cross_k: list[torch.Tensor] | None = None
         self.cross_v: list[torch.Tensor] | None = None
         if cross_context:
-            self.cross_k, self.cross_v = layers(cross_context), layers(cross_context)
+            self.cross_k, self.cross_v = layers([cross_context] * num_layers), layers([cross_context] * num_layers)
         self.cross_lens = [0] * num_slots
         self.num_slots = num_slots
         self.context = context
@@ -79,12 +89,12 @@ class KVCache:
         limit = len(token_ids) - 1
         slot, reused = None, 0
         for held_slot, held in self._held.items():
-            n = _common_prefix(held, token_ids, limit)
+            n = self._reusable(held, len(held), token_ids, limit)
             if n > reused:
                 slot, reused = held_slot, n
         source, copied = None, reused
         for running_slot, (tokens, computed) in (running or {}).items():
-            n = _common_prefix(tokens, token_ids, min(computed, limit))
+            n = self._reusable(tokens, computed, token_ids, min(computed, limit))
             if n > copied:
                 source, copied = running_slot, n
         if source is not None or slot is None:
@@ -96,9 +106,16 @@ class KVCache:
         self._held.pop(slot, None)
         if source is not None:
             for layer in (*self.k, *self.v):
-                layer[slot, :, :copied] = layer[source, :, :copied]
+                end = copied if layer.shape[2] == self.context else None  # a ring: all of it
+                layer[slot, :, :end] = layer[source, :, :end]
             reused = copied
         return slot, reused
+
+    def _reusable(self, held: Sequence[int], computed: int, token_ids: Sequence[int], limit: int) -> int:
+        """How many first positions of a slot that computed `computed` tokens of `held` serve `token_ids`: their
+        common prefix, or none where a ring has overwritten positions the new sequence will look back to."""
+        n = _common_prefix(held, token_ids, limit)
+        return 0 if self._reuse_slack is not None and computed - n > self._reuse_slack else n
 
     def free(self, slot: int, computed: Sequence[int] = ()) -> None:
         """Give a slot back, with the tokens whose keys and values it holds from position 0 (`computed`: for
@@ -109,6 +126,15 @@ class KVCache:
         heapq.heappush(self._free, slot)
         if computed:
             self._held[slot] = list(computed)
+
+
+def cache_lengths(windows: Sequence[int | None], context: int, max_chunk: int | None) -> list[int]:
+    """Positions each layer's cache holds: the context, or for a sliding-window layer a ring of its window plus
+    the longest prefill chunk (`max_chunk`, a step's token budget) less one, where that is shorter. None: no
+    rings (chunks of any length)."""
+    if max_chunk is None:
+        return [context] * len(windows)
+    return [context if w is None else min(context, w + max_chunk - 1) for w in windows]
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:

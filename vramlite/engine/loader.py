@@ -11,6 +11,7 @@ import torch
 
 from vramlite.engine.config import ModelConfig, parse_size, read_json
 from vramlite.engine.errors import ModelLoadError
+from vramlite.engine.kv_cache import cache_lengths
 from vramlite.engine.layers.linear import QUANTIZATIONS
 from vramlite.engine.models import family
 from vramlite.engine.models.base import CausalLM, keep
@@ -134,7 +135,7 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
     sizes = layer_sizes(layers, dtype)
 
     def activations(batch: int) -> tuple[int, int]:
-        return (kv_cache_bytes(cfg, batch, context, dtype),
+        return (kv_cache_bytes(cfg, batch, context, dtype, max_tokens_per_step),
                 workspace_bytes(cfg, batch, context, max_tokens_per_step, dtype))
 
     try:
@@ -147,12 +148,17 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
         raise ValueError(f"{e} (with max_batch_size=1 it takes {format_bytes(one)})") from None
 
 
-def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype) -> int:
+def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype,
+                   max_tokens_per_step: int | None = None) -> int:
     """What `KVCache` allocates for `max_batch_size` sequences of `context` positions (an encoder-decoder's
-    cross cache included)."""
+    cross cache included; sliding-window layers' rings, given the step budget)."""
     # An encoder-decoder has a self-attention and a cross-attention cache; CPM-Ant's prompt tokens come first.
-    positions = 2 * context if cfg.is_encoder_decoder else context + cfg.cache_prefix
-    return 2 * cfg.num_layers * max_batch_size * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
+    if cfg.is_encoder_decoder:
+        positions = 2 * context * cfg.num_layers
+    else:
+        windows = cfg.layer_windows or [None] * cfg.num_layers
+        positions = sum(cache_lengths(windows, context + cfg.cache_prefix, max_tokens_per_step))
+    return 2 * max_batch_size * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
 
 
 def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tokens_per_step: int,

@@ -89,14 +89,19 @@ class ModelRunner:
     """Runs one forward pass over a packed batch of chunks (decode tokens and prefill pieces mixed)."""
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, num_slots: int,
-                 context: int, compile_decode: bool = False, cpu_layout: str = "auto") -> None:
+                 context: int, compile_decode: bool = False, cpu_layout: str = "auto",
+                 max_chunk: int | None = None) -> None:
+        """`max_chunk`: the most tokens a prefill chunk may have (the scheduler's step budget), which lets
+        sliding-window layers keep ring caches (`KVCache`); None: any, and no rings."""
         cfg = model.config
         self.model = model
         self.device = device
         self.dtype = dtype
         self.context = context
         self.cache = KVCache(cfg.num_layers, num_slots, context + cfg.cache_prefix, cfg.num_kv_heads, cfg.head_dim,
-                             dtype, device, cross_context=context if cfg.is_encoder_decoder else 0)
+                             dtype, device, cross_context=context if cfg.is_encoder_decoder else 0,
+                             windows=cfg.layer_windows, max_chunk=max_chunk)
+        self.max_chunk = max_chunk if min(self.cache.lengths) < self.cache.context else None
         compiled = compile_decode and self._compilable()
         prefer_cpu_layout(model, batch_hint=num_slots, layout=cpu_layout, dtype=dtype, compiled=compiled)
         self._decode_step = None
@@ -175,6 +180,8 @@ class ModelRunner:
             reason = "layers are streamed under a memory limit"
         elif self.cache.cross_k is not None:
             reason = "encoder-decoder models decode eagerly"
+        elif self.max_chunk is not None:
+            reason = "sliding-window layers keep ring caches"
         elif not torch_compiles_decode():
             reason = f"torch {torch.__version__} cannot keep each engine's graphs apart (isolate_recompiles: 2.13)"
         else:
@@ -232,6 +239,9 @@ class ModelRunner:
         for c in chunks:
             if not c.token_ids or c.start + len(c.token_ids) > self.context:
                 raise ValueError(f"chunk of {len(c.token_ids)} tokens at {c.start} does not fit {self.context}")
+            if self.max_chunk is not None and len(c.token_ids) > self.max_chunk:
+                raise ValueError(f"chunk of {len(c.token_ids)} tokens: the ring caches of sliding-window layers "
+                                 f"take {self.max_chunk} at most")
             if c.encoder_ids and (self.cache.cross_k is None or len(c.encoder_ids) > self.context):
                 raise ValueError(f"encoder input of {len(c.encoder_ids)} tokens: the model has no encoder or "
                                  f"the input does not fit {self.context}")

@@ -12,6 +12,7 @@ second cache holding each slot's encoder keys and values (`CrossMetadata`).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -71,24 +72,62 @@ class AttentionBias:
     prefills: list[torch.Tensor]  # [1, heads, t, kv_len] per prefill chunk
 
 
-def windowed(meta: AttentionMetadata, window: int) -> AttentionMetadata:
+def windowed(meta: AttentionMetadata, window: int, cache_length: int) -> AttentionMetadata:
     """`meta` for a layer whose queries see only the `window` latest positions, their own included (a sliding
-    window, as transformers defines it): the masks also hide keys at or before position - window. The cache
-    keeps every position; keys wholly outside the window are masked rather than skipped."""
-    decode_mask = meta.decode_mask
+    window, as transformers defines it), over a cache of `cache_length` positions per slot.
+
+    Where the cache holds the whole context, the masks also hide keys at or before position - window (keys wholly
+    outside the window are masked rather than skipped). Where it is a ring (`KVCache`: position p at
+    p mod `cache_length`), keys are written there, every ring entry is read, and the masks keep the entries whose
+    position (the latest written there) is inside each query's window.
+    """
+    ring = cache_length
+    positions = meta.positions
+    decode_kv_len, decode_mask = meta.decode_kv_len, meta.decode_mask
+    nd = meta.num_decode
     # compiled, always masked: a test of the length would compile a second graph once sequences outgrow the window
-    if meta.num_decode and (torch.compiler.is_compiling() or meta.decode_kv_len > window):
-        keys = torch.arange(meta.decode_kv_len, device=meta.positions.device)
-        band = (keys > (meta.positions[: meta.num_decode, None] - window))[:, None, None, :]
-        decode_mask = band if decode_mask is None else band & decode_mask
+    if nd and (torch.compiler.is_compiling() or decode_kv_len > window):
+        queries = positions[:nd, None]
+        if decode_kv_len > ring:
+            decode_kv_len, decode_mask = ring, _ring_mask(queries, queries + 1, window, ring)[:, None, None, :]
+        else:
+            keys = torch.arange(decode_kv_len, device=positions.device)
+            band = (keys > queries - window)[:, None, None, :]
+            decode_mask = band if decode_mask is None else band & decode_mask
     prefills = []
     for chunk in meta.prefills:
         if chunk.kv_len > window:
-            queries = meta.positions[chunk.start : chunk.end, None]
-            keys = torch.arange(chunk.kv_len, device=queries.device)
-            chunk = replace(chunk, mask=(keys <= queries) & (keys > queries - window))
+            queries = positions[chunk.start : chunk.end, None]
+            if chunk.kv_len > ring:
+                chunk = replace(chunk, kv_len=ring, mask=_ring_mask(queries, chunk.kv_len, window, ring))
+            else:
+                keys = torch.arange(chunk.kv_len, device=queries.device)
+                chunk = replace(chunk, mask=(keys <= queries) & (keys > queries - window))
         prefills.append(chunk)
-    return replace(meta, decode_mask=decode_mask, prefills=prefills)
+    if meta.decode_kv_len > ring or any(c.kv_len > ring for c in meta.prefills):
+        positions = positions % ring  # where each token's keys and values go
+    return replace(meta, positions=positions, decode_kv_len=decode_kv_len, decode_mask=decode_mask,
+                   prefills=prefills)
+
+
+def window_metas(meta: AttentionMetadata, layer_windows: Sequence[int | None], cache_k: Sequence[torch.Tensor]
+                 ) -> dict[int, AttentionMetadata]:
+    """`windowed` metadata for each sliding window among a model's layers (`layer_windows`, as many as the
+    cache's layers, or none), over the cache length of the layers that have it."""
+    metas: dict[int, AttentionMetadata] = {}
+    for window, cache in zip(layer_windows, cache_k, strict=False):
+        if window is not None and window not in metas:
+            metas[window] = windowed(meta, window, cache.shape[2])
+    return metas
+
+
+def _ring_mask(queries: torch.Tensor, lengths: torch.Tensor | int, window: int, ring: int) -> torch.Tensor:
+    """Which entries [ring] of a ring cache each query [Q, 1] (an absolute position) may attend to, its
+    sequence's first `lengths` positions ([Q, 1], or one int) having been written: entry i holds position
+    p = i + ring * floor((length - 1 - i) / ring), the latest written there (none where p < 0)."""
+    entries = torch.arange(ring, device=queries.device)
+    held = entries + ring * torch.div(lengths - 1 - entries, ring, rounding_mode="floor")
+    return (held >= 0) & (held <= queries) & (held > queries - window)
 
 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,

@@ -17,7 +17,7 @@ import torch
 
 from vramlite.engine.config import ModelConfig, RopeConfig, parse_rope
 from vramlite.engine.errors import ModelLoadError
-from vramlite.engine.layers.attention import AttentionMetadata, windowed
+from vramlite.engine.layers.attention import AttentionMetadata, window_metas
 from vramlite.engine.layers.norm import GemmaRMSNorm
 from vramlite.engine.layers.rotary import RotaryEmbedding
 from vramlite.engine.models.llama import MLP, Attention, LlamaForCausalLM
@@ -110,8 +110,8 @@ class GemmaForCausalLM(LlamaForCausalLM):
         x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)  # rounded to x's dtype, as trained
         rope = self.rotary.tables(meta.positions)
         local_rope = rope if self.local_rotary is None else self.local_rotary.tables(meta.positions)
-        windows = {w: windowed(meta, w) for w in set(self.config.layer_windows) if w is not None}
         cache_k, cache_v = cache
+        windows = window_metas(meta, self.config.layer_windows, cache_k)
         for i, layer in self.decoder_layers():
             layer_rope = rope if layer.window is None else local_rope
             x = layer(x, layer_rope, windows.get(layer.window, meta), cache_k[i], cache_v[i])

@@ -13,7 +13,7 @@ from torch import nn
 from vramlite.engine.config import ModelConfig, common_fields, parse_rope, require
 from vramlite.engine.errors import ModelLoadError
 from vramlite.engine.layers.embedding import Embedding
-from vramlite.engine.layers.attention import AttentionMetadata, cached_attention, windowed
+from vramlite.engine.layers.attention import AttentionMetadata, cached_attention, window_metas
 from vramlite.engine.layers.linear import make_linear
 from vramlite.engine.layers.norm import RMSNorm
 from vramlite.engine.layers.rotary import RotaryEmbedding, apply_rotary
@@ -203,8 +203,8 @@ class LlamaForCausalLM(CausalLM):
                 cache: tuple[list[torch.Tensor], list[torch.Tensor]]) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(meta.positions)
-        windows = {w: windowed(meta, w) for w in set(self.config.layer_windows) if w is not None}
         cache_k, cache_v = cache
+        windows = window_metas(meta, self.config.layer_windows, cache_k)
         for i, layer in self.decoder_layers():
             x = layer(x, rope, windows.get(layer.window, meta), cache_k[i], cache_v[i])
         return x
