@@ -133,7 +133,8 @@ def _ring_mask(queries: torch.Tensor, lengths: torch.Tensor | int, window: int, 
 def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k: torch.Tensor,
                      cache_v: torch.Tensor, meta: AttentionMetadata, scale: float | None = None,
                      bias: AttentionBias | None = None, softcap: float | None = None) -> torch.Tensor:
-    """Write k, v [N, kv_heads, D] into one layer's cache [slots, kv_heads, context, D], then attend.
+    """Write k, v [N, kv_heads, D] into one layer's cache [slots, kv_heads, positions, D] (the context's, or a
+    ring's: see `windowed`), then attend.
 
     q is [N, heads, D]; returns [N, heads, D]. Grouped-query attention never
     materializes repeated K/V. Scores are scaled by `scale` (default D**-0.5)
