@@ -4,7 +4,7 @@ The engine tests run the same scheduler with real sequences and a real model; th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -20,6 +20,7 @@ class Seq:
     num_encoder_pending: int = 0
     whole_prompt: bool = False
     slot: int | None = None
+    draft: list[int] = field(default_factory=list)
 
 
 def make(batch: int, budget: int) -> tuple[Scheduler, list[int]]:
@@ -33,7 +34,7 @@ def run(scheduler: Scheduler) -> list[tuple[str, int]]:
     """One step: what is scheduled, then each sequence as if its tokens ran (a finished prompt decodes)."""
     batch = scheduler.schedule()
     for seq, n in batch:
-        seq.num_pending = seq.num_pending - n or 1
+        seq.num_pending = max(seq.num_pending - n, 0) or 1  # drafted tokens run too: then one is pending
         seq.num_encoder_pending = 0
     return [(seq.name, n) for seq, n in batch]
 
@@ -48,6 +49,24 @@ def test_decoding_sequences_go_first_and_a_long_prompt_is_prefilled_in_pieces():
     assert run(scheduler) == [("a", 1), ("b", 7)]
     assert run(scheduler) == [("a", 1), ("b", 6)]
     assert run(scheduler) == [("a", 1), ("b", 1)]
+
+
+def test_drafts_take_what_the_budget_leaves_after_decodes_and_prefills():
+    scheduler, _ = make(batch=4, budget=8)
+    a, b = Seq("a", 2), Seq("b", 1)
+    scheduler.add(a)
+    assert run(scheduler) == [("a", 2)]
+    a.draft = [7] * 9
+    assert run(scheduler) == [("a", 8)]  # 1 + 7 drafted: the budget
+    scheduler.add(Seq("c", 20))
+    assert run(scheduler) == [("a", 1), ("c", 7)]  # a prompt waiting: its prefill first
+    scheduler.add(b)
+    b.draft = [5, 5]
+    assert run(scheduler) == [("a", 1), ("c", 7)]
+    assert run(scheduler) == [("a", 1), ("c", 6), ("b", 1)]  # b's prompt: not drafted after
+    assert run(scheduler) == [("a", 6), ("c", 1), ("b", 1)]  # 5 left, to the first drafts in the batch
+    a.draft = [7]
+    assert run(scheduler) == [("a", 2), ("c", 1), ("b", 3)]
 
 
 def test_waiting_sequences_are_admitted_in_order_while_slots_last():

@@ -21,10 +21,11 @@ from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
 from vramlite.engine.offload import WeightStore
 from vramlite.engine.runner import Chunk, ModelRunner, ScoreFn
-from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, token_scores
+from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, argmax, token_scores
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
 from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput, TokenLogprob
 from vramlite.engine.sequence import Sequence as Seq
+from vramlite.engine.speculative import NgramIndex, accepted
 from vramlite.engine.structured import Grammars
 from vramlite.engine.tokenizer import Tokenizer
 
@@ -51,11 +52,14 @@ class Completion:
 @dataclass
 class StepResult:
     """What a forward pass computed for one sequence: its new token, if its prompt is all in the cache, with
-    the token's scores, and the scores of the prompt tokens of this step's chunk, when the request asked."""
+    the token's scores, and the scores of the prompt tokens of this step's chunk, when the request asked. A
+    step that verified a draft yields its accepted tokens and the model's next, having `computed` its chunk's
+    tokens up to the first rejected one."""
 
-    token: int | None = None
+    tokens: list[int] = field(default_factory=list)
     scores: TokenScores | None = None
     prompt_scores: list[TokenScores] = field(default_factory=list)
+    computed: int | None = None  # tokens now in the cache, where not all the step's chunk (a rejected draft)
 
 
 class Engine:
@@ -66,7 +70,8 @@ class Engine:
     """
 
     def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
-                 scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None) -> None:
+                 scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None,
+                 speculative_tokens: int = 0) -> None:
         self.model_dir = model_dir
         self.probe = probe or GpuProbe.cpu()  # what the device reported at start (name, PCIe, bandwidth)
         self.runner = runner
@@ -81,13 +86,17 @@ class Engine:
         self.continuation = continuation(self.config, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
+        self.speculative_tokens = speculative_tokens  # drafted per step for greedy requests (see `speculative`)
+        self.drafted_tokens = 0
+        self.accepted_tokens = 0
 
     @classmethod
     def from_dir(cls, path: str | Path, device: str | torch.device | None = None,
                  dtype: str | torch.dtype | None = None, max_batch_size: int = 8, context: int | None = None,
                  max_tokens_per_step: int = 512, quantize: str | None = None,
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
-                 compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True) -> Engine:
+                 compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True,
+                 speculative_tokens: int = 0) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -104,7 +113,11 @@ class Engine:
         and int8) are laid out, "auto" (timed at load: the fastest here) or
         "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`). prefix_caching: a prompt that
         starts like the tokens a freed cache slot holds reuses their keys and values (see `KVCache`).
+        speculative_tokens: greedy requests draft up to this many tokens a step by prompt lookup and verify
+        them in one forward pass (see `vramlite.engine.speculative`); 0: off.
         """
+        if not 0 <= speculative_tokens <= max_tokens_per_step:
+            raise ValueError(f"speculative_tokens must be in [0, max_tokens_per_step], got {speculative_tokens}")
         start = time.perf_counter()
         model_dir = Path(path)
         dev = pick_device(device)
@@ -126,7 +139,7 @@ class Engine:
         defaults = cls._generation_defaults(model_dir)
         log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
                  time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
-        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe)
+        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe, speculative_tokens)
 
     @staticmethod
     def _generation_defaults(model_dir: Path) -> dict[str, Any]:
@@ -197,6 +210,9 @@ class Engine:
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
                   self.config.whole_prompt)
         seq.num_prompt_tokens = given
+        if self.speculative_tokens and seq.caches_prefix and state.greedy and not state.penalized \
+                and state.constraint is None and params.logprobs is None:
+            seq.lookup = NgramIndex()
         self._sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq.seq_id
@@ -224,6 +240,7 @@ class Engine:
         # max_tokens 0 ends a request before it runs, unless it asked for its prompt's log-probabilities
         outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
                    if seq.params.max_tokens == 0 and seq.params.prompt_logprobs is None]
+        self._draft()
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
@@ -236,31 +253,53 @@ class Engine:
             start = seq.num_computed
             if result.prompt_scores:
                 seq.prompt_logprobs += self._prompt_logprobs(seq, start, result.prompt_scores)
-            seq.num_computed += n
+            if result.computed is None:
+                seq.num_computed += n
+            else:
+                seq.num_computed += result.computed
+                self.drafted_tokens += n - 1
+                self.accepted_tokens += result.computed - 1
+                seq.lookup.verified(n - 1, result.computed - 1)
             seq.encoded = True
-            if result.token is not None:
-                out = seq.append(result.token, self.context, result.scores)
+            if result.tokens:
+                new = []
+                for token in result.tokens:
+                    new.append(seq.append(token, self.context, result.scores))
+                    if new[-1].finished:
+                        break
             elif seq.num_pending == 0:  # a prompt scored with max_tokens 0, now all in the cache
-                out = seq.finish(FinishReason.LENGTH)
+                new = [seq.finish(FinishReason.LENGTH)]
             else:
                 continue
             if seq.params.prompt_logprobs is not None and start < seq.prompt_length <= seq.num_computed:
-                out = replace(out, prompt_logprobs=tuple(seq.prompt_logprobs))
-            if out.finished:
+                new[0] = replace(new[0], prompt_logprobs=tuple(seq.prompt_logprobs))
+            if new[-1].finished:
                 self._release(seq)
-            outputs.append(out)
+            outputs += new
         return outputs
+
+    def _draft(self) -> None:
+        """Draft the next tokens of each decoding sequence that speculates (the scheduler gives them what its
+        budget has left), as many as may still be generated and fit the context."""
+        for seq in self.scheduler.running:
+            seq.draft = []
+            if seq.lookup is not None and seq.num_pending == 1:
+                room = min(self.speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
+                           self.context - len(seq.token_ids))
+                seq.draft = seq.lookup.draft(seq.token_ids, room)
 
     def _compute(self, batch: list[tuple[Seq, int]]) -> list[StepResult]:
         """The forward pass and sampling for `batch`: a token for each sequence whose prompt is now all in
         the cache (and that may generate), and the scores of prompt tokens asked for. Changes no sequence, so
         a failure can be retried."""
-        chunks = [Chunk(seq.slot, seq.token_ids[seq.num_computed : seq.num_computed + n], seq.num_computed,
+        chunks = [Chunk(seq.slot, seq.next_tokens(n), seq.num_computed,
                         seq.encoder_ids if seq.num_encoder_pending else ()) for seq, n in batch]
         results = [StepResult() for _ in batch]
         scoring = {i: self._prompt_scorer(seq, results[i]) for i, (seq, n) in enumerate(batch)
                    if seq.params.prompt_logprobs is not None and seq.num_computed < seq.prompt_length - 1}
-        logits = self.runner.forward(chunks, scoring=scoring)
+        verifying = {i: self._verifier(seq, n, results[i]) for i, (seq, n) in enumerate(batch)
+                     if n > seq.num_pending}
+        logits = self.runner.forward(chunks, scoring={**scoring, **verifying})
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n and seq.params.max_tokens > 0]
         if not rows:
             return results
@@ -271,8 +310,21 @@ class Engine:
         scores = dict(zip(asked, token_scores(logits[list(asked)], picked[list(asked)], list(asked.values())),
                           strict=True)) if asked else {}
         for i, (row, token) in enumerate(zip(rows, picked.tolist(), strict=True)):
-            results[row].token, results[row].scores = token, scores.get(i)
+            results[row].tokens, results[row].scores = [token], scores.get(i)
         return results
+
+    def _verifier(self, seq: Seq, n: int, result: StepResult) -> ScoreFn:
+        """Checks the draft of `seq`'s chunk of `n` tokens (the last sampled one, then n - 1 drafted) against
+        the greedy token at each of its positions, into `result`."""
+        draft = seq.draft[: n - 1]
+        greedy: list[int] = []
+
+        def verify(first: int, logits: torch.Tensor) -> None:
+            greedy.extend(argmax(logits).tolist())
+            if len(greedy) == n:
+                result.tokens = accepted(greedy, draft)
+                result.computed = len(result.tokens)  # the last sampled token and the drafts it agreed with
+        return verify
 
     @staticmethod
     def _prompt_scorer(seq: Seq, result: StepResult) -> ScoreFn:

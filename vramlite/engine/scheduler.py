@@ -12,6 +12,10 @@ pieces, and so is the prompt of a model whose prompt attends both ways
 does not fit what is left waits for the next step, unless nothing but decode
 tokens is scheduled yet — then it runs over the budget, so even an input
 longer than the budget gets its turn.
+
+What the budget has left after all that goes to speculative decoding: a
+decoding sequence with drafted tokens (`Sequence.draft`, prompt lookup) runs
+them after its pending one, in batch order, so drafts never delay a prompt.
 """
 
 from __future__ import annotations
@@ -93,6 +97,12 @@ class Scheduler:
             self.running.append(seq)
             batch.append((seq, n))
             budget = max(budget - n - encoder, 0)
+        # what the budget has left goes to speculative decoding's drafts (`Sequence.draft`), after all else
+        for i, (seq, n) in enumerate(batch):
+            extra = min(len(seq.draft), budget) if n == seq.num_pending == 1 else 0
+            if extra:
+                batch[i] = (seq, n + extra)
+                budget -= extra
         return batch
 
     def _reuses(self, seq: Sequence) -> bool:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 
 from vramlite.engine.detokenizer import IncrementalDetokenizer
 from vramlite.engine.sampler import SamplerState, SamplingParams, TokenScores
+from vramlite.engine.speculative import NgramIndex
 from vramlite.engine.stop import StopMatcher
 
 
@@ -88,6 +89,14 @@ class Sequence:
         self.logprobs: list[Logprobs] = []  # one per generated token, when params.logprobs is set
         self.prompt_logprobs: list[Logprobs | None] = [None]  # the prompt's, as prefill computes them
         self.finish_reason: FinishReason | None = None
+        self.lookup: NgramIndex | None = None  # speculative decoding's drafts, for a request that may take them
+        self.draft: list[int] = []  # this step's drafted tokens, after the pending one
+
+    def next_tokens(self, n: int) -> list[int]:
+        """The `n` tokens a step computes: pending ones first (the prompt's rest, or the last sampled), then
+        drafted ones."""
+        pending = self.token_ids[self.num_computed : self.num_computed + n]
+        return pending + self.draft[: n - len(pending)]
 
     @property
     def prompt_length(self) -> int:

@@ -99,7 +99,8 @@ def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], 
                                max_tokens_per_step=settings.max_tokens_per_step, quantize=quantization(settings),
                                memory_limit=None if path else served_memory_limit(settings),
                                prefetch_depth=settings.prefetch_depth, compile_decode=settings.compile_decode,
-                               cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching)
+                               cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching,
+                               speculative_tokens=settings.speculative_tokens)
 
     return load
 

@@ -93,7 +93,7 @@ class EngineLoop:
         self._failed_steps = 0
         self.num_running = 0
         self.num_waiting = 0
-        self._reused_tokens = 0  # the engine's prefix-cache hits counted so far
+        self._counted: dict[object, int] = {}  # each engine total exported as a counter: its value so far
 
     # --- asyncio side -----------------------------------------------------------------------------
 
@@ -296,14 +296,15 @@ class EngineLoop:
         for seq in engine.scheduler.running:
             self._mark_scheduled(self._by_seq[seq.seq_id], started)
         events: list[tuple[Generation, StepOutput | ApiError]] = []
-        sampled = failed = 0
+        sampled: set[int] = set()  # sequences that got tokens (a verified draft brings several)
+        failed = 0
         for out in outputs:
             gen = self._by_seq.get(out.seq_id)
             if gen is None:
                 continue
             self._mark_scheduled(gen, started)
             if out.token_id is not None:
-                sampled += 1
+                sampled.add(out.seq_id)
                 self._mark_token(gen, now)
             if out.finished:
                 gen.finish_reason = out.finish_reason.value
@@ -314,7 +315,7 @@ class EngineLoop:
             else:
                 events.append((gen, out))
         if sampled:
-            self.metrics.batch_size.observe(sampled)
+            self.metrics.batch_size.observe(len(sampled))
         self._post(events)
         self._update_gauges(engine)
         self._failed_steps = self._failed_steps + 1 if failed and not sampled else 0
@@ -349,9 +350,13 @@ class EngineLoop:
         self.metrics.generation_tokens.inc()
 
     def _update_gauges(self, engine: Engine) -> None:
-        """The load figures `Metrics.watch` reads at scrape time, and the prefix cache's new hits."""
-        self.metrics.prefix_cache_hit_tokens.inc(engine.scheduler.reused_tokens - self._reused_tokens)
-        self._reused_tokens = engine.scheduler.reused_tokens
+        """The load figures `Metrics.watch` reads at scrape time, and the prefix cache's and speculative
+        decoding's new counts."""
+        for counter, total in ((self.metrics.prefix_cache_hit_tokens, engine.scheduler.reused_tokens),
+                               (self.metrics.speculative_draft_tokens, engine.drafted_tokens),
+                               (self.metrics.speculative_accepted_tokens, engine.accepted_tokens)):
+            counter.inc(total - self._counted.get(counter, 0))
+            self._counted[counter] = total
         self.num_running = len(engine.scheduler.running)
         self.num_waiting = len(engine.scheduler.waiting) + self._inbox.qsize()
 

@@ -61,6 +61,9 @@ class Settings(BaseModel):
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     prefix_caching: bool = Field(True, description="a prompt that starts like the tokens a freed KV cache slot "
                                  "holds (a chat's earlier turns) reuses their keys and values")
+    speculative_tokens: int = Field(0, ge=0, le=32, description="greedy requests draft up to this many tokens a "
+                                    "step by prompt lookup (what followed their last tokens where these occurred "
+                                    "before) and verify them in one forward pass; 0 = off")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
                                  "compiled at load (the demo model 1.4-1.45x faster on 2 Intel cores)")
     cpu_layout: Literal["auto", "dense", "rows", "packed"] = Field(
