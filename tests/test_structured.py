@@ -94,8 +94,12 @@ def test_bad_patterns_are_refused_with_what_is_wrong(engine, kwargs, message):
     assert not engine.has_unfinished()
 
 
-def test_equal_schemas_share_one_compiled_index(engine):
-    a = SamplingParams(json_schema={"type": "object", "properties": {"a": {"type": "boolean"}}})
-    b = SamplingParams(json_schema='{"properties": {"a": {"type": "boolean"}}, "type": "object"}')
+def test_equal_schemas_share_one_compiled_index_and_properties_keep_their_order(engine):
+    a = SamplingParams(json_schema={"type": "object", "properties": {"b": {"type": "boolean"}, "a": {"enum": [1]}},
+                                    "required": ["b", "a"]})
+    b = SamplingParams(json_schema='{"type": "object",\n "properties": {"b": {"type": "boolean"}, "a": {"enum": [1]}},'
+                                   ' "required": ["b", "a"]}')
     assert a.json_schema == b.json_schema
     assert engine.grammars.index_for(a) is engine.grammars.index_for(b)
+    out = engine.generate("x", SamplingParams(max_tokens=30, temperature=0, json_schema=a.json_schema))
+    assert list(json.loads(out.text)) == ["b", "a"]

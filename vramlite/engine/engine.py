@@ -281,6 +281,8 @@ class Engine:
     def _draft(self) -> None:
         """Draft the next tokens of each decoding sequence that speculates (the scheduler gives them what its
         budget has left), as many as may still be generated and fit the context."""
+        if not self.speculative_tokens:
+            return
         for seq in self.scheduler.running:
             seq.draft = []
             if seq.lookup is not None and seq.num_pending == 1:

@@ -55,8 +55,9 @@ def pattern_of(json_schema: str | None, regex: str | None) -> str | None:
 
 
 def canonical_schema(schema: str | dict[str, Any]) -> str:
-    """A JSON schema (object or JSON text) as compact JSON text with sorted keys, so equal schemas share a
-    compiled index. ValueError if it is not a JSON object."""
+    """A JSON schema (object or JSON text) as compact JSON text, so that a schema sent with other spacing
+    shares its compiled index (keys keep their order: properties come out in the schema's order). ValueError
+    if it is not a JSON object."""
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -64,7 +65,7 @@ def canonical_schema(schema: str | dict[str, Any]) -> str:
             raise ValueError(f"json_schema is not valid JSON: {e}") from None
     if not isinstance(schema, dict):
         raise ValueError("json_schema must be a JSON object (a JSON Schema)")
-    return json.dumps(schema, sort_keys=True, separators=(",", ":"))
+    return json.dumps(schema, separators=(",", ":"))
 
 
 class Grammars:
