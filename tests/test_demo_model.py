@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -123,6 +124,19 @@ def test_cli_generate_compiled_prints_the_same(capsys, caplog, monkeypatch):
     assert capsys.readouterr().out == eager
     assert "compiled the decode steps in" in caplog.text
     assert caplog.text.count("cpu layout of the linear weights, as asked (rows): 25 rows") == 2
+
+
+def test_cli_generate_held_to_a_json_schema(capsys, tmp_path):
+    schema = {"type": "object", "properties": {"poet": {"type": "string", "maxLength": 4}}, "required": ["poet"]}
+    (tmp_path / "schema.json").write_text(json.dumps(schema))
+    args = ["generate", "--temperature", "0", "--max-tokens", "40", "--speculative-tokens", "4"]
+    assert cli_main([*args, "--json-schema", f"@{tmp_path / 'schema.json'}", "床前明月光，"]) == 0
+    doc = json.loads(capsys.readouterr().out[len("床前明月光，"):])
+    assert list(doc) == ["poet"] and len(doc["poet"]) <= 4
+    assert cli_main([*args, "--regex", "[0-9]{3}", "床前明月光，"]) == 0
+    assert re.fullmatch("[0-9]{3}\n", capsys.readouterr().out[len("床前明月光，"):])
+    assert cli_main([*args, "--regex", "(", "x"]) == 2
+    assert "output pattern" in capsys.readouterr().err
 
 
 def test_cli_reports_bad_model_dir(tmp_path, capsys):

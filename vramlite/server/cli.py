@@ -66,8 +66,13 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_pen
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=1, **model_kwargs(args))
-    params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS})
+    engine = Engine.from_dir(args.model or demo_models.path(), max_batch_size=1,
+                             speculative_tokens=args.speculative_tokens, **model_kwargs(args))
+    schema = args.json_schema
+    if schema is not None and schema.startswith("@"):
+        schema = Path(schema[1:]).read_text(encoding="utf-8")
+    params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS}, json_schema=schema,
+                                    regex=args.regex)
     out = sys.stdout
     out.write(args.prompt)
     reason = None
@@ -235,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text for a prompt, streamed to stdout")
     add_model_args(gen)
     add_sampling_args(gen)
+    gen.add_argument("--json-schema", help="output JSON that this JSON Schema accepts (the schema's text, or @FILE)")
+    gen.add_argument("--regex", help="output text that this regular expression matches")
+    gen.add_argument("--speculative-tokens", type=int, default=0,
+                     help="with --temperature 0: draft up to this many tokens a step by prompt lookup (default: 0)")
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
     fill = sub.add_parser("fill-blank", help="fill each <span> of a prompt (default model: the demo T5)")
