@@ -176,8 +176,7 @@ def test_completion_options_we_cannot_honour_are_refused(oai, params):
         oai.completions.create(model="model", prompt="x", max_tokens=2, **params)
 
 
-@pytest.mark.parametrize("params", [{"tools": [{"type": "function", "function": {"name": "f"}}]},
-                                    {"tool_choice": "required"}])
+@pytest.mark.parametrize("params", [{"functions": [{"name": "f"}]}, {"function_call": {"name": "f"}}])
 def test_chat_options_we_cannot_honour_are_refused(oai, params):
     field = next(iter(params))
     with pytest.raises(openai.UnprocessableEntityError, match=f"{field}: .* is not supported"):

@@ -61,6 +61,7 @@ from vramlite.server.schemas import (
     TokenizeResponse,
 )
 from vramlite.server.settings import Settings
+from vramlite.server.tools import read_calls
 
 log = logging.getLogger("vramlite.server")
 T = TypeVar("T")
@@ -725,20 +726,53 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     _check_model(request, body)
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, messages)
+    tools = body.tool_dicts()
+    ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages],
+                                  tools)
     gens = submit_choices(request, ids, params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}
+    reply = partial(_chat_choice, tools=tools, mode=body.tool_mode(), logprobs=bool(body.logprobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(request, _chat_chunks(request, gens, {**head, "object": "chat.completion.chunk"},
-                                                   include_usage))
-    choices = [{"index": i, "message": {"role": "assistant", "content": done.text},
-                "logprobs": chat_logprobs(done.logprobs) if body.logprobs else None,
-                "finish_reason": openai_finish(done.reason)}
-               for i, done in enumerate(await collect_all(request, gens))]
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        chunks = _chat_chunks(request, gens, chunk_head, include_usage) if tools is None \
+            else _chat_chunks_read_for_calls(request, gens, chunk_head, include_usage, reply)
+        return sse_response(request, chunks)
+    choices = [reply(i, done) for i, done in enumerate(await collect_all(request, gens))]
     return {**head, "choices": choices, "usage": openai_usage(gens)}
+
+
+def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None, mode: str | dict[str, Any],
+                 logprobs: bool) -> dict[str, Any]:
+    """One chat choice from its generation, the tool calls in it read as `mode` asks (`tools.read_calls`)."""
+    content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    finish = openai_finish(done.reason)
+    if calls:
+        message["tool_calls"] = [call.to_openai() for call in calls]
+        finish = "tool_calls" if finish == "stop" else finish
+    return {"index": index, "message": message, "logprobs": chat_logprobs(done.logprobs) if logprobs else None,
+            "finish_reason": finish}
+
+
+async def _chat_chunks_read_for_calls(request: Request, gens: list[Generation], head: dict[str, Any],
+                                      include_usage: bool, reply: Callable[[int, Collected], dict[str, Any]]
+                                      ) -> AsyncIterator[dict[str, Any]]:
+    """A stream of a request with tools: a reply is read for calls whole, so each choice comes complete, in
+    one chunk after its role's (its content and its calls, each call with its `index`)."""
+    for i in range(len(gens)):
+        yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                    "finish_reason": None}]}
+    for i, done in enumerate(await collect_all(request, gens)):
+        choice = reply(i, done)
+        message = choice.pop("message")
+        delta = {} if message["content"] is None else {"content": message["content"]}
+        if "tool_calls" in message:
+            delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]
+        yield {**head, "choices": [{**choice, "delta": delta}]}
+    if include_usage:
+        yield {**head, "choices": [], "usage": openai_usage(gens)}
 
 
 async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool

@@ -28,21 +28,27 @@ def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
     return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
-def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
     """Token ids that ask the model for the assistant's next message.
 
-    With a template, the rendered text is trusted (it places the special tokens itself, BOS included);
-    without one, the messages become "role: content" lines ending with "assistant:". The space after the
-    colon is left out where the content starts with one, as a reply generated after "assistant:" does: a reply
-    sent back in the next turn then reads as it was generated, and the prefix cache reuses its tokens.
+    With a template, the rendered text is trusted (it places the special tokens itself, BOS included), and
+    `tools` (OpenAI's function definitions) are the template's to describe; without one, the messages become
+    "role: content" lines ending with "assistant:", and tools are refused (400): nothing would tell the model
+    of them. The space after the colon is left out where the content starts with one, as a reply generated
+    after "assistant:" does: a reply sent back in the next turn then reads as it was generated, and the
+    prefix cache reuses its tokens.
     """
     if tokenizer.chat_template is None:
+        if tools:
+            raise ApiError(400, "invalid_request", "tools need the model's chat template to describe them, and "
+                           "this model has none")
         lines = [f"{m['role']}:{'' if m['content'][:1].isspace() else ' '}{m['content']}" for m in messages]
         return tokenizer.encode("\n".join([*lines, "assistant:"]))
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
     try:
         text = _compile(tokenizer.chat_template).render(
-            messages=messages, add_generation_prompt=True,
+            messages=messages, tools=tools, add_generation_prompt=True,
             bos_token=_token_text(tokenizer, tokenizer.bos_id), eos_token=_token_text(tokenizer, eos))
     except TemplateError as e:
         raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {e}") from None

@@ -19,10 +19,13 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
 from vramlite.engine.sampler import MAX_LOGPROBS, MAX_PATTERN_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from vramlite.server.tools import forced_schema
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
 MAX_TOKENS_BOUND = 1 << 20  # the real bound is the model's context, checked per request
 MAX_MODEL_NAME_CHARS = 256
+MAX_TOOLS = 128
+MAX_TOOL_NAME_CHARS = 64
 
 
 def error_message(err: ErrorDetails) -> str:
@@ -326,14 +329,87 @@ class CompletionRequest(OpenAIFields):
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
 
+class FunctionCall(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
+    arguments: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class MessageToolCall(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str | None = Field(None, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(Body):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str | list[ContentPart] = Field(max_length=MAX_PROMPT_CHARS)
+    content: str | list[ContentPart] | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=256)
+    name: str | None = Field(None, max_length=MAX_TOOL_NAME_CHARS)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> ChatMessage:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content is required, unless an assistant message has tool_calls")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def for_template(self) -> dict[str, Any]:
+        """The message as chat templates read it: a tool call's arguments as an object where they parse."""
+        message: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
+        return message
+
+
+def _json_or_text(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+class FunctionDefinition(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=MAX_TOOL_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDefinition(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
+
+
+class NamedToolChoice(Body):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(OpenAIFields):
@@ -343,11 +419,41 @@ class ChatCompletionRequest(OpenAIFields):
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     logprobs: bool | None = Field(None, description="each token's log-probability")
     top_logprobs: LogprobsCount | None = Field(None, description="with `logprobs`: this many most likely tokens' too")
-    tools: unsupported(None, [], why="no tool calling")
-    tool_choice: unsupported(None, "none", "auto", why="no tool calling")
+    tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may "
+                                               "call; the chat template describes them to it")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (the default with tools): calls read from the reply; "required" or a named '
+        'function: the reply held to calls (structured output); "none"')
     functions: unsupported(None, [], why="no function calling")
     function_call: unsupported(None, "none", "auto", why="no function calling")
     modalities: unsupported(None, ["text"], why="text is the only modality")
+
+    @model_validator(mode="after")
+    def _tool_choice_of_tools(self) -> ChatCompletionRequest:
+        choice = self.tool_choice
+        if choice not in (None, "none") and not self.tools:
+            raise ValueError("tool_choice needs tools")
+        if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                t.function.name for t in self.tools or ()}:
+            raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
+        if self.tool_mode() not in ("none", "auto") and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise ValueError("response_format cannot be combined with a tool_choice that forces a call")
+        return self
+
+    def tool_mode(self) -> str | dict[str, Any]:
+        """How the reply relates to the tools: "none", "auto", "required" or a named function's choice."""
+        if not self.tools:
+            return "none"
+        choice = self.tool_choice or "auto"
+        return choice.model_dump() if isinstance(choice, NamedToolChoice) else choice
+
+    def tool_dicts(self) -> list[dict[str, Any]] | None:
+        return None if not self.tools else [t.model_dump(exclude_none=True) for t in self.tools]
+
+    def output_kwargs(self) -> dict[str, Any]:
+        forced = None if not self.tools else forced_schema(self.tool_dicts(), self.tool_mode())
+        return super().output_kwargs() if forced is None else {"json_schema": forced}
 
     @field_validator("top_logprobs")
     @classmethod

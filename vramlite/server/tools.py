@@ -1,0 +1,91 @@
+"""Tool calling on the OpenAI chat route: how a reply is held to, or read for, calls of the request's tools.
+
+The tools go to the model's chat template (`tools`), which describes them in the
+model's own words. Then, by `tool_choice`:
+- a named function: the reply is that function's arguments, held to its parameters' JSON schema (structured
+  output), as vLLM does for a named tool;
+- "required": the reply is a JSON array of calls, each `{"name", "arguments"}` of one of the tools;
+- "auto" (the default with tools): the model writes what it likes, and calls are read from the two formats
+  open models use: Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks (Qwen 2.5 and 3,
+  Hermes, ...) and a reply that is one JSON call or an array of them, with `arguments` or `parameters`
+  (Llama 3.1 and later);
+- "none": the model writes what it likes, and nothing is read as a call.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    def to_openai(self, index: int | None = None) -> dict[str, Any]:
+        call = {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+        return call if index is None else {"index": index, **call}
+
+
+def forced_schema(tools: list[dict[str, Any]], choice: str | dict[str, Any]) -> dict[str, Any] | None:
+    """The JSON schema a reply is held to under `choice` (None: a free reply): a named function's parameters,
+    or for "required" an array of one or more calls of the tools."""
+    if isinstance(choice, dict):
+        name = choice["function"]["name"]
+        return next(_parameters(t) for t in tools if t["function"]["name"] == name)
+    if choice != "required":
+        return None
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "arguments": _parameters(t)},
+              "required": ["name", "arguments"]} for t in tools]
+    return {"type": "array", "items": calls[0] if len(calls) == 1 else {"anyOf": calls}, "minItems": 1}
+
+
+def _parameters(tool: dict[str, Any]) -> dict[str, Any]:
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, Any]
+               ) -> tuple[str | None, list[ToolCall]]:
+    """A reply's text content (None if only calls) and the tool calls in it, as `choice` shaped it."""
+    if isinstance(choice, dict):
+        return None, [ToolCall(choice["function"]["name"], text)]
+    if choice == "none":
+        return text, []
+    names = {t["function"]["name"] for t in tools}
+    if choice == "required":
+        calls = _calls(_loads(text), names)  # none where max_tokens cut the array short
+        return (None, calls) if calls else (text, [])
+    blocks = _HERMES.findall(text)
+    if blocks:
+        calls = [call for block in blocks for call in _calls(_loads(block), names)]
+        if calls:
+            content = _HERMES.sub("", text).strip()
+            return content or None, calls
+    calls = _calls(_loads(text.strip()), names)
+    return (None, calls) if calls else (text, [])
+
+
+def _loads(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return None
+
+
+def _calls(value: Any, names: set[str]) -> list[ToolCall]:
+    """The calls of known tools in a parsed JSON call or list of calls (`arguments` or `parameters`)."""
+    calls = []
+    for item in value if isinstance(value, list) else [value]:
+        if not isinstance(item, dict) or item.get("name") not in names:
+            return []
+        arguments = item.get("arguments", item.get("parameters", {}))
+        calls.append(ToolCall(item["name"], arguments if isinstance(arguments, str) else json.dumps(arguments)))
+    return calls
