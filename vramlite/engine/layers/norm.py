@@ -22,13 +22,12 @@ class RMSNorm(nn.Module):
         return self.weight * normed.to(x.dtype)
 
 
-class GemmaRMSNorm(nn.Module):
+class GemmaRMSNorm(RMSNorm):
     """Gemma's RMSNorm: the weight is stored as an offset from 1, and applied in fp32 before the cast back."""
 
     def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.zeros(hidden_size), requires_grad=False)
-        self.eps = eps
+        super().__init__(hidden_size, eps)
+        self.weight.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         normed = F.rms_norm(x.float(), (x.shape[-1],), None, self.eps)
