@@ -249,6 +249,12 @@ def unsupported(*no_ops: Any, why: str) -> Any:
     return Annotated[Any, BeforeValidator(check), Field(None, description=f"not supported: only {allowed}")]
 
 
+class OpenAIBody(Body):
+    """A part of an OpenAI body: fields it does not know are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class StreamOptions(Body):
     include_usage: bool = False
 
@@ -258,9 +264,7 @@ class ContentPart(Body):
     text: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
-class JsonSchemaFormat(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class JsonSchemaFormat(OpenAIBody):
     name: str | None = Field(None, max_length=64)
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
@@ -329,24 +333,18 @@ class CompletionRequest(OpenAIFields):
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
 
 
-class FunctionCall(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class FunctionCall(OpenAIBody):
     name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
     arguments: str = Field(max_length=MAX_PROMPT_CHARS)
 
 
-class MessageToolCall(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class MessageToolCall(OpenAIBody):
     id: str | None = Field(None, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(Body):
-    model_config = ConfigDict(extra="ignore")
-
+class ChatMessage(OpenAIBody):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = Field(None, max_length=MAX_PROMPT_CHARS)
     tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)
@@ -383,31 +381,23 @@ def _json_or_text(text: str) -> Any:
         return text
 
 
-class FunctionDefinition(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class FunctionDefinition(OpenAIBody):
     name: str = Field(min_length=1, max_length=MAX_TOOL_NAME_CHARS, pattern=r"^[A-Za-z0-9_.\-]+$")
     description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDefinition(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class ToolDefinition(OpenAIBody):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class NamedFunction(OpenAIBody):
     name: str = Field(max_length=MAX_TOOL_NAME_CHARS)
 
 
-class NamedToolChoice(Body):
-    model_config = ConfigDict(extra="ignore", strict=True)
-
+class NamedToolChoice(OpenAIBody):
     type: Literal["function"]
     function: NamedFunction
 
