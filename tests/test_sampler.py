@@ -192,6 +192,30 @@ def test_penalties_of_some_rows_leave_the_others_alone() -> None:
     assert torch.equal(got[0], logits[0]) and torch.equal(got[2], logits[2])
 
 
+def test_logit_bias_adds_to_its_tokens_after_the_penalties() -> None:
+    logits = random_logits(2, 2, 12)
+    params = SamplingParams(repetition_penalty=2.0, logit_bias={3: 5.0, 7: -100})
+    state = SamplerState(params, [3])
+    got = logits.clone()
+    apply_penalties_(got, [1], [state])
+    want = torch.tensor(reference_penalties(logits[1].tolist(), [3], [], params))
+    want[3] += 5.0
+    want[7] -= 100
+    torch.testing.assert_close(got[1], want)
+    assert torch.equal(got[0], logits[0])
+    greedy = [SamplerState(SamplingParams(temperature=0, logit_bias={i: 100}), []) for i in (2, 9)]
+    assert Sampler()(random_logits(3, 2, 12), greedy).tolist() == [2, 9]  # biased up: picked, greedy or not
+    banned = int(logits[0].argmax())
+    sampled = SamplerState(SamplingParams(temperature=1.0, seed=4, logit_bias={banned: -100}), [])
+    assert all(Sampler()(logits[:1] * 10, [sampled]).item() != banned for _ in range(50))
+
+
+@pytest.mark.parametrize("bias", [{1: 101}, {-1: 0}, {1.5: 1}, dict.fromkeys(range(301), 1)])
+def test_bad_logit_bias_is_refused(bias) -> None:
+    with pytest.raises(ValueError, match="logit_bias must be at most 300 token ids"):
+        SamplingParams(logit_bias=bias)
+
+
 def test_sampler_does_not_modify_the_callers_logits() -> None:
     logits = random_logits(0, 2, 10)
     before = logits.clone()

@@ -168,7 +168,7 @@ def test_lm_evaluation_harness_loglikelihood_request(oai, chat_llama_dir):
 
 
 @pytest.mark.parametrize("params", [{"logprobs": 21}, {"best_of": 3},
-                                    {"suffix": " the end"}, {"logit_bias": {"50": 100}}])
+                                    {"suffix": " the end"}])
 def test_completion_options_we_cannot_honour_are_refused(oai, params):
     """Not ignored: the client asked for something the answer would silently lack."""
     field = next(iter(params))
@@ -250,6 +250,25 @@ def test_generate_with_a_regex_or_a_json_schema(chat_server):
     reply = httpx.post(chat_server.url + "/generate", headers={"Authorization": "Bearer sk-test"},
                        json={"prompt": "x", "regex": "(unclosed"})
     assert reply.status_code == 422 and "output pattern" in reply.json()["error"]["message"]
+
+
+def test_logit_bias_steers_and_bans_tokens(oai, chat_server):
+    """+100 all but forces a token, sampled or not; -100 bans the one greedy decoding would pick."""
+    def generated_ids(**body) -> list[int]:
+        reply = httpx.post(chat_server.url + "/generate", headers={"Authorization": "Bearer sk-test"},
+                           json={"prompt": "x", "max_tokens": 6, "logprobs": 0, **body})
+        return [token["id"] for token in reply.json()["logprobs"]]
+
+    assert generated_ids(temperature=0.9, seed=2, logit_bias={"77": 100}) == [77] * 6
+    greedy = generated_ids(temperature=0)[0]
+    assert generated_ids(temperature=0, logit_bias={str(greedy): -100})[0] != greedy
+    forced = oai.completions.create(model="model", prompt="x", max_tokens=3, temperature=0, logit_bias={"77": 100})
+    assert forced.usage.completion_tokens == 3
+    with pytest.raises(openai.BadRequestError, match=re.escape("logit_bias token ids must be in 0..511")):
+        oai.completions.create(model="model", prompt="x", max_tokens=1, logit_bias={"512": -100})
+    with pytest.raises(openai.UnprocessableEntityError, match="logit_bias"):
+        oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=1,
+                                    logit_bias={"5": 101})
 
 
 def test_a_batch_of_prompts_is_refused_with_what_to_do(oai):

@@ -195,6 +195,10 @@ class Engine:
         bad = [t for t in prompt_ids if not 0 <= t < self.config.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+        bad = [t for t, _ in params.logit_bias if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary "
+                             f"(0..{self.config.vocab_size - 1})")
         encoder_ids: list[int] = []
         given = len(prompt_ids)  # usage counts the prompt as given, not the blank a continuation adds
         if self.config.is_encoder_decoder:  # the prompt is the encoder's; the decoder starts from its start token

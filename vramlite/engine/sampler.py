@@ -1,7 +1,7 @@
 """Next-token sampling: per-request parameters, per-sequence state and a batched sampler.
 
 The pipeline over a batch of logits is repetition penalty (HF) -> frequency/presence
-penalties (OpenAI) -> structured output's mask (tokens its pattern does not allow
+penalties and logit bias (OpenAI) -> structured output's mask (tokens its pattern does not allow
 next) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every row draws
 its randomness from its own seeded generator, so a seeded request produces the same tokens
 whatever else shares its batch.
@@ -23,6 +23,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 MAX_PATTERN_CHARS = 65536  # a regex or JSON schema for structured output
+MAX_LOGIT_BIAS = 300  # biased tokens per request, as OpenAI allows
 IMPOSSIBLE_LOGPROB = -9999.0
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
@@ -65,6 +66,7 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (each given those before it)
     json_schema: str | None = None  # output must be JSON this schema accepts (given as JSON text or an object)
     regex: str | None = None  # output must match this regular expression
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100]), OpenAI's
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
@@ -127,6 +129,15 @@ class SamplingParams:
             value = getattr(self, name)
             _require(value is None or (_is_int(value) and 0 <= value <= MAX_LOGPROBS), name, value,
                      f"an integer in [0, {MAX_LOGPROBS}] (alternatives per token) or None (off)")
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        _require(
+            isinstance(self.logit_bias, tuple) and len(self.logit_bias) <= MAX_LOGIT_BIAS
+            and all(isinstance(p, tuple) and len(p) == 2 and _is_int(p[0]) and p[0] >= 0 and _is_real(p[1])
+                    and -100 <= p[1] <= 100 for p in self.logit_bias),
+            "logit_bias", self.logit_bias if len(self.logit_bias) < 8 else "...",
+            f"at most {MAX_LOGIT_BIAS} token ids, each with a bias in [-100, 100]",
+        )
         if self.json_schema is not None:
             object.__setattr__(self, "json_schema", canonical_schema(self.json_schema))
         for name in ("json_schema", "regex"):
@@ -179,7 +190,9 @@ class SamplerState:
             params.repetition_penalty != 1.0
             or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0
+            or bool(params.logit_bias)
         )
+        self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
         self._vocab_size = 0
         self._position: dict[int, int] = {}  # seen token -> its place in _seen and _counts
         self._seen = torch.empty(0, dtype=torch.long, device=self.device)
@@ -223,13 +236,22 @@ class SamplerState:
         return self._seen, self._counts
 
 
+    def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`logit_bias` as token ids (int64 [n]) and biases (float32 [n]) on this state's device."""
+        if self._bias is None:
+            ids, values = zip(*self.params.logit_bias, strict=True) if self.params.logit_bias else ((), ())
+            self._bias = (torch.tensor(ids, dtype=torch.long, device=self.device),
+                          torch.tensor(values, dtype=torch.float32, device=self.device))
+        return self._bias
+
+
 def apply_penalties_(logits: torch.Tensor, rows: Sequence[int], states: Sequence[SamplerState]) -> None:
     """Penalize, in place, row rows[i] of float32 logits [B, V] by states[i]'s penalties.
 
     Repetition penalty (HF) covers prompt and generated tokens: a positive logit is divided by it, any
     other multiplied. Frequency and presence penalties (OpenAI) cover generated tokens only:
     logit -= frequency * count + presence * (count > 0). Only the seen tokens' logits are read and written,
-    not whole rows.
+    not whole rows. Then `logit_bias` (OpenAI) is added to its tokens' logits.
     """
     vocab = logits.size(-1)
     stats = [s.penalty_tensors(vocab) for s in states]
@@ -245,6 +267,9 @@ def apply_penalties_(logits: torch.Tensor, rows: Sequence[int], states: Sequence
     x = logits.view(-1)[flat]
     x = torch.where(x > 0, x / rep, x * rep) - frequency * counts - presence * (counts > 0)
     logits.view(-1)[flat] = x
+    for row, state in zip(rows, states, strict=True):
+        if state.params.logit_bias:
+            logits[row].index_add_(0, *state.bias_tensors())
 
 
 def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

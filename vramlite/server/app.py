@@ -262,6 +262,7 @@ async def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingPar
         kwargs["max_tokens"] = engine.defaults.get("max_tokens", engine.context)
     try:
         params = engine.sampling_params(**kwargs)
+        check_token_ids(engine, [token for token, _ in params.logit_bias], "logit_bias token ids")
         if params.structured:
             await run_in_threadpool(engine.grammars.index_for, params)
     except ValueError as e:

@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
-from vramlite.engine.sampler import MAX_LOGPROBS, MAX_PATTERN_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from vramlite.engine.sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PATTERN_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
 from vramlite.server.tools import forced_schema
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
@@ -76,6 +76,9 @@ class SamplingFields(Body):
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
     stop: StopString | list[StopString] | None = Field(None, description=f"a string or up to {MAX_STOP_STRINGS}")
     seed: Seed | None = None
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
+        | None = Field(None, max_length=MAX_LOGIT_BIAS, description="token id → added to its logit before sampling "
+                       "(-100 bans it, 100 all but forces it), OpenAI's")
 
     @field_validator("stop")
     @classmethod
@@ -87,8 +90,10 @@ class SamplingFields(Body):
 
     def sampling_kwargs(self) -> dict[str, Any]:
         """The fields `Engine.sampling_params` takes; None means the model's default."""
-        return {**self.model_dump(include=set(SamplingFields.model_fields)), **self.logprobs_kwargs(),
-                **self.output_kwargs()}
+        kwargs = self.model_dump(include=set(SamplingFields.model_fields))
+        if self.logit_bias is not None:
+            kwargs["logit_bias"] = {int(token): bias for token, bias in self.logit_bias.items()}
+        return {**kwargs, **self.logprobs_kwargs(), **self.output_kwargs()}
 
     def output_kwargs(self) -> dict[str, Any]:
         """`json_schema` or `regex` for `SamplingParams` (structured output), where the route's body asks."""
@@ -296,7 +301,6 @@ class OpenAIFields(SamplingFields):
                               description="must name the served model when given")
     n: ChoiceCount = Field(1, description="choices to generate, batched together; with a seed, choice i draws "
                            "from seed + i")
-    logit_bias: unsupported(None, {}, why="logit_bias is not implemented")
     stream: bool = False
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="structured output: `json_object`, or "
