@@ -38,6 +38,18 @@ def test_llama_7b_int8_sizes_come_from_the_shapes():
     assert fp16.layer_bytes[0] > 1.9 * plan.layer_bytes[0] and len(fp16.streamed) > len(plan.streamed)
 
 
+def test_a_context_left_unset_shortens_to_what_the_limit_holds(caplog):
+    """The 7B's 4096 positions of KV cache do not fit beside its weights in 2 GiB: the plan takes the longest
+    context that does, and says so; a context asked for is not shortened, the error names one that fits."""
+    plan, _, context = plan_from_config(LLAMA_7B, torch.float16, "2GiB", "int8")
+    assert 256 <= context < 4096 and plan.device_bytes <= 2 * GiB
+    assert f"context {context}: the most positions the memory limit leaves room for" in caplog.text
+    with pytest.raises(ValueError, match=f"; a context of {context} positions fits"):
+        plan_from_config(LLAMA_7B, torch.float16, "2GiB", "int8", context=context + 1)
+    with pytest.raises(ValueError, match="smallest budget that works"):  # not even 256 positions fit
+        plan_from_config(LLAMA_7B, torch.float16, "600MiB", "int8")
+
+
 @pytest.fixture(scope="module")
 def four_layer_dir(tmp_path_factory, spm_tokenizer_dir):
     return save_tiny_llama(tmp_path_factory.mktemp("plan-four"), spm_tokenizer_dir, num_hidden_layers=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
-    maximum). `quantize="int8"`
+    maximum, or under `memory_limit` the most that fits, if fewer). `quantize="int8"`
     quantizes the decoder blocks' linear layers as they load; an int8
     checkpoint (written by `vramlite quantize`) loads as int8 whatever it says.
 
@@ -54,14 +55,16 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise ModelLoadError(f"model directory {model_dir} does not exist")
+    asked = context
     model, context = meta_model(read_json(model_dir / "config.json"), quantize, context)
     quantize = model.config.quantization
     cfg = model.config
     reader = CheckpointReader(model_dir)
     place, host = keep, ()
     if memory_limit is not None:
-        plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
-                          prefetch_depth, model.head_shares_embedding(reader), h2d_bandwidth)
+        plan, context = plan_within(model, dtype, parse_size(memory_limit), max_batch_size, context, asked is None,
+                                    max_tokens_per_step, prefetch_depth, model.head_shares_embedding(reader),
+                                    h2d_bandwidth)
         model.offload = WeightStore(model.blocks(), plan, dtype, device, cycle_from=model.step_start())
         place = model.offload.place
         host = (model.input_embeddings(),) if plan.host_fixed_bytes else ()
@@ -75,6 +78,28 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
              cfg.model_type, cfg.num_layers, loaded_bytes / 2**20, ", int8" if quantize else "", device,
              str(dtype).removeprefix("torch."), context)
     return model, context
+
+
+MIN_FITTED_CONTEXT = 256  # a context chosen to fit a memory limit is at least this long, or the load fails
+
+
+def largest_fitting_context(plan_for: Callable[[int], OffloadPlan], longest: int) -> int | None:
+    """The longest context below `longest` whose plan fits (bisection: KV cache and workspace grow with it),
+    None if not even MIN_FITTED_CONTEXT positions (or `longest`, if shorter) fit."""
+    def fits(positions: int) -> bool:
+        try:
+            plan_for(positions)
+        except ValueError:
+            return False
+        return True
+
+    low, high = min(MIN_FITTED_CONTEXT, longest), longest  # fits(low) is to be seen; fits(high) is False
+    if not fits(low):
+        return None
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -114,11 +139,35 @@ def plan_from_config(config: str | Path, dtype: torch.dtype, memory_limit: int |
     the context. The LM head counts as tied when config.json says so (a checkpoint is not there to ask); an int8 head
 is its own copy even then."""
     path = Path(config)
+    asked = context
     model, context = meta_model(read_json(path / "config.json" if path.is_dir() else path), quantize, context)
-    plan = plan_model(model, dtype, parse_size(memory_limit), max_batch_size, context, max_tokens_per_step,
-                      prefetch_depth, model.config.tie_word_embeddings and not model.config.quantization,
-                      h2d_bandwidth)
+    plan, context = plan_within(model, dtype, parse_size(memory_limit), max_batch_size, context, asked is None,
+                                max_tokens_per_step, prefetch_depth,
+                                model.config.tie_word_embeddings and not model.config.quantization, h2d_bandwidth)
     return plan, model.config, context
+
+
+def plan_within(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
+                shorten: bool, max_tokens_per_step: int, prefetch_depth: int, shared_head: bool,
+                h2d_bandwidth: float = 0.0) -> tuple[OffloadPlan, int]:
+    """`plan_model` at `context`, and the context planned. Where that does not fit: with `shorten` (the context
+    is the model's maximum, not one asked for), at the longest context that fits, with a warning; else
+    ValueError, naming the longest context that fits if one does."""
+    def plan_for(positions: int) -> OffloadPlan:
+        return plan_model(model, dtype, memory_limit, max_batch_size, positions, max_tokens_per_step,
+                          prefetch_depth, shared_head, h2d_bandwidth)
+
+    try:
+        return plan_for(context), context
+    except ValueError as e:
+        fits = largest_fitting_context(plan_for, context)
+        if fits is None:
+            raise
+        if not shorten:
+            raise ValueError(f"{e}; a context of {fits} positions fits") from None
+        log.warning("context %d: the most positions the memory limit leaves room for (the model allows %d; "
+                    "--context sets it, --memory-limit or a smaller --max-batch-size makes room)", fits, context)
+        return plan_for(fits), fits
 
 
 def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
