@@ -1,10 +1,10 @@
 """Next-token sampling: per-request parameters, per-sequence state and a batched sampler.
 
 The pipeline over a batch of logits is repetition penalty (HF) -> frequency/presence
-penalties and logit bias (OpenAI) -> structured output's mask (tokens its pattern does not allow
-next) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every row draws
-its randomness from its own seeded generator, so a seeded request produces the same tokens
-whatever else shares its batch.
+penalties and logit bias (OpenAI) -> structured output's mask (tokens its pattern
+does not allow next) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every
+row draws its randomness from its own seeded generator, so a seeded request produces
+the same tokens whatever else shares its batch.
 """
 
 from __future__ import annotations
@@ -234,7 +234,6 @@ class SamplerState:
             at = torch.tensor(generated, dtype=torch.long, device=self.device)
             self._counts.index_put_((at,), torch.ones_like(at, dtype=torch.float32), accumulate=True)
         return self._seen, self._counts
-
 
     def bias_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`logit_bias` as token ids (int64 [n]) and biases (float32 [n]) on this state's device."""
