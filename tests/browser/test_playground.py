@@ -121,6 +121,27 @@ def test_token_probabilities_shade_each_token_and_name_its_alternatives(page: An
     page.uncheck("#show-probs")
 
 
+def test_output_held_to_a_json_schema_and_a_bad_schema_shown(page: Any, daemon: Running, artifacts: Path):
+    schema = {"type": "object", "properties": {"poem": {"type": "string", "maxLength": 12}}, "required": ["poem"]}
+    page.fill("#prompt", PROMPT)
+    set_knobs(page, temperature=0, max_tokens=40)
+    page.fill("#json_schema", json.dumps(schema))
+    page.click("#send")
+    wait_status(page, "Done")
+    assert list(json.loads(generated(page))) == ["poem"]
+    page.screenshot(path=artifacts / "json-schema.png")
+    page.fill("#json_schema", "{not json")
+    page.click("#send")
+    wait_status(page, "Failed")
+    assert "the JSON schema is not JSON" in page.locator("#error").text_content()
+    page.fill("#json_schema", "")
+    page.fill("#regex", "(unclosed")
+    page.click("#send")
+    wait_status(page, "Failed")
+    assert "output pattern" in page.locator("#error").text_content()
+    page.fill("#regex", "")
+
+
 def test_stop_cancels_the_request(page: Any, daemon: Running):
     page.fill("#prompt", PROMPT)
     set_knobs(page, max_tokens=100, seed=1)

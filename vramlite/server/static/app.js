@@ -171,6 +171,22 @@ function samplingFields() {
   return fields;
 }
 
+/** Structured output's fields of a generate request: the JSON schema (parsed here) and the regex, if given. */
+function outputFields() {
+  const fields = {};
+  const schema = $("json_schema").value.trim();
+  if (schema !== "") {
+    try {
+      fields.json_schema = JSON.parse(schema);
+    } catch (err) {
+      throw new SyntaxError(`the JSON schema is not JSON: ${err.message}`);
+    }
+  }
+  const regex = $("regex").value;
+  if (regex !== "") fields.regex = regex;
+  return fields;
+}
+
 function setBusy(busy) {
   $("send").disabled = busy;
   $("stop-button").disabled = !busy;
@@ -219,7 +235,8 @@ async function runGenerate(signal) {
   generated.id = "generated";
   out.replaceChildren(promptEl, generated);
   const probs = $("show-probs").checked;
-  const body = { prompt, ...samplingFields(), stream: true, ...(probs ? { logprobs: TOP_TOKENS } : {}) };
+  const body = { prompt, ...samplingFields(), ...outputFields(), stream: true,
+    ...(probs ? { logprobs: TOP_TOKENS } : {}) };
   const response = await post("/generate", body, signal);
   const started = performance.now();
   setStatus("Generating…", "busy");
