@@ -34,8 +34,8 @@ INT8_METHOD = "vramlite-int8"  # config.json quantization_config.quant_method of
 
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, context: int | None = None,
                quantize: str | None = None, memory_limit: int | str | None = None, max_batch_size: int = 1,
-               max_tokens_per_step: int = 512, prefetch_depth: int = 1, h2d_bandwidth: float = 0.0
-               ) -> tuple[CausalLM, int]:
+               max_tokens_per_step: int = 512, prefetch_depth: int = 1, h2d_bandwidth: float = 0.0,
+               kv_int8: bool = False) -> tuple[CausalLM, int]:
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
@@ -64,7 +64,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     if memory_limit is not None:
         plan, context = plan_within(model, dtype, parse_size(memory_limit), max_batch_size, context, asked is None,
                                     max_tokens_per_step, prefetch_depth, model.head_shares_embedding(reader),
-                                    h2d_bandwidth)
+                                    h2d_bandwidth, kv_int8=kv_int8)
         model.offload = WeightStore(model.blocks(), plan, dtype, device, cycle_from=model.step_start())
         place = model.offload.place
         host = (model.input_embeddings(),) if plan.host_fixed_bytes else ()
@@ -133,7 +133,8 @@ def meta_model(raw: dict[str, Any], quantize: str | None = None, context: int | 
 
 def plan_from_config(config: str | Path, dtype: torch.dtype, memory_limit: int | str, quantize: str | None = None,
                      max_batch_size: int = 1, context: int | None = None, max_tokens_per_step: int = 512,
-                     prefetch_depth: int = 1, h2d_bandwidth: float = 0.0) -> tuple[OffloadPlan, ModelConfig, int]:
+                     prefetch_depth: int = 1, h2d_bandwidth: float = 0.0, kv_int8: bool = False
+                     ) -> tuple[OffloadPlan, ModelConfig, int]:
     """The memory plan `load_model` would make, from a model's config.json alone (a file, or the directory
     holding it): sizes come from the shapes, so no weights are needed. Returns the plan, the parsed config and
     the context. The LM head counts as tied when config.json says so (a checkpoint is not there to ask); an int8 head
@@ -143,19 +144,20 @@ is its own copy even then."""
     model, context = meta_model(read_json(path / "config.json" if path.is_dir() else path), quantize, context)
     plan, context = plan_within(model, dtype, parse_size(memory_limit), max_batch_size, context, asked is None,
                                 max_tokens_per_step, prefetch_depth,
-                                model.config.tie_word_embeddings and not model.config.quantization, h2d_bandwidth)
+                                model.config.tie_word_embeddings and not model.config.quantization, h2d_bandwidth,
+                                kv_int8=kv_int8)
     return plan, model.config, context
 
 
 def plan_within(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
                 shorten: bool, max_tokens_per_step: int, prefetch_depth: int, shared_head: bool,
-                h2d_bandwidth: float = 0.0) -> tuple[OffloadPlan, int]:
+                h2d_bandwidth: float = 0.0, *, kv_int8: bool = False) -> tuple[OffloadPlan, int]:
     """`plan_model` at `context`, and the context planned. Where that does not fit: with `shorten` (the context
     is the model's maximum, not one asked for), at the longest context that fits, with a warning; else
     ValueError, naming the longest context that fits if one does."""
     def plan_for(positions: int) -> OffloadPlan:
         return plan_model(model, dtype, memory_limit, max_batch_size, positions, max_tokens_per_step,
-                          prefetch_depth, shared_head, h2d_bandwidth)
+                          prefetch_depth, shared_head, h2d_bandwidth, kv_int8=kv_int8)
 
     try:
         return plan_for(context), context
@@ -171,10 +173,11 @@ def plan_within(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batc
 
 
 def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch_size: int, context: int,
-               max_tokens_per_step: int, prefetch_depth: int, shared_head: bool, h2d_bandwidth: float = 0.0
-               ) -> OffloadPlan:
-    """Plan `model` (on `meta`) into `memory_limit`: weights, a KV cache of `max_batch_size` × `context`, the
-    activations of `max_tokens_per_step` tokens; `shared_head`: the LM head is the embedding's very tensor."""
+               max_tokens_per_step: int, prefetch_depth: int, shared_head: bool, h2d_bandwidth: float = 0.0, *,
+               kv_int8: bool = False) -> OffloadPlan:
+    """Plan `model` (on `meta`) into `memory_limit`: weights, a KV cache of `max_batch_size` × `context` (int8
+    with `kv_int8`), the activations of `max_tokens_per_step` tokens; `shared_head`: the LM head is the
+    embedding's very tensor."""
     cfg = model.config
     layers = model.blocks()
     # An embedding the head does not share stays in host memory; a shared one is the head's weight, on the device.
@@ -184,7 +187,7 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
     sizes = layer_sizes(layers, dtype)
 
     def activations(batch: int) -> tuple[int, int]:
-        return (kv_cache_bytes(cfg, batch, context, dtype, max_tokens_per_step),
+        return (kv_cache_bytes(cfg, batch, context, dtype, max_tokens_per_step, kv_int8),
                 workspace_bytes(cfg, batch, context, max_tokens_per_step, dtype))
 
     try:
@@ -198,16 +201,21 @@ def plan_model(model: CausalLM, dtype: torch.dtype, memory_limit: int, max_batch
 
 
 def kv_cache_bytes(cfg: ModelConfig, max_batch_size: int, context: int, dtype: torch.dtype,
-                   max_tokens_per_step: int | None = None) -> int:
+                   max_tokens_per_step: int | None = None, kv_int8: bool = False) -> int:
     """What `KVCache` allocates for `max_batch_size` sequences of `context` positions (an encoder-decoder's
-    cross cache included; sliding-window layers' rings, given the step budget)."""
+    cross cache included; sliding-window layers' rings, given the step budget; with `kv_int8`, one byte a
+    value and a `dtype` scale per position and head)."""
     # An encoder-decoder has a self-attention and a cross-attention cache; CPM-Ant's prompt tokens come first.
     if cfg.is_encoder_decoder:
-        positions = 2 * context * cfg.num_layers
+        self_positions = cross_positions = context * cfg.num_layers
     else:
         windows = cfg.layer_windows or [None] * cfg.num_layers
-        positions = sum(cache_lengths(windows, context + cfg.cache_prefix, max_tokens_per_step))
-    return 2 * max_batch_size * cfg.num_kv_heads * positions * cfg.head_dim * dtype.itemsize
+        self_positions = sum(cache_lengths(windows, context + cfg.cache_prefix, max_tokens_per_step))
+        cross_positions = 0
+    per_position = cfg.head_dim * dtype.itemsize  # a head's values at one position
+    self_per_position = cfg.head_dim + dtype.itemsize if kv_int8 else per_position
+    return 2 * max_batch_size * cfg.num_kv_heads * (self_positions * self_per_position
+                                                    + cross_positions * per_position)
 
 
 def workspace_bytes(cfg: ModelConfig, max_batch_size: int, context: int, max_tokens_per_step: int,

@@ -90,9 +90,10 @@ class ModelRunner:
 
     def __init__(self, model: CausalLM, device: torch.device, dtype: torch.dtype, num_slots: int,
                  context: int, compile_decode: bool = False, cpu_layout: str = "auto",
-                 max_chunk: int | None = None) -> None:
+                 max_chunk: int | None = None, kv_int8: bool = False) -> None:
         """`max_chunk`: the most tokens a prefill chunk may have (the scheduler's step budget), which lets
-        sliding-window layers keep ring caches (`KVCache`); None: any, and no rings."""
+        sliding-window layers keep ring caches (`KVCache`); None: any, and no rings. `kv_int8`: keys and values
+        cached in int8."""
         cfg = model.config
         self.model = model
         self.device = device
@@ -100,7 +101,7 @@ class ModelRunner:
         self.context = context
         self.cache = KVCache(cfg.num_layers, num_slots, context + cfg.cache_prefix, cfg.num_kv_heads, cfg.head_dim,
                              dtype, device, cross_context=context if cfg.is_encoder_decoder else 0,
-                             windows=cfg.layer_windows, max_chunk=max_chunk)
+                             windows=cfg.layer_windows, max_chunk=max_chunk, int8=kv_int8)
         self.max_chunk = max_chunk if min(self.cache.lengths) < self.cache.context else None
         compiled = compile_decode and self._compilable()
         prefer_cpu_layout(model, batch_hint=num_slots, layout=cpu_layout, dtype=dtype, compiled=compiled)
@@ -182,6 +183,8 @@ class ModelRunner:
             reason = "encoder-decoder models decode eagerly"
         elif self.max_chunk is not None:
             reason = "sliding-window layers keep ring caches"
+        elif self.cache.int8:
+            reason = "the KV cache is int8"
         elif not torch_compiles_decode():
             reason = f"torch {torch.__version__} cannot keep each engine's graphs apart (isolate_recompiles: 2.13)"
         else:

@@ -101,7 +101,8 @@ def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], 
                                memory_limit=None if path else served_memory_limit(settings),
                                prefetch_depth=settings.prefetch_depth, compile_decode=settings.compile_decode,
                                cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching,
-                               speculative_tokens=settings.speculative_tokens)
+                               speculative_tokens=settings.speculative_tokens,
+                               kv_cache_dtype=settings.kv_cache_dtype)
 
     return load
 
@@ -115,7 +116,8 @@ def fill_model_bytes(settings: Settings, path: Path) -> int:
     its memory plan counts them (from its config.json)."""
     dtype = pick_dtype(pick_device(settings.device), settings.dtype)
     plan, _, _ = plan_from_config(path, dtype, 2**62, quantization(settings), settings.max_batch_size,
-                                  max_tokens_per_step=settings.max_tokens_per_step)
+                                  max_tokens_per_step=settings.max_tokens_per_step,
+                                  kv_int8=settings.kv_cache_dtype == "int8")
     return plan.device_bytes + plan.host_fixed_bytes  # loaded with no limit, its embedding is on the device too
 
 

@@ -36,6 +36,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    default=os.environ.get("VRAMLITE_COMPILE_DECODE", "").lower() in ("1", "true", "yes", "on"),
                    help="CPU: run decode steps compiled by torch.compile, compiled at load (tens of seconds; "
                    "pays most on small models) (env VRAMLITE_COMPILE_DECODE)")
+    p.add_argument("--kv-cache-dtype", default=os.environ.get("VRAMLITE_KV_CACHE_DTYPE", "auto"),
+                   choices=["auto", "int8"], help="keys and values cached in the compute dtype (auto) or int8, "
+                   "about half the memory (env VRAMLITE_KV_CACHE_DTYPE)")
     p.add_argument("--cpu-layout", default=os.environ.get("VRAMLITE_CPU_LAYOUT", "auto"),
                    choices=CPU_LAYOUTS,
                    help="CPU: layout of linear weights (float and int8); auto: the fastest, timed at load; "
@@ -45,7 +48,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `Engine.from_dir` arguments of the flags `add_model_args` adds (all but --model)."""
     return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize, "memory_limit": args.memory_limit,
-            "compile_decode": args.compile_decode, "cpu_layout": args.cpu_layout}
+            "compile_decode": args.compile_decode, "cpu_layout": args.cpu_layout,
+            "kv_cache_dtype": args.kv_cache_dtype}
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -197,7 +201,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     model = s.model or demo_models.path()
     plan, cfg, context = plan_from_config(model, dtype, s.memory_limit, None if s.quantize == "none" else s.quantize,
                                           s.max_batch_size, s.context, s.max_tokens_per_step, s.prefetch_depth,
-                                          bandwidth)
+                                          bandwidth, kv_int8=s.kv_cache_dtype == "int8")
     print(f"model {model}: {cfg.model_type}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
           f"{'int8' if cfg.quantization else str(dtype).removeprefix('torch.')} weights, "
           f"{str(dtype).removeprefix('torch.')} compute, context {context}, batch {s.max_batch_size}")

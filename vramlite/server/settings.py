@@ -61,6 +61,9 @@ class Settings(BaseModel):
     quantize: Literal["none", "int8"] | None = Field(None, description="int8: quantize the decoder linears at load")
     prefix_caching: bool = Field(True, description="a prompt that starts like the tokens a freed KV cache slot "
                                  "holds (a chat's earlier turns) reuses their keys and values")
+    kv_cache_dtype: Literal["auto", "int8"] = Field("auto", description="keys and values cached in the compute "
+                                                    "dtype (auto) or in int8 with a scale per position and head, "
+                                                    "about half the memory (longer contexts, more sequences)")
     speculative_tokens: int = Field(0, ge=0, le=32, description="greedy requests draft up to this many tokens a "
                                     "step by prompt lookup (what followed their last tokens where these occurred "
                                     "before) and verify them in one forward pass; 0 = off")
