@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one bounded run (about 11 minutes at most): the `-m gpu` tests, the
+# Every check that needs a CUDA GPU, in one bounded run (about 12 minutes at most): the `-m gpu` tests, the
 # kernel tests on the real kernels, the kernel benchmark and the offload benchmark. Needs torch, triton,
 # transformers, accelerate, safetensors and pytest; not the server's packages. Logs and JSON go to $OUT (default benchmarks/results); each step has its
 # own time limit, and a step that fails or runs out of time does not stop the next one. Exits non-zero if any
@@ -27,7 +27,7 @@ step() {  # step NAME SECONDS COMMAND...
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv \
     | tee "$out/gpu.txt"
-step gpu_tests 150 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
+step gpu_tests 180 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
 # the kernel tests at odd shapes, which a GPU runs on the real kernels rather than in Triton's interpreter
 step kernel_tests 120 "$python" -m pytest tests/kernels -m "not gpu" -q -rs -p no:cacheprovider
 step kernels 120 "$python" -m benchmarks.bench_kernels
