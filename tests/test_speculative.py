@@ -9,7 +9,7 @@ import transformers as tf
 
 from tests.conftest import save_tiny_llama, save_tiny_model
 from vramlite.engine import Engine, SamplingParams
-from vramlite.engine.speculative import NgramIndex, accepted
+from vramlite.engine.speculative import NgramIndex, accepted, sampled
 
 GREEDY = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
 
@@ -75,14 +75,37 @@ def test_stops_land_where_they_would_without_drafts(engines):
         assert (got.token_ids, got.text, got.finish_reason) == (want.token_ids, want.text, want.finish_reason)
 
 
-def test_only_greedy_plain_requests_speculate(engines):
+def test_penalized_scored_or_structured_requests_do_not_speculate(engines):
     fast, _ = engines
-    for params in (SamplingParams(max_tokens=8, temperature=0.7, seed=1), SamplingParams(max_tokens=8, temperature=0,
-                   repetition_penalty=1.2), SamplingParams(max_tokens=8, temperature=0, logprobs=1),
+    for params in (SamplingParams(max_tokens=8, temperature=0, repetition_penalty=1.2),
+                   SamplingParams(max_tokens=8, temperature=0, logprobs=1),
                    SamplingParams(max_tokens=8, temperature=0, regex="[a-z]+")):
         before = fast.drafted_tokens
         fast.generate(PROMPTS[0], params)
         assert fast.drafted_tokens == before
+
+
+def test_sampled_requests_speculate_and_repeat_with_their_seed(engines):
+    fast, _ = engines
+    # a temperature so low that the draws follow the greedy text, whose repeats drafts find; yet sampled
+    params = SamplingParams(max_tokens=48, temperature=0.01, top_k=20, seed=5, ignore_eos=True)
+    before = fast.drafted_tokens, fast.accepted_tokens
+    first = fast.generate(PROMPTS[0], params).token_ids
+    assert fast.drafted_tokens > before[0] and fast.accepted_tokens > before[1]
+    assert fast.generate(PROMPTS[0], params).token_ids == first and len(first) == 48
+
+
+def test_speculative_sampling_keeps_the_distribution():
+    """Each position's token follows its row's distribution, whether the draft was kept or not."""
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.1, 0.1, 0.1, 0.7], [0.25, 0.25, 0.25, 0.25]])
+    generator = torch.Generator().manual_seed(0)
+    runs = [sampled(probs, [1, 3], generator) for _ in range(20000)]
+    first = torch.bincount(torch.tensor([r[0] for r in runs]), minlength=4) / len(runs)
+    torch.testing.assert_close(first, probs[0], atol=0.015, rtol=0)
+    after_kept = [r[1] for r in runs if r[0] == 1]
+    second = torch.bincount(torch.tensor(after_kept), minlength=4) / len(after_kept)
+    torch.testing.assert_close(second, probs[1], atol=0.02, rtol=0)
+    assert all(len(r) == 3 for r in runs if r[:2] == [1, 3]) and all(len(r) == 1 for r in runs if r[0] != 1)
 
 
 def test_sliding_window_rings_under_drafts(tmp_path, spm_tokenizer_dir):

@@ -21,11 +21,19 @@ from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
 from vramlite.engine.offload import WeightStore
 from vramlite.engine.runner import Chunk, ModelRunner, ScoreFn
-from vramlite.engine.sampler import Sampler, SamplerState, SamplingParams, TokenScores, argmax, token_scores
+from vramlite.engine.sampler import (
+    Sampler,
+    SamplerState,
+    SamplingParams,
+    TokenScores,
+    argmax,
+    token_scores,
+    warped,
+)
 from vramlite.engine.scheduler import Scheduler, SchedulerConfig
 from vramlite.engine.sequence import FinishReason, Logprobs, StepOutput, TokenLogprob
 from vramlite.engine.sequence import Sequence as Seq
-from vramlite.engine.speculative import NgramIndex, accepted
+from vramlite.engine.speculative import NgramIndex, accepted, sampled
 from vramlite.engine.structured import Grammars
 from vramlite.engine.tokenizer import Tokenizer
 
@@ -86,7 +94,7 @@ class Engine:
         self.continuation = continuation(self.config, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
-        self.speculative_tokens = speculative_tokens  # drafted per step for greedy requests (see `speculative`)
+        self.speculative_tokens = speculative_tokens  # drafted per step and request (see `speculative`)
         self.drafted_tokens = 0
         self.accepted_tokens = 0
 
@@ -113,7 +121,7 @@ class Engine:
         and int8) are laid out, "auto" (timed at load: the fastest here) or
         "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`). prefix_caching: a prompt that
         starts like the tokens a freed cache slot holds reuses their keys and values (see `KVCache`).
-        speculative_tokens: greedy requests draft up to this many tokens a step by prompt lookup and verify
+        speculative_tokens: requests draft up to this many tokens a step by prompt lookup and verify
         them in one forward pass (see `vramlite.engine.speculative`); 0: off. kv_cache_dtype: "auto" (the
         compute dtype) or "int8" (about half the memory; see `KVCache`).
         """
@@ -218,8 +226,8 @@ class Engine:
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
                   self.config.whole_prompt)
         seq.num_prompt_tokens = given
-        if self.speculative_tokens and seq.caches_prefix and state.greedy and not state.penalized \
-                and state.constraint is None and params.logprobs is None:
+        if self.speculative_tokens and seq.caches_prefix and not state.penalized and state.constraint is None \
+                and params.logprobs is None:
             seq.lookup = NgramIndex()
         self._sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
@@ -325,15 +333,21 @@ class Engine:
 
     def _verifier(self, seq: Seq, n: int, result: StepResult) -> ScoreFn:
         """Checks the draft of `seq`'s chunk of `n` tokens (the last sampled one, then n - 1 drafted) against
-        the greedy token at each of its positions, into `result`."""
+        the model's logits at each of its positions, into `result`: kept to its first miss for a greedy
+        request, by speculative sampling for a sampled one."""
         draft = seq.draft[: n - 1]
-        greedy: list[int] = []
+        rows: list[torch.Tensor] = []
 
         def verify(first: int, logits: torch.Tensor) -> None:
-            greedy.extend(argmax(logits).tolist())
-            if len(greedy) == n:
-                result.tokens = accepted(greedy, draft)
-                result.computed = len(result.tokens)  # the last sampled token and the drafts it agreed with
+            rows.append(argmax(logits) if seq.sampler.greedy else logits)
+            if sum(len(r) for r in rows) == n:
+                chunk = torch.cat(rows)
+                if seq.sampler.greedy:
+                    result.tokens = accepted(chunk.tolist(), draft)
+                else:
+                    probs = warped(chunk, [seq.sampler] * n).softmax(dim=-1)
+                    result.tokens = sampled(probs, draft, seq.sampler.generator)
+                result.computed = len(result.tokens)  # the last sampled token and the drafts kept
         return verify
 
     @staticmethod

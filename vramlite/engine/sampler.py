@@ -357,8 +357,9 @@ def _column(
     return torch.tensor([getattr(s.params, name) for s in states], dtype=dtype, device=device)
 
 
-def _sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-    """Temperature, top-k, top-p and a draw for rows that are not greedy; logits are float32 [B, V]."""
+def warped(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """Float32 logits [B, V] of rows that are not greedy after temperature, top-k and top-p (-inf where cut):
+    row i's softmax is the distribution states[i] draws from."""
     device = logits.device
     x = logits / _column(states, "temperature", torch.float32, device).unsqueeze(-1)
     if any(s.params.top_k > 0 or s.params.top_p < 1 for s in states):
@@ -366,8 +367,13 @@ def _sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tenso
             x, _column(states, "top_k", torch.long, device), _column(states, "top_p", torch.float32, device)
         )
         x = x.masked_fill(~keep, -math.inf)
-    u = torch.cat([torch.rand(1, generator=s.generator, device=device) for s in states])
-    return inverse_cdf_pick(x, u)
+    return x
+
+
+def _sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """A draw from each row's `warped` logits; logits are float32 [B, V]."""
+    u = torch.cat([torch.rand(1, generator=s.generator, device=logits.device) for s in states])
+    return inverse_cdf_pick(warped(logits, states), u)
 
 
 def inverse_cdf_pick(logits: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

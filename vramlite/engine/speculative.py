@@ -3,24 +3,30 @@
 Where a sequence's last n tokens (n from `MAX_NGRAM` down to `MIN_NGRAM`) occurred
 before, in its prompt or its output, the tokens that followed them then are a
 draft of what comes next (vLLM's "ngram" method, llama.cpp's lookup decoding).
-The engine runs the last token and the draft as one chunk: the logits of each
-position give the greedy token there, and the draft is kept up to its first
-miss, plus the model's own token after it. A step thus yields 1 to k + 1
+The engine runs the last token and the draft as one chunk, whose logits give
+the request's distribution at each position. A greedy request keeps the draft
+up to its first miss, plus the model's own token after it; a sampled one keeps
+each drafted token with the probability its position gives it, else draws that
+position's token from the rest (speculative sampling: the tokens follow the
+distribution of one-at-a-time sampling, though a seed gives other tokens than
+without drafts). A step thus yields 1 to k + 1
 tokens for little more than the cost of one, where a decode step costs a pass
 over the weights: above all when layers are streamed over PCIe, each pass
 carrying every streamed byte. Code, quotes, edits and extraction repeat their
 context and accept most drafts; free prose accepts few, and costs a few
 tokens more compute per step.
 
-Only greedy requests without penalties, log-probabilities or structured output
-speculate: their next token is a pure function of the logits, which the chunk
-computes. Logits of a chunk match those of single-token steps up to rounding,
-as chunked prefill's do.
+Requests with penalties, log-probabilities or structured output do not
+speculate: their distributions depend on state the chunk's positions do not
+have. Logits of a chunk match those of single-token steps up to rounding, as
+chunked prefill's do.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import torch
 
 MIN_NGRAM = 2
 MAX_NGRAM = 4
@@ -53,6 +59,25 @@ class NgramIndex:
             if start is not None:
                 return list(ids[start : start + k])
         return []
+
+
+def sampled(probs: torch.Tensor, draft: Sequence[int], generator: torch.Generator) -> list[int]:
+    """The tokens a verified chunk yields for a sampled request, distributed exactly as sampling them one step
+    at a time (speculative sampling with a draft that proposes each token for certain): `probs` [k + 1, V]
+    is the request's distribution at each position of the chunk. Draft token d at position i is kept with
+    probability probs[i, d]; else position i draws from probs[i] without d, and the chunk ends there. All
+    kept, the last position draws one more."""
+    tokens: list[int] = []
+    for i, token in enumerate(draft):
+        if torch.rand((), generator=generator, device=probs.device) < probs[i, token]:
+            tokens.append(token)
+            continue
+        rest = probs[i].clone()
+        rest[token] = 0
+        tokens.append(int(torch.multinomial(rest, 1, generator=generator)))
+        return tokens
+    tokens.append(int(torch.multinomial(probs[len(draft)], 1, generator=generator)))
+    return tokens
 
 
 def accepted(greedy: Sequence[int], draft: Sequence[int]) -> list[int]:

@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json-schema", help="output JSON that this JSON Schema accepts (the schema's text, or @FILE)")
     gen.add_argument("--regex", help="output text that this regular expression matches")
     gen.add_argument("--speculative-tokens", type=int, default=0,
-                     help="with --temperature 0: draft up to this many tokens a step by prompt lookup (default: 0)")
+                     help="draft up to this many tokens a step by prompt lookup, verified in one pass (default: 0)")
     gen.add_argument("prompt")
     gen.set_defaults(func=cmd_generate)
     fill = sub.add_parser("fill-blank", help="fill each <span> of a prompt (default model: the demo T5)")

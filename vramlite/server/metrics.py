@@ -76,7 +76,7 @@ class Metrics:
                                                "a freed cache slot still held: not computed again.")
         self.generation_tokens = counter("generation_tokens", "Tokens generated.")
         self.speculative_draft_tokens = counter("speculative_draft_tokens", "Tokens drafted by prompt lookup "
-                                                "for greedy requests and checked in a forward pass.")
+                                                "and checked in a forward pass.")
         self.speculative_accepted_tokens = counter("speculative_accepted_tokens", "Drafted tokens the model "
                                                    "agreed with: generated without a step of their own.")
         self.engine_faults = counter("engine_faults", "Requests ended by an error in the engine's forward pass.")

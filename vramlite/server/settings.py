@@ -64,7 +64,7 @@ class Settings(BaseModel):
     kv_cache_dtype: Literal["auto", "int8"] = Field("auto", description="keys and values cached in the compute "
                                                     "dtype (auto) or in int8 with a scale per position and head, "
                                                     "about half the memory (longer contexts, more sequences)")
-    speculative_tokens: int = Field(0, ge=0, le=32, description="greedy requests draft up to this many tokens a "
+    speculative_tokens: int = Field(0, ge=0, le=32, description="requests draft up to this many tokens a "
                                     "step by prompt lookup (what followed their last tokens where these occurred "
                                     "before) and verify them in one forward pass; 0 = off")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
