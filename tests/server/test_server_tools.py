@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from tests.server.conftest import running_server
-from vramlite.server.tools import ToolCall, read_calls
+from vramlite.server.tools import CallWatcher, ToolCall, read_calls
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "The weather in a city",
@@ -121,3 +121,32 @@ TOOLS = [{"type": "function", "function": f} for f in TOOLS]
 def test_auto_reads_hermes_blocks_and_json_calls(text, content, calls):
     assert read_calls(text, TOOLS, "auto") == (content, calls)
     assert read_calls(text, TOOLS, "none") == (text, [])
+
+
+def watch(pieces: list[str]) -> tuple[list[str], str, list[ToolCall]]:
+    watcher = CallWatcher()
+    sent = [watcher.feed(piece) for piece in pieces]
+    rest, calls = watcher.finish(TOOLS)
+    return sent, rest, calls
+
+
+def test_a_streamed_auto_reply_goes_out_until_a_call_may_begin():
+    sent, rest, calls = watch(["Let me ", "look. <to", "ol_call>", '{"name": "get_time", "arguments": {"zone": ',
+                               '"UTC"}}</tool_call>'])
+    assert sent == ["Let me ", "look. ", "", "", ""]  # "<to" held back: the tag may begin there
+    assert (rest, calls) == ("", [ToolCall("get_time", '{"zone": "UTC"}')])
+    sent, rest, calls = watch(["A <b>", "old</b> move", " <tool"])  # other tags go out; a tag's start waits
+    assert sent == ["A <b>", "old</b> move", " "] and (rest, calls) == ("<tool", [])
+    sent, rest, calls = watch(["  ", '{"name": "get_time", ', '"parameters": {}}'])  # a JSON call opens the reply
+    assert sent == ["", "", ""] and (rest, calls) == ("", [ToolCall("get_time", "{}")])
+    sent, rest, calls = watch(['{"weather": ', '"fine"}'])  # JSON, but no call: it all comes at the end
+    assert sent == ["", ""] and rest == '{"weather": "fine"}' and not calls
+
+
+def test_auto_streams_plain_text_as_it_comes(oai):
+    kwargs = dict(model="model", messages=ASK, tools=[WEATHER], max_tokens=24, temperature=0)
+    whole = oai.chat.completions.create(**kwargs).choices[0]
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True))
+    pieces = [c.choices[0].delta.content for c in chunks[1:] if c.choices[0].delta.content]
+    assert len(pieces) > 1 and "".join(pieces) == whole.message.content
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason

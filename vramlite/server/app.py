@@ -61,7 +61,7 @@ from vramlite.server.schemas import (
     TokenizeResponse,
 )
 from vramlite.server.settings import Settings
-from vramlite.server.tools import read_calls
+from vramlite.server.tools import CallWatcher, read_calls
 
 log = logging.getLogger("vramlite.server")
 T = TypeVar("T")
@@ -739,8 +739,12 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_head = {**head, "object": "chat.completion.chunk"}
-        chunks = _chat_chunks(request, gens, chunk_head, include_usage) if tools is None \
-            else _chat_chunks_read_for_calls(request, gens, chunk_head, include_usage, reply)
+        if tools is None or body.tool_mode() == "none":
+            chunks = _chat_chunks(request, gens, chunk_head, include_usage)
+        elif body.tool_mode() == "auto":
+            chunks = _chat_chunks(request, gens, chunk_head, include_usage, tools)
+        else:
+            chunks = _chat_chunks_read_for_calls(request, gens, chunk_head, include_usage, reply)
         return sse_response(request, chunks)
     choices = [reply(i, done) for i, done in enumerate(await collect_all(request, gens))]
     return {**head, "choices": choices, "usage": openai_usage(gens)}
@@ -762,8 +766,8 @@ def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None
 async def _chat_chunks_read_for_calls(request: Request, gens: list[Generation], head: dict[str, Any],
                                       include_usage: bool, reply: Callable[[int, Collected], dict[str, Any]]
                                       ) -> AsyncIterator[dict[str, Any]]:
-    """A stream of a request with tools: a reply is read for calls whole, so each choice comes complete, in
-    one chunk after its role's (its content and its calls, each call with its `index`)."""
+    """A stream of a request whose tool_choice forces calls: a reply is read for calls whole, so each choice
+    comes complete, in one chunk after its role's (its calls, each with its `index`)."""
     for i in range(len(gens)):
         yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None}]}
@@ -778,16 +782,28 @@ async def _chat_chunks_read_for_calls(request: Request, gens: list[Generation], 
         yield {**head, "choices": [], "usage": openai_usage(gens)}
 
 
-async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool
-                       ) -> AsyncIterator[dict[str, Any]]:
-    """Each choice's role first, then the choices' pieces as they come, each chunk naming its choice."""
+async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool,
+                       tools: list[dict[str, Any]] | None = None) -> AsyncIterator[dict[str, Any]]:
+    """Each choice's role first, then the choices' pieces as they come, each chunk naming its choice. With
+    `tools` ("auto"), text that may be a call is held back (`CallWatcher`), and the calls read from the whole
+    reply come with its last chunk."""
     for i in range(len(gens)):
         yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None}]}
     asked = gens[0].params.logprobs is not None
+    watchers = [CallWatcher() for _ in gens] if tools is not None else None
     async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
-        if out.text or finish:
-            delta = {"content": out.text} if out.text else {}
+        text, calls = out.text, []
+        if watchers is not None:
+            text = watchers[i].feed(text)
+            if finish is not None:
+                rest, calls = watchers[i].finish(tools)
+                text += rest
+        if text or finish:
+            delta: dict[str, Any] = {"content": text} if text else {}
+            if calls:
+                delta["tool_calls"] = [call.to_openai(index=j) for j, call in enumerate(calls)]
+                finish = "tool_calls" if finish == "stop" else finish
             piece = chat_logprobs(tokens) if asked else None
             yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:

@@ -20,6 +20,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+HERMES_TAG = "<tool_call>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 
 
@@ -71,6 +72,40 @@ def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, A
             return content or None, calls
     calls = _calls(_loads(text.strip()), names)
     return (None, calls) if calls else (text, [])
+
+
+class CallWatcher:
+    """An "auto" reply streamed: its text goes out as it comes while it cannot be a tool call, and is held back
+    from where one may begin (a Hermes `<tool_call>` tag, or a reply that opens with a JSON object or array)."""
+
+    def __init__(self) -> None:
+        self.text = ""
+        self.sent = 0  # text[:sent] has gone out
+        self.holding = False
+
+    def feed(self, piece: str) -> str:
+        """The text that can go out now, `piece` added to the reply."""
+        self.text += piece
+        if self.holding or not self.text.strip():
+            return ""
+        if self.sent == 0 and self.text.lstrip()[0] in "{[":
+            self.holding = True
+            return ""
+        at = self.text.find(HERMES_TAG, self.sent)
+        if at >= 0:
+            self.holding = True
+        else:  # hold back an end that may be the tag's beginning
+            at = len(self.text) - next((n for n in range(len(HERMES_TAG) - 1, 0, -1)
+                                        if self.text.endswith(HERMES_TAG[:n])), 0)
+        out, self.sent = self.text[self.sent : at], at
+        return out
+
+    def finish(self, tools: list[dict[str, Any]]) -> tuple[str, list[ToolCall]]:
+        """At the reply's end: the text still to go out and the calls read from the whole reply."""
+        content, calls = read_calls(self.text, tools, "auto")
+        if not calls:
+            return self.text[self.sent :], []
+        return ("" if content is None else _HERMES.sub("", self.text[self.sent :]).strip()), calls
 
 
 def _loads(text: str) -> Any:
