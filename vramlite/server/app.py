@@ -735,14 +735,13 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     gens = submit_choices(request, ids, params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}
-    reply = partial(_chat_choice, tools=tools, mode=body.tool_mode(), logprobs=bool(body.logprobs))
+    mode = body.tool_mode()
+    reply = partial(_chat_choice, tools=tools, mode=mode, logprobs=bool(body.logprobs))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_head = {**head, "object": "chat.completion.chunk"}
-        if tools is None or body.tool_mode() == "none":
-            chunks = _chat_chunks(request, gens, chunk_head, include_usage)
-        elif body.tool_mode() == "auto":
-            chunks = _chat_chunks(request, gens, chunk_head, include_usage, tools)
+        if mode in ("none", "auto"):
+            chunks = _chat_chunks(request, gens, chunk_head, include_usage, tools if mode == "auto" else None)
         else:
             chunks = _chat_chunks_read_for_calls(request, gens, chunk_head, include_usage, reply)
         return sse_response(request, chunks)
