@@ -40,8 +40,9 @@ def chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pat
     shutil.copytree(tiny_llama_dir, out)
     config_file = out / "tokenizer_config.json"
     config = json.loads(config_file.read_text())
-    config["chat_template"] = (  # tools and tool calls as JSON, where a request has them
+    config["chat_template"] = (  # tools and tool calls as JSON, where a request has them; a variable of its own
         "{{ bos_token }}{% if tools %}[tools] {{ tools | tojson }}{{ eos_token }}{% endif %}"
+        "{% if hint %}[hint] {{ hint }}{{ eos_token }}{% endif %}"
         "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}"
         "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}{{ eos_token }}{% endfor %}"
         "{% if add_generation_prompt %}[assistant]{% endif %}"

@@ -271,6 +271,15 @@ def test_logit_bias_steers_and_bans_tokens(oai, chat_server):
                                     logit_bias={"5": 101})
 
 
+def test_chat_template_kwargs_reach_the_template(oai):
+    kwargs = dict(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=1)
+    plain = oai.chat.completions.create(**kwargs).usage.prompt_tokens
+    hinted = oai.chat.completions.create(**kwargs, extra_body={"chat_template_kwargs": {"hint": "be brief"}})
+    assert hinted.usage.prompt_tokens > plain
+    with pytest.raises(openai.UnprocessableEntityError, match="messages come from the request itself"):
+        oai.chat.completions.create(**kwargs, extra_body={"chat_template_kwargs": {"messages": []}})
+
+
 def test_a_batch_of_prompts_is_refused_with_what_to_do(oai):
     with pytest.raises(openai.UnprocessableEntityError, match="send one request per prompt"):
         oai.completions.create(model="model", prompt=["x", "y"], max_tokens=2)

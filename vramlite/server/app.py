@@ -731,7 +731,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     params = await sampling_params(rt.engine, body)
     tools = body.tool_dicts()
     ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages],
-                                  tools)
+                                  tools, body.chat_template_kwargs)
     gens = submit_choices(request, ids, params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}

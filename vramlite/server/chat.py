@@ -28,8 +28,12 @@ def _token_text(tokenizer: Tokenizer, token_id: int | None) -> str:
     return "" if token_id is None else tokenizer.decode([token_id], skip_special_tokens=False)
 
 
+TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+
+
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+                    tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
     """Token ids that ask the model for the assistant's next message.
 
     With a template, the rendered text is trusted (it places the special tokens itself, BOS included), and
@@ -37,8 +41,13 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
     "role: content" lines ending with "assistant:", and tools are refused (400): nothing would tell the model
     of them. The space after the colon is left out where the content starts with one, as a reply generated
     after "assistant:" does: a reply sent back in the next turn then reads as it was generated, and the
-    prefix cache reuses its tokens.
+    prefix cache reuses its tokens. `template_kwargs` are more of the template's variables (Qwen 3's
+    `enable_thinking`, as vLLM's `chat_template_kwargs` passes them), none of TEMPLATE_VARIABLES.
     """
+    reserved = sorted(set(template_kwargs or ()) & set(TEMPLATE_VARIABLES))
+    if reserved:
+        raise ApiError(422, "validation_error", f"chat_template_kwargs: {', '.join(reserved)} come from the "
+                       "request itself")
     if tokenizer.chat_template is None:
         if tools:
             raise ApiError(400, "invalid_request", "tools need the model's chat template to describe them, and "
@@ -48,7 +57,7 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
     try:
         text = _compile(tokenizer.chat_template).render(
-            messages=messages, tools=tools, add_generation_prompt=True,
+            **(template_kwargs or {}), messages=messages, tools=tools, add_generation_prompt=True,
             bos_token=_token_text(tokenizer, tokenizer.bos_id), eos_token=_token_text(tokenizer, eos))
     except TemplateError as e:
         raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {e}") from None

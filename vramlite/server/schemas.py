@@ -413,6 +413,8 @@ class ChatCompletionRequest(OpenAIFields):
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     logprobs: bool | None = Field(None, description="each token's log-probability")
     top_logprobs: LogprobsCount | None = Field(None, description="with `logprobs`: this many most likely tokens' too")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="more variables for the chat template "
+                                                        "(Qwen 3: `{\"enable_thinking\": false}`), as vLLM takes them")
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may "
                                                "call; the chat template describes them to it")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
