@@ -69,6 +69,18 @@ def test_json_reply_fills_the_span_and_keeps_the_rest(client, fim_server):
     assert body["usage"]["prompt_tokens"] == len(fill.prompt_ids)
 
 
+def test_a_completion_with_a_suffix_is_the_fill_of_the_middle(client):
+    """OpenAI's `suffix`: the same input, seed and middle as /fill_blank's, whatever the two texts hold."""
+    filled = client.post("/fill_blank", json={"prompt": PROMPT, **SEEDED}).json()
+    done = client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, **SEEDED}).json()
+    assert done["choices"][0]["text"] == filled["blanks"][0]["text"]
+    assert done["usage"]["prompt_tokens"] == filled["usage"]["prompt_tokens"]
+    code = client.post("/v1/completions", json={"prompt": "<span>", "suffix": "</span>", **SEEDED})
+    assert code.status_code == 200  # markup in either text is text, not a blank
+    assert_error(client.post("/v1/completions", json={"prompt": PREFIX, "suffix": SUFFIX, "echo": True}), 422,
+                 "validation_error")
+
+
 def test_sse_sends_the_blank_then_the_result_then_done(client):
     events = sse_events(client, "/fill_blank", {"prompt": PROMPT, **SEEDED, "stream": True})
     assert [e.event for e in events] == ["message"] * len(events) and events[-1].data == "[DONE]"

@@ -167,8 +167,7 @@ def test_lm_evaluation_harness_loglikelihood_request(oai, chat_llama_dir):
     assert logprobs == pytest.approx([w.chosen.logprob for w in want[len(context) :]], abs=1e-5)
 
 
-@pytest.mark.parametrize("params", [{"logprobs": 21}, {"best_of": 3},
-                                    {"suffix": " the end"}])
+@pytest.mark.parametrize("params", [{"logprobs": 21}, {"best_of": 3}])
 def test_completion_options_we_cannot_honour_are_refused(oai, params):
     """Not ignored: the client asked for something the answer would silently lack."""
     field = next(iter(params))
@@ -182,6 +181,11 @@ def test_chat_options_we_cannot_honour_are_refused(oai, params):
     with pytest.raises(openai.UnprocessableEntityError, match=f"{field}: .* is not supported"):
         oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=2,
                                     **params)
+
+
+def test_a_suffix_needs_a_model_that_fills_in_the_middle(oai):
+    with pytest.raises(openai.BadRequestError, match="suffix: "):
+        oai.completions.create(model="model", prompt="x", suffix=" the end", max_tokens=2)
 
 
 def test_options_at_their_off_values_are_taken(oai):

@@ -253,6 +253,14 @@ def continuation(config: ModelConfig, tokenizer: Tokenizer) -> Continuation | No
     return Continuation(fmt.continue_id, frozenset(fmt.sentinel_ids), tuple(_frame(tokenizer)[1]))
 
 
+def infill_ids(fmt: FillFormat, tokenizer: Tokenizer, prefix: str, suffix: str, *, parse_special: bool = False
+               ) -> tuple[list[int], tuple[int, ...]]:
+    """The input that asks for the text between `prefix` and `suffix`, and the tokens that end it: one blank,
+    whatever the two hold (a `<span>` in code stays code, unlike in `FillRequest`'s prompts)."""
+    pieces = [tokenizer.encode(p, add_special_tokens=False, parse_special=parse_special) for p in (prefix, suffix)]
+    return fmt.prompt_ids(pieces, *_frame(tokenizer)), fmt.stop_ids(1)
+
+
 def _frame(tokenizer: Tokenizer) -> tuple[list[int], list[int]]:
     """The ids the tokenizer puts before and after any text of its own accord (LLaMA: BOS; T5: EOS after)."""
     plain = tokenizer.encode(_PROBE, add_special_tokens=False)

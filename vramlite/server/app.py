@@ -34,7 +34,7 @@ from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams, Step
 from vramlite.engine.detokenizer import texts_at
 from vramlite.engine.device import pick_device, pick_dtype
 from vramlite.engine.errors import PromptTooLongError
-from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format
+from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format, infill_ids
 from vramlite.engine.loader import plan_from_config
 from vramlite.engine.offload.planner import format_bytes
 from vramlite.server.chat import chat_prompt_ids
@@ -660,7 +660,12 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_model(request, body)
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
-    gens = submit_choices(request, await prompt_ids(request, body.prompt), params, body.n)
+    if body.suffix:
+        ids, stops = await _infill_ids(request, body)
+        params = replace(params, stop_token_ids=(*params.stop_token_ids, *stops))
+    else:
+        ids = await prompt_ids(request, body.prompt)
+    gens = submit_choices(request, ids, params, body.n)
     head = {"id": f"cmpl-{gens[0].request_id}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_name}
     echo = None
@@ -676,6 +681,21 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         choices.append({"index": i, "text": (echo or "") + done.text, "logprobs": logprobs,
                         "finish_reason": openai_finish(done.reason)})
     return {**head, "choices": choices, "usage": openai_usage(gens)}
+
+
+async def _infill_ids(request: Request, body: CompletionRequest) -> tuple[list[int], tuple[int, ...]]:
+    """A completion between the prompt and its `suffix`: the served model's fill-in-the-middle input and the
+    tokens that end the middle (400 for a model that cannot fill in; 422 for what a middle cannot go with)."""
+    if not isinstance(body.prompt, str) or body.echo:
+        raise ApiError(422, "validation_error", "suffix: needs a text prompt, and no echo")
+    rt = runtime(request)
+    engine = rt.engine
+    try:
+        fmt = fill_format(engine.config, engine.tokenizer, engine.eos_ids)
+    except UnsupportedTaskError as e:
+        raise ApiError(400, "unsupported_task", f"suffix: {e}") from None
+    return await run_in_threadpool(partial(infill_ids, fmt, engine.tokenizer, body.prompt, body.suffix,
+                                           parse_special=rt.settings.allow_special_tokens))
 
 
 async def _openai_pieces(request: Request, gen: Generation

@@ -331,7 +331,8 @@ class CompletionRequest(OpenAIFields):
     echo: bool | None = Field(None, description="the prompt in front of the completion (with `logprobs`: its "
                               "tokens' too; `max_tokens: 0` scores a prompt)")
     best_of: unsupported(None, 1, why="one completion per request")
-    suffix: unsupported(None, "", why="use /fill_blank to fill text between a prefix and a suffix")
+    suffix: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="the text after the completion: "
+                               "the model fills in the middle (a model with fill-in-the-middle tokens, or T5)")
 
     def logprobs_kwargs(self) -> dict[str, int | None]:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
