@@ -11,7 +11,7 @@ import torch
 # A GPU host may have only the engine's packages (torch, triton, transformers, ...), not the server's nor the CPM
 # tokenizers' jieba: the test modules and folders that import these skip there (`pytest.importorskip`), so that
 # `pytest -m gpu` collects. Under CI, which installs every extra, a missing one is an error instead.
-SKIPPABLE_PACKAGES = ("fastapi", "pydantic", "jieba", "rjieba")
+SKIPPABLE_PACKAGES = ("fastapi", "pydantic", "jieba", "rjieba", "peft")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

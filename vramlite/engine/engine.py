@@ -104,7 +104,8 @@ class Engine:
                  max_tokens_per_step: int = 512, quantize: str | None = None,
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
                  compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True,
-                 speculative_tokens: int = 0, kv_cache_dtype: str = "auto") -> Engine:
+                 speculative_tokens: int = 0, kv_cache_dtype: str = "auto",
+                 lora: Sequence[tuple[str | Path, float]] = ()) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -123,7 +124,8 @@ class Engine:
         starts like the tokens a freed cache slot holds reuses their keys and values (see `KVCache`).
         speculative_tokens: requests draft up to this many tokens a step by prompt lookup and verify
         them in one forward pass (see `vramlite.engine.speculative`); 0: off. kv_cache_dtype: "auto" (the
-        compute dtype) or "int8" (about half the memory; see `KVCache`).
+        compute dtype) or "int8" (about half the memory; see `KVCache`). lora: (PEFT adapter directory,
+        scale) pairs merged into the weights at load (see `vramlite.engine.lora`).
         """
         if kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
@@ -140,7 +142,8 @@ class Engine:
         free, total = torch.cuda.mem_get_info(dev) if dev.type == "cuda" else (None, None)
         try:
             model, context = load_model(model_dir, dev, dt, context, quantize, memory_limit, max_batch_size,
-                                        max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second, kv_int8)
+                                        max_tokens_per_step, prefetch_depth, probe.h2d_bytes_per_second, kv_int8,
+                                        lora)
             runner = ModelRunner(model, dev, dt, max_batch_size, context, compile_decode, cpu_layout,
                                  max_chunk=max_tokens_per_step, kv_int8=kv_int8)
             runner.warm_up_kernels(max_tokens_per_step)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,7 @@ from vramlite.engine.config import ModelConfig, parse_size, read_json
 from vramlite.engine.errors import ModelLoadError
 from vramlite.engine.kv_cache import cache_lengths
 from vramlite.engine.layers.linear import QUANTIZATIONS
+from vramlite.engine.lora import AdaptedReader, LoraAdapter
 from vramlite.engine.models import family
 from vramlite.engine.models.base import CausalLM, keep
 from vramlite.engine.offload import (
@@ -35,7 +36,7 @@ INT8_METHOD = "vramlite-int8"  # config.json quantization_config.quant_method of
 def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, context: int | None = None,
                quantize: str | None = None, memory_limit: int | str | None = None, max_batch_size: int = 1,
                max_tokens_per_step: int = 512, prefetch_depth: int = 1, h2d_bandwidth: float = 0.0,
-               kv_int8: bool = False) -> tuple[CausalLM, int]:
+               kv_int8: bool = False, lora: Sequence[tuple[str | Path, float]] = ()) -> tuple[CausalLM, int]:
     """Build the model of `model_dir` on `device` in `dtype`; returns it and its context length.
 
     `context` caps the positions the KV cache will hold (default: the model's
@@ -51,6 +52,9 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     bytes/s, gives the plan's expected decode time). ValueError if even
     streaming every layer does not fit. None: everything on the device, no
     offload machinery.
+
+    `lora`: (PEFT adapter directory, scale) pairs merged into the weights as they
+    are read, before quantization (see `vramlite.engine.lora`).
     """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
@@ -59,7 +63,7 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
     model, context = meta_model(read_json(model_dir / "config.json"), quantize, context)
     quantize = model.config.quantization
     cfg = model.config
-    reader = CheckpointReader(model_dir)
+    reader = checkpoint_reader(model_dir, lora)
     place, host = keep, ()
     if memory_limit is not None:
         plan, context = plan_within(model, dtype, parse_size(memory_limit), max_batch_size, context, asked is None,
@@ -78,6 +82,17 @@ def load_model(model_dir: str | Path, device: torch.device, dtype: torch.dtype, 
              cfg.model_type, cfg.num_layers, loaded_bytes / 2**20, ", int8" if quantize else "", device,
              str(dtype).removeprefix("torch."), context)
     return model, context
+
+
+def checkpoint_reader(model_dir: Path, lora: Sequence[tuple[str | Path, float]] = ()) -> CheckpointReader:
+    """The reader of `model_dir`'s tensors, with the `lora` adapters (directory, scale) merged in."""
+    if not lora:
+        return CheckpointReader(model_dir)
+    adapters = [LoraAdapter.load(path, scale) for path, scale in lora]
+    for adapter in adapters:
+        log.info("LoRA adapter %s at scale %g: %d weights updated, %d replaced", adapter.path, adapter.scale,
+                 len(adapter.updates), len(adapter.replacements))
+    return AdaptedReader(model_dir, adapters)
 
 
 MIN_FITTED_CONTEXT = 256  # a context chosen to fit a memory limit is at least this long, or the load fails

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -22,10 +23,10 @@ from safetensors.torch import save_file
 from vramlite.engine.config import read_json
 from vramlite.engine.errors import ModelLoadError
 from vramlite.engine.layers.linear import QuantizedLinear
-from vramlite.engine.loader import INT8_METHOD
+from vramlite.engine.loader import INT8_METHOD, checkpoint_reader
 from vramlite.engine.models import family
 from vramlite.engine.models.base import SCALE_SUFFIX
-from vramlite.engine.weights import INDEX_FILE, CheckpointReader
+from vramlite.engine.weights import INDEX_FILE
 from vramlite.kernels import quantize_weight
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 SHARD_BYTES = 2 * 2**30
 
 
-def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Write the int8 version of the checkpoint in `in_dir` to `out_dir`, tensor by tensor."""
+def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, shard_bytes: int = SHARD_BYTES,
+                        lora: Sequence[tuple[str | Path, float]] = ()) -> Path:
+    """Write the int8 version of the checkpoint in `in_dir` to `out_dir`, tensor by tensor, with the `lora`
+    adapters (directory, scale) merged in first."""
     in_dir, out_dir = Path(in_dir), Path(out_dir)
     if not in_dir.is_dir():
         raise ModelLoadError(f"model directory {in_dir} does not exist")
@@ -49,7 +52,7 @@ def quantize_checkpoint(in_dir: str | Path, out_dir: str | Path, shard_bytes: in
         model = cls(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = ShardWriter(out_dir, shard_bytes)
-    reader = CheckpointReader(in_dir)
+    reader = checkpoint_reader(in_dir, lora)
     int8_sources: dict[str, bool] = {}  # checkpoint name → stored [in, out] (Conv1D)
     for spec in model.all_weight_specs(reader):
         if isinstance(spec.module, QuantizedLinear) and spec.param == "weight":

@@ -102,7 +102,7 @@ def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], 
                                prefetch_depth=settings.prefetch_depth, compile_decode=settings.compile_decode,
                                cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching,
                                speculative_tokens=settings.speculative_tokens,
-                               kv_cache_dtype=settings.kv_cache_dtype)
+                               kv_cache_dtype=settings.kv_cache_dtype, lora=() if path else settings.lora_adapters)
 
     return load
 
@@ -499,6 +499,7 @@ async def info(request: Request) -> dict[str, Any]:
         "gpu": engine.probe.as_dict() if engine else None,
         "dtype": str(engine.dtype).removeprefix("torch.") if engine else s.dtype,
         "quantization": {"requested": s.quantize, "active": quantization},
+        "lora": [{"path": path, "scale": scale} for path, scale in s.lora_adapters],
         "memory_limit": {"requested": s.memory_limit, "bytes": s.memory_limit_bytes,
                          "active": bool(engine and engine.offload)},
         "offload": offload_info(engine),

@@ -18,6 +18,7 @@ from vramlite import models as demo_models
 from vramlite.engine import Engine
 from vramlite.engine.errors import ModelLoadError, PromptTooLongError
 from vramlite.engine.layers.cpu_layout import CHOICES as CPU_LAYOUTS
+from vramlite.engine.lora import parse_adapter
 from vramlite.server.settings import DEFAULT_PROFILE, Settings, load_settings
 
 
@@ -39,6 +40,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=os.environ.get("VRAMLITE_KV_CACHE_DTYPE", "auto"),
                    choices=["auto", "int8"], help="keys and values cached in the compute dtype (auto) or int8, "
                    "about half the memory (env VRAMLITE_KV_CACHE_DTYPE)")
+    p.add_argument("--lora", action="append", metavar="DIR[:SCALE]",
+                   help="PEFT LoRA adapter merged into the weights at load, at SCALE (default 1); repeatable "
+                   "(env VRAMLITE_LORA, comma-separated)")
     p.add_argument("--cpu-layout", default=os.environ.get("VRAMLITE_CPU_LAYOUT", "auto"),
                    choices=CPU_LAYOUTS,
                    help="CPU: layout of linear weights (float and int8); auto: the fastest, timed at load; "
@@ -49,7 +53,13 @@ def model_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """The `Engine.from_dir` arguments of the flags `add_model_args` adds (all but --model)."""
     return {"device": args.device, "dtype": args.dtype, "quantize": args.quantize, "memory_limit": args.memory_limit,
             "compile_decode": args.compile_decode, "cpu_layout": args.cpu_layout,
-            "kv_cache_dtype": args.kv_cache_dtype}
+            "kv_cache_dtype": args.kv_cache_dtype, "lora": lora_adapters(args.lora)}
+
+
+def lora_adapters(flags: list[str] | None) -> list[tuple[str, float]]:
+    """The --lora flags' adapters as (directory, scale), else those of VRAMLITE_LORA."""
+    specs = flags if flags is not None else os.environ.get("VRAMLITE_LORA", "").split(",")
+    return [parse_adapter(spec.strip()) for spec in specs if spec.strip()]
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -167,7 +177,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
 def cmd_quantize(args: argparse.Namespace) -> int:
     from vramlite.engine.quantize import quantize_checkpoint
 
-    out = quantize_checkpoint(args.in_dir, args.out_dir)
+    out = quantize_checkpoint(args.in_dir, args.out_dir, lora=lora_adapters(args.lora or []))
     print(f"wrote the int8 checkpoint {out}")
     return 0
 
@@ -278,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     qnt = sub.add_parser("quantize", help="write an int8 copy of an HF-format checkpoint (loads without re-quantizing)")
     qnt.add_argument("in_dir", help="HF-format model directory")
     qnt.add_argument("out_dir", help="new directory for the int8 checkpoint")
+    qnt.add_argument("--lora", action="append", metavar="DIR[:SCALE]",
+                     help="PEFT LoRA adapter merged into the weights before quantizing; repeatable")
     qnt.set_defaults(func=cmd_quantize)
     pln = sub.add_parser("plan", help="print the VRAM plan for a model from its config.json alone (no weights)",
                          description="Resident vs streamed layers, KV cache, swap slots, workspace, host memory and "

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vramlite.engine.config import parse_size
+from vramlite.engine.lora import parse_adapter
 from vramlite.server.schemas import error_message
 
 if sys.version_info >= (3, 11):
@@ -75,6 +76,8 @@ class Settings(BaseModel):
     allow_special_tokens: bool = Field(False, description="read special-token strings such as </s> in prompt "
                                        "text as those tokens (default: as plain text)")
     log_prompts: bool = Field(False, description="put prompt and output text in the request log lines")
+    lora: list[str] = Field([], description="PEFT LoRA adapter directories merged into the served model's weights "
+                            "at load, DIR or DIR:SCALE, comma-separated (default: none)")
     cors_origins: list[str] = Field([], description="origins allowed by CORS, comma-separated (default: none)")
     log_level: str = "INFO"
 
@@ -85,10 +88,14 @@ class Settings(BaseModel):
             parse_size(value)
         return value
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "lora", mode="before")
     @classmethod
-    def _split_origins(cls, value: Any) -> Any:
+    def _split_list(cls, value: Any) -> Any:
         return [o.strip() for o in value.split(",") if o.strip()] if isinstance(value, str) else value
+
+    @property
+    def lora_adapters(self) -> list[tuple[str, float]]:
+        return [parse_adapter(spec) for spec in self.lora]
 
     @property
     def memory_limit_bytes(self) -> int | None:
