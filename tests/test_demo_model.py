@@ -137,6 +137,20 @@ def test_cli_generate_held_to_a_json_schema(capsys, tmp_path):
     assert re.fullmatch("[0-9]{3}\n", capsys.readouterr().out[len("床前明月光，"):])
     assert cli_main([*args, "--regex", "(", "x"]) == 2
     assert "output pattern" in capsys.readouterr().err
+    assert cli_main([*args, "--choice", "李白", "--choice", "杜甫 (712)", "床前明月光，"]) == 0
+    assert capsys.readouterr().out[len("床前明月光，"):] in ("李白\n", "杜甫 (712)\n")
+
+
+def test_cli_generate_takes_min_p_and_min_tokens(capsys):
+    """min_p 1 makes a hot draw greedy; min_tokens holds off EOS (the greedy poem line ends before 30 tokens)."""
+    args = ["generate", "--max-tokens", "30", "床前明月光，"]
+    assert cli_main([*args, "--temperature", "0"]) == 0
+    greedy = capsys.readouterr().out
+    assert cli_main([*args, "--temperature", "5", "--seed", "2", "--min-p", "1"]) == 0
+    assert capsys.readouterr().out == greedy
+    assert cli_main([*args, "--temperature", "0", "--min-tokens", "30"]) == 0
+    held = capsys.readouterr().out
+    assert held.startswith(greedy.rstrip("\n")) and len(held) > len(greedy)
 
 
 def test_cli_reports_bad_model_dir(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -101,6 +102,29 @@ def test_eos_ends_generation(engine):
     finally:
         engine.eos_ids = (2,)
     assert out.finish_reason is FinishReason.EOS and out.token_ids == [first] and out.text == ""
+
+
+def test_min_tokens_holds_off_eos_and_stop_tokens(engine):
+    """EOS (2) and a stop token, each all but forced by logit_bias, come only once min_tokens are out."""
+    for end, kwargs, reason in ((2, {}, FinishReason.EOS), (7, {"stop_token_ids": (7,)}, FinishReason.STOP)):
+        params = dict(max_tokens=8, temperature=0, logit_bias={end: 100}, **kwargs)
+        assert engine.generate("Hello", SamplingParams(**params)).token_ids == [end]
+        out = engine.generate("Hello", SamplingParams(**params, min_tokens=3))
+        assert out.finish_reason is reason and len(out.token_ids) == 4 and out.token_ids[-1] == end
+        assert end not in out.token_ids[:3]
+
+
+def test_min_tokens_matches_stop_strings_only_after_them(engine):
+    """A stop string counts from the text of the token after the first min_tokens (each step's text, as streamed)."""
+    texts = [step.text for step in engine.stream("The quick", SAMPLED)]
+    head, tail = "".join(texts[:6]), "".join(texts[6:])
+    stop = head[1:3]
+    assert stop and not engine.generate("The quick", replace(SAMPLED, stop=(stop,))).text.startswith(head)
+    out = engine.generate("The quick", replace(SAMPLED, stop=(stop,), min_tokens=6))
+    assert out.text == head + (tail[: tail.index(stop)] if stop in tail else tail)
+    late = tail[2:4]
+    out = engine.generate("The quick", replace(SAMPLED, stop=(late,), min_tokens=6))
+    assert out.finish_reason is FinishReason.STOP and out.text == head + tail[: tail.index(late)]
 
 
 def test_generation_config_supplies_defaults(tmp_path, model_dir):

@@ -16,6 +16,7 @@ from vramlite.engine.sampler import (
     SamplingParams,
     apply_penalties_,
     inverse_cdf_pick,
+    min_p_mask,
     top_k_mask,
     top_k_top_p_mask,
     top_p_mask,
@@ -70,6 +71,12 @@ tied_logits = (
         ("stop", [3]),
         ("seed", 1.0),
         ("ignore_eos", 1),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("min_p", math.nan),
+        ("min_tokens", -1),
+        ("min_tokens", 129),  # more than max_tokens
+        ("min_tokens", 1.0),
     ],
 )
 def test_bad_field_is_rejected_with_its_name(field: str, value: object) -> None:
@@ -311,6 +318,46 @@ def test_top_p_below_float32s_smallest_keeps_the_most_likely_token() -> None:
     logits = random_logits(3, 2, 40)
     keep = top_p_mask(logits, torch.tensor([5e-324, 1e-46], dtype=torch.float64).float())  # both 0 in float32
     assert keep.tolist() == torch.nn.functional.one_hot(logits.argmax(-1), 40).bool().tolist()
+
+
+@FAST
+@given(logits=tied_logits, data=st.data())
+def test_min_p_keeps_what_hfs_min_p_warper_keeps(logits: torch.Tensor, data: st.DataObject) -> None:
+    from transformers.generation.logits_process import MinPLogitsWarper
+
+    min_p = data.draw(st.sampled_from([0.05, 0.3, 0.5, 1.0]))
+    ours = min_p_mask(logits, torch.full((logits.size(0),), min_p))
+    theirs = MinPLogitsWarper(min_p)(None, logits.clone()) != -math.inf
+    assert torch.equal(ours, theirs)
+
+
+def test_min_p_zero_keeps_everything_and_rows_take_their_own() -> None:
+    logits = torch.tensor([[0.0, -1.0, -3.0], [0.0, -1.0, -3.0]])
+    keep = min_p_mask(logits, torch.tensor([0.0, 0.3]))  # exp(-1) = 0.37 >= 0.3 > exp(-3)
+    assert keep.tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_samples_stay_inside_min_p_after_temperature() -> None:
+    """min-p compares probabilities after temperature: at temperature 2, exp(-2 / 2) = 0.37 passes 0.3."""
+    logits = torch.tensor([[0.0, -2.0, -6.0, -50.0]])
+    for temperature, allowed in ((1.0, {0}), (2.0, {0, 1})):
+        picked = set()
+        for seed in range(200):
+            state = SamplerState(SamplingParams(temperature=temperature, min_p=0.3, seed=seed), [])
+            picked.add(int(Sampler()(logits, [state])))
+        assert picked == allowed
+
+
+def test_min_tokens_bans_the_end_tokens_until_reached() -> None:
+    logits = torch.tensor([[0.0, 9.0, 5.0, 1.0]])  # token 1 (EOS) is by far the most likely, then 2 (a stop)
+    state = SamplerState(SamplingParams(temperature=0, min_tokens=2), [], end_ids=[1, 2])
+    assert state.penalized
+    picked = []
+    for _ in range(3):
+        picked.append(int(Sampler()(logits, [state])))
+        state.append(picked[-1])
+    assert picked == [3, 3, 1]
+    assert logits.tolist() == [[0.0, 9.0, 5.0, 1.0]]  # on a copy
 
 
 def test_inverse_cdf_pick_gives_a_vocabulary_id_for_nan_logits() -> None:

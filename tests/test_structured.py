@@ -84,8 +84,12 @@ def test_the_mask_allows_what_the_index_allows(engine):
     (dict(json_schema="{not json"), "json_schema is not valid JSON"),
     (dict(json_schema=[1, 2]), "json_schema must be a JSON object"),
     (dict(json_schema={"type": "nonsense"}), "json_schema: Unsupported type: nonsense"),
-    (dict(json_schema={"type": "object"}, regex="a"), "give json_schema or regex, not both"),
+    (dict(json_schema={"type": "object"}, regex="a"), "give one of json_schema, regex and choice"),
+    (dict(regex="a", choice=["a"]), "give one of json_schema, regex and choice"),
     (dict(regex="a+", ignore_eos=True), "ignore_eos cannot be combined"),
+    (dict(choice=["a"], min_tokens=2), "min_tokens cannot be combined"),
+    (dict(choice=["a", ""]), "choice must be at most 1024 non-empty strings"),
+    (dict(choice=["a"] * 1025), "choice must be at most 1024 non-empty strings"),
     (dict(regex=""), "regex must be None or a non-empty string"),
 ])
 def test_bad_patterns_are_refused_with_what_is_wrong(engine, kwargs, message):
@@ -103,3 +107,23 @@ def test_equal_schemas_share_one_compiled_index_and_properties_keep_their_order(
     assert engine.grammars.index_for(a) is engine.grammars.index_for(b)
     out = engine.generate("x", SamplingParams(max_tokens=30, temperature=0, json_schema=a.json_schema))
     assert list(json.loads(out.text)) == ["b", "a"]
+
+
+CHOICES = ["yes", "no", "maybe (1.5 x $2)", "a|b", "[.*]", "窗前明月"]
+
+
+@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0), dict(temperature=2.0, top_k=50)],
+                         ids=["greedy", "sampled", "hot"])
+def test_choice_output_is_exactly_one_of_the_strings(engine, sampling):
+    """Regular-expression syntax in a choice is literal: "a|b" is one choice, not two."""
+    seen = set()
+    for seed in range(4):
+        out = engine.generate("Pick:", SamplingParams(max_tokens=40, choice=CHOICES, seed=seed, **sampling))
+        assert out.text in CHOICES and out.finish_reason.value == "eos"
+        seen.add(out.text)
+    assert not seen & {"a", "b"}
+
+
+def test_one_choice_is_forced_whatever_the_logits(engine):
+    out = engine.generate("Pick:", SamplingParams(max_tokens=40, temperature=0, choice=["[.*] and (a|b)?"]))
+    assert out.text == "[.*] and (a|b)?"

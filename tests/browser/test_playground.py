@@ -102,6 +102,19 @@ def test_generate_streams_then_matches_the_json_reply(page: Any, daemon: Running
     page.screenshot(path=artifacts / "generate-desktop.png", full_page=True)
 
 
+def test_min_p_and_min_tokens_knobs_go_with_the_request(page: Any, daemon: Running):
+    """The same knobs in a JSON request give the same text: min_p = 1 makes a hot, seeded draw greedy."""
+    knobs = {"temperature": 5, "seed": 3, "min_p": 1, "max_tokens": 12, "min_tokens": 12}
+    page.fill("#prompt", PROMPT)
+    set_knobs(page, **knobs)
+    page.click("#send")
+    wait_status(page, "Done")
+    reply = httpx.post(daemon.url + "/generate", json={"prompt": PROMPT, **knobs}, timeout=30).json()
+    greedy = httpx.post(daemon.url + "/generate", json={"prompt": PROMPT, **knobs, "temperature": 0}, timeout=30)
+    assert generated(page) == reply["text"] == greedy.json()["text"]
+    assert reply["usage"]["completion_tokens"] == 12
+
+
 def test_token_probabilities_shade_each_token_and_name_its_alternatives(page: Any, daemon: Running,
                                                                         artifacts: Path):
     page.fill("#prompt", PROMPT)

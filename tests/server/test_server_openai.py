@@ -256,6 +256,66 @@ def test_generate_with_a_regex_or_a_json_schema(chat_server):
     assert reply.status_code == 422 and "output pattern" in reply.json()["error"]["message"]
 
 
+MOODS = ["positive", "negative", "not sure (50%)"]
+
+
+@pytest.mark.parametrize("extra", [{"structured_outputs": {"choice": MOODS}}, {"guided_choice": MOODS}],
+                         ids=["structured_outputs", "guided_choice"])
+def test_choice_on_the_openai_routes(oai, extra):
+    """vLLM's `structured_outputs` and its older `guided_*` fields hold the reply to their pattern."""
+    for seed in range(3):
+        chat = oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Mood?"}],
+                                           max_tokens=16, temperature=1.0, seed=seed, extra_body=extra)
+        assert chat.choices[0].message.content in MOODS and chat.choices[0].finish_reason == "stop"
+    done = oai.completions.create(model="model", prompt="Mood:", max_tokens=16, temperature=1.0, extra_body=extra)
+    assert done.choices[0].text in MOODS
+
+
+@pytest.mark.parametrize("extra", [{"structured_outputs": {"json": PERSON}}, {"guided_json": PERSON},
+                                   {"structured_outputs": {"json": json.dumps(PERSON)}},
+                                   {"structured_outputs": {"regex": "[0-9]{4}-[0-9]{2}"}},
+                                   {"guided_regex": "[0-9]{4}-[0-9]{2}"}],
+                         ids=["json", "guided_json", "json-text", "regex", "guided_regex"])
+def test_json_and_regex_structured_outputs(oai, extra):
+    text = oai.completions.create(model="model", prompt="Who, when:", max_tokens=64, temperature=0.7, seed=2,
+                                  extra_body=extra).choices[0].text
+    assert re.fullmatch("[0-9]{4}-[0-9]{2}", text) if "regex" in json.dumps(extra) else is_person(text)
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"structured_outputs": {"choice": ["a"]}, "guided_regex": "a"}, "give one of structured_outputs and guided_regex"),
+    ({"guided_choice": ["a"], "response_format": {"type": "json_object"}}, "give one of response_format and guided_ch"),
+    ({"structured_outputs": {"grammar": "root ::= x"}}, "structured_outputs.grammar"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "give one of json, regex and choice"),
+    ({"structured_outputs": {}}, "give one of json, regex and choice"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_choice": ["a", ""]}, "guided_choice"),
+    ({"guided_choice": ["a"], "min_tokens": 2}, "min_tokens cannot be combined"),
+    ({"min_tokens": 3, "max_tokens": 2}, "min_tokens must be an integer in [0, max_tokens = 2]"),
+    ({"min_p": 1.5}, "min_p"),
+])
+def test_bad_structured_outputs_and_sampling_extras_are_refused(oai, extra, message):
+    with pytest.raises(openai.UnprocessableEntityError, match=re.escape(message)):
+        oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "x"}], max_tokens=8,
+                                    extra_body=extra)
+
+
+def test_generate_with_a_choice_min_p_and_min_tokens(chat_server, chat_llama_dir):
+    def generate(**body) -> dict:
+        reply = httpx.post(chat_server.url + "/generate", headers={"Authorization": "Bearer sk-test"},
+                           json={"prompt": "Mood:", "max_tokens": 16, **body})
+        assert reply.status_code == 200, reply.text
+        return reply.json()
+    assert generate(choice=MOODS, temperature=1.5, seed=3)["text"] in MOODS
+    # min_p = 1 keeps only the most likely token: sampling at any temperature is greedy decoding
+    assert generate(min_p=1.0, temperature=5.0, seed=8)["text"] == generate(temperature=0)["text"]
+    eos = Tokenizer.from_dir(chat_llama_dir).eos_ids[0]
+    forced_end = {"temperature": 0, "logit_bias": {str(eos): 100}, "logprobs": 0}
+    assert [t["id"] for t in generate(**forced_end)["logprobs"]] == [eos]
+    held = generate(**forced_end, min_tokens=5)
+    assert held["usage"]["completion_tokens"] == 6 and held["finish_reason"] == "eos"
+
+
 def test_logit_bias_steers_and_bans_tokens(oai, chat_server):
     """+100 all but forces a token, sampled or not; -100 bans the one greedy decoding would pick."""
     def generated_ids(**body) -> list[int]:

@@ -224,7 +224,8 @@ class Engine:
                 params = replace(params, stop_token_ids=(*params.stop_token_ids, *sorted(cont.sentinel_ids)))
             if len(encoder_ids) > self.context:
                 raise PromptTooLongError(len(encoder_ids), self.context)
-        state = SamplerState(params, prompt_ids, self.device, self.grammars.constraint(params))
+        state = SamplerState(params, prompt_ids, self.device, self.grammars.constraint(params),
+                             end_ids=[*(() if params.ignore_eos else self.eos_ids), *params.stop_token_ids])
         seq = Seq(next(self._ids), prompt_ids, params, state,
                   IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
                   self.config.whole_prompt)

@@ -1,8 +1,9 @@
 """Next-token sampling: per-request parameters, per-sequence state and a batched sampler.
 
 The pipeline over a batch of logits is repetition penalty (HF) -> frequency/presence
-penalties and logit bias (OpenAI) -> structured output's mask (tokens its pattern
-does not allow next) -> temperature (0 = greedy) -> top-k -> top-p -> sample. Every
+penalties and logit bias (OpenAI) -> the end of text banned before min_tokens ->
+structured output's mask (tokens its pattern does not allow next) -> temperature
+(0 = greedy) -> top-k -> top-p -> min-p -> sample. Every
 row draws its randomness from its own seeded generator, so a seeded request produces
 the same tokens whatever else shares its batch.
 """
@@ -24,6 +25,7 @@ MAX_STOP_CHARS = 256
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's top_logprobs allows
 MAX_PATTERN_CHARS = 65536  # a regex or JSON schema for structured output
 MAX_LOGIT_BIAS = 300  # biased tokens per request, as OpenAI allows
+MAX_CHOICE_STRINGS = 1024  # strings `choice` may list
 IMPOSSIBLE_LOGPROB = -9999.0
 
 # Temperatures below this are treated as greedy: dividing logits by them overflows float32.
@@ -55,17 +57,20 @@ class SamplingParams:
     temperature: float = 0.9
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0  # cut tokens less likely than this times the most likely one (after temperature)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False
+    min_tokens: int = 0  # EOS and stop tokens are banned, stop strings not matched, before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # tokens that end generation like a stop string (fill_blank's sentinels)
     logprobs: int | None = None  # report each token's log-probability and this many most likely; None = off
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (each given those before it)
     json_schema: str | None = None  # output must be JSON this schema accepts (given as JSON text or an object)
     regex: str | None = None  # output must match this regular expression
+    choice: tuple[str, ...] = ()  # output must be one of these strings
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100]), OpenAI's
 
     def __post_init__(self) -> None:
@@ -73,8 +78,9 @@ class SamplingParams:
         stop = (self.stop,) if isinstance(self.stop, str) else self.stop
         if isinstance(stop, (list, tuple)):
             object.__setattr__(self, "stop", tuple(stop))
-        if isinstance(self.stop_token_ids, (list, tuple, frozenset, set)):
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        for name in ("stop_token_ids", "choice"):
+            if isinstance(getattr(self, name), (list, tuple, frozenset, set)):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
         _require(
             _is_int(self.max_tokens) and self.max_tokens >= 0,
             "max_tokens",
@@ -94,6 +100,7 @@ class SamplingParams:
             self.top_k,
             "an integer >= 0 (0 turns top-k off)",
         )
+        _require(_is_real(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1] (0 = off)")
         for name in ("frequency_penalty", "presence_penalty"):
             value = getattr(self, name)
             _require(_is_real(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
@@ -118,6 +125,8 @@ class SamplingParams:
             )
         _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "true or false")
+        _require(_is_int(self.min_tokens) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+                 self.min_tokens, f"an integer in [0, max_tokens = {self.max_tokens}]")
         _require(
             isinstance(self.stop_token_ids, tuple) and all(_is_int(t) and t >= 0 for t in self.stop_token_ids),
             "stop_token_ids",
@@ -145,16 +154,24 @@ class SamplingParams:
             _require(value is None or (isinstance(value, str) and 0 < len(value) <= MAX_PATTERN_CHARS), name,
                      value if value is None or len(str(value)) < 80 else f"{str(value)[:80]}...",
                      f"None or a non-empty string of at most {MAX_PATTERN_CHARS} characters")
-        if self.json_schema is not None and self.regex is not None:
-            raise ValueError("give json_schema or regex, not both")
-        if self.ignore_eos and self.structured:
-            raise ValueError("ignore_eos cannot be combined with json_schema or regex: output ends where its "
-                             "pattern does")
+        _require(
+            isinstance(self.choice, tuple) and len(self.choice) <= MAX_CHOICE_STRINGS
+            and all(isinstance(c, str) and c for c in self.choice)
+            and sum(map(len, self.choice)) <= MAX_PATTERN_CHARS,
+            "choice", self.choice if len(self.choice) < 8 else "...",
+            f"at most {MAX_CHOICE_STRINGS} non-empty strings of at most {MAX_PATTERN_CHARS} characters in all",
+        )
+        if sum(x is not None for x in (self.json_schema, self.regex)) + bool(self.choice) > 1:
+            raise ValueError("give one of json_schema, regex and choice")
+        for name in ("ignore_eos", "min_tokens"):
+            if getattr(self, name) and self.structured:
+                raise ValueError(f"{name} cannot be combined with json_schema, regex or choice: output ends where "
+                                 "its pattern does")
 
     @property
     def structured(self) -> bool:
-        """Whether the output is held to a pattern (`json_schema` or `regex`)."""
-        return self.json_schema is not None or self.regex is not None
+        """Whether the output is held to a pattern (`json_schema`, `regex` or `choice`)."""
+        return self.json_schema is not None or self.regex is not None or bool(self.choice)
 
     @classmethod
     def from_kwargs(cls, **kw: Any) -> SamplingParams:
@@ -176,9 +193,12 @@ class SamplerState:
     """Per-sequence sampling state: parameters, seeded generator, prompt and generated token ids."""
 
     def __init__(self, params: SamplingParams, prompt_ids: Sequence[int], device: torch.device | str = "cpu",
-                 constraint: Constraint | None = None):
+                 constraint: Constraint | None = None, end_ids: Sequence[int] = ()):
         self.params = params
         self.constraint = constraint  # the tokens structured output allows next
+        # the tokens that would end the output (EOS, stop tokens), banned before params.min_tokens
+        self.end_ids = torch.tensor(sorted(set(end_ids)) if params.min_tokens else [], dtype=torch.long,
+                                    device=device)
         self.prompt_ids: tuple[int, ...] = tuple(int(i) for i in prompt_ids)
         self.output_ids: list[int] = []
         self.device = torch.device(device)
@@ -191,6 +211,7 @@ class SamplerState:
             or params.frequency_penalty != 0.0
             or params.presence_penalty != 0.0
             or bool(params.logit_bias)
+            or params.min_tokens > 0
         )
         self._bias: tuple[torch.Tensor, torch.Tensor] | None = None
         self._vocab_size = 0
@@ -250,7 +271,8 @@ def apply_penalties_(logits: torch.Tensor, rows: Sequence[int], states: Sequence
     Repetition penalty (HF) covers prompt and generated tokens: a positive logit is divided by it, any
     other multiplied. Frequency and presence penalties (OpenAI) cover generated tokens only:
     logit -= frequency * count + presence * (count > 0). Only the seen tokens' logits are read and written,
-    not whole rows. Then `logit_bias` (OpenAI) is added to its tokens' logits.
+    not whole rows. Then `logit_bias` (OpenAI) is added to its tokens' logits, and a sequence short of its
+    `min_tokens` has the tokens that would end it set to -inf.
     """
     vocab = logits.size(-1)
     stats = [s.penalty_tensors(vocab) for s in states]
@@ -269,6 +291,8 @@ def apply_penalties_(logits: torch.Tensor, rows: Sequence[int], states: Sequence
     for row, state in zip(rows, states, strict=True):
         if state.params.logit_bias:
             logits[row].index_add_(0, *state.bias_tensors())
+        if len(state.output_ids) < state.params.min_tokens:
+            logits[row, state.end_ids] = -math.inf
 
 
 def top_k_top_p_mask(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
@@ -358,8 +382,8 @@ def _column(
 
 
 def warped(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-    """Float32 logits [B, V] of rows that are not greedy after temperature, top-k and top-p (-inf where cut):
-    row i's softmax is the distribution states[i] draws from."""
+    """Float32 logits [B, V] of rows that are not greedy after temperature, top-k, top-p and min-p (-inf where
+    cut): row i's softmax is the distribution states[i] draws from."""
     device = logits.device
     x = logits / _column(states, "temperature", torch.float32, device).unsqueeze(-1)
     if any(s.params.top_k > 0 or s.params.top_p < 1 for s in states):
@@ -367,7 +391,17 @@ def warped(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor
             x, _column(states, "top_k", torch.long, device), _column(states, "top_p", torch.float32, device)
         )
         x = x.masked_fill(~keep, -math.inf)
+    if any(s.params.min_p > 0 for s in states):
+        x = x.masked_fill(~min_p_mask(x, _column(states, "min_p", torch.float32, device)), -math.inf)
     return x
+
+
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Bool mask [B, V] of the tokens min-p keeps (min_p [B], 0 = off): those at least min_p times as likely as
+    their row's most likely token, as HF's MinPLogitsWarper and llama.cpp keep them. A ratio of probabilities is
+    one of exponentials of logits, so this compares logits, with no softmax; it is the same before top-k and
+    top-p or after them, which never cut the most likely token."""
+    return logits >= logits.amax(dim=-1, keepdim=True) + min_p.log().unsqueeze(-1)
 
 
 def _sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:

@@ -143,7 +143,11 @@ class Sequence:
             return self.finish(FinishReason.EOS, token_id)
         if token_id in self.stop_ids:
             return self.finish(FinishReason.STOP, token_id)
-        text, stopped = self.stop.feed(self.detokenizer.add(token_id))
+        text = self.detokenizer.add(token_id)
+        if self.num_output_tokens > self.params.min_tokens:
+            text, stopped = self.stop.feed(text)
+        else:  # stop strings are matched in the text of the tokens after the first min_tokens
+            stopped = False
         self.text += text
         if stopped:
             return self.finish(FinishReason.STOP, token_id, text)

@@ -18,6 +18,7 @@ thread before queueing it, off the engine's loop.
 from __future__ import annotations
 
 import json
+import re
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -43,13 +44,15 @@ def _outlines() -> Any:
     return outlines_core
 
 
-def pattern_of(json_schema: str | None, regex: str | None) -> str | None:
-    """The regular expression a request's output must match: its `regex`, or its JSON schema's; None if none.
-    ValueError for a schema outlines-core cannot express."""
-    if json_schema is None:
-        return regex
+def pattern_of(params: SamplingParams) -> str | None:
+    """The regular expression a request's output must match: its `regex`, its JSON schema's, or the alternation
+    of its `choice` strings (each literal); None if none. ValueError for a schema outlines-core cannot express."""
+    if params.choice:
+        return "|".join(map(re.escape, params.choice))
+    if params.json_schema is None:
+        return params.regex
     try:
-        return _outlines().json_schema.build_regex_from_schema(json_schema)
+        return _outlines().json_schema.build_regex_from_schema(params.json_schema)
     except (ValueError, TypeError) as e:
         raise ValueError(f"json_schema: {e}") from None
 
@@ -106,7 +109,7 @@ class Grammars:
 
     def index_for(self, params: SamplingParams) -> Index | None:
         """The compiled index of the pattern `params` asks for (None if none); ValueError as `index`."""
-        pattern = pattern_of(params.json_schema, params.regex)
+        pattern = pattern_of(params)
         return None if pattern is None else self.index(pattern)
 
     def constraint(self, params: SamplingParams) -> Constraint | None:

@@ -68,6 +68,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 = greedy")
     p.add_argument("--top-p", type=float)
     p.add_argument("--top-k", "--top-n", dest="top_k", type=int, help="0 = off")
+    p.add_argument("--min-p", type=float, help="cut tokens less likely than this times the most likely (0 = off)")
+    p.add_argument("--min-tokens", type=int, help="generate at least this many tokens before EOS or a stop")
     p.add_argument("--frequency-penalty", type=float)
     p.add_argument("--presence-penalty", type=float)
     p.add_argument("--repetition-penalty", type=float)
@@ -75,8 +77,8 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int)
 
 
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty",
-                   "repetition_penalty", "stop", "seed")
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "min_tokens", "frequency_penalty",
+                   "presence_penalty", "repetition_penalty", "stop", "seed")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -86,7 +88,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if schema is not None and schema.startswith("@"):
         schema = Path(schema[1:]).read_text(encoding="utf-8")
     params = engine.sampling_params(**{f: getattr(args, f) for f in SAMPLING_FIELDS}, json_schema=schema,
-                                    regex=args.regex)
+                                    regex=args.regex, choice=args.choice)
     out = sys.stdout
     out.write(args.prompt)
     reason = None
@@ -256,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(gen)
     gen.add_argument("--json-schema", help="output JSON that this JSON Schema accepts (the schema's text, or @FILE)")
     gen.add_argument("--regex", help="output text that this regular expression matches")
+    gen.add_argument("--choice", action="append", help="output exactly this string or another --choice")
     gen.add_argument("--speculative-tokens", type=int, default=0,
                      help="draft up to this many tokens a step by prompt lookup, verified in one pass (default: 0)")
     gen.add_argument("prompt")

@@ -18,7 +18,14 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from vramlite.engine.fill_blank import MAX_BLANKS, SPAN, split_blanks
-from vramlite.engine.sampler import MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PATTERN_CHARS, MAX_STOP_CHARS, MAX_STOP_STRINGS
+from vramlite.engine.sampler import (
+    MAX_CHOICE_STRINGS,
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_PATTERN_CHARS,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+)
 from vramlite.server.tools import forced_schema
 
 MAX_PROMPT_CHARS = 1 << 20  # the body limit binds first; this keeps the schema bounded on its own
@@ -51,6 +58,9 @@ TopK = json_int(ge=0, le=1 << 20)
 TokenId = json_int()
 MAX_CHOICES = 16
 ChoiceCount = json_int(ge=1, le=MAX_CHOICES)
+Regex = Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]
+OutputChoices = Annotated[list[Annotated[str, Field(min_length=1, max_length=MAX_PATTERN_CHARS)]],
+                          Field(min_length=1, max_length=MAX_CHOICE_STRINGS)]
 
 
 class Body(BaseModel):
@@ -71,6 +81,10 @@ class SamplingFields(Body):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus sampling mass (default 1.0)")
     top_k: TopK | None = Field(None, validation_alias=AliasChoices("top_k", "top_n"),
                                description="0 = off (default); `top_n` is an alias")
+    min_p: float | None = Field(None, ge=0, le=1, description="cut tokens less likely than this times the most "
+                                "likely one, after temperature (0 = off, the default)")
+    min_tokens: MaxTokens | None = Field(None, description="tokens to generate at least: EOS and stop tokens are "
+                                         "banned, and stop strings not matched, before them (default 0)")
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
@@ -122,14 +136,14 @@ class GenerateRequest(SamplingFields):
 
     json_schema: dict[str, Any] | None = Field(None, description="output JSON that this JSON Schema accepts (then "
                                                "it ends, with EOS)")
-    regex: str | None = Field(None, min_length=1, max_length=MAX_PATTERN_CHARS,
-                              description="output text that this regular expression matches whole")
+    regex: Regex | None = Field(None, description="output text that this regular expression matches whole")
+    choice: OutputChoices | None = Field(None, description="output exactly one of these strings")
 
     def logprobs_kwargs(self) -> dict[str, int | None]:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.prompt_logprobs}
 
     def output_kwargs(self) -> dict[str, Any]:
-        return {"json_schema": self.json_schema, "regex": self.regex}
+        return {"json_schema": self.json_schema, "regex": self.regex, "choice": self.choice}
 
 
 class FillBlankRequest(SamplingFields):
@@ -293,6 +307,26 @@ class ResponseFormat(Body):
         return None if self.json_schema is None else self.json_schema.schema_
 
 
+class StructuredOutputs(Body):
+    """vLLM's `structured_outputs`: the output held to one of a JSON schema, a regular expression or a list of
+    strings. Its other keys (a grammar, a structural tag) are refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(None, alias="json", description="a JSON Schema (object or text)")
+    regex: Regex | None = None
+    choice: OutputChoices | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if sum(x is not None for x in (self.json_, self.regex, self.choice)) != 1:
+            raise ValueError("give one of json, regex and choice")
+        return self
+
+    def output_kwargs(self) -> dict[str, Any]:
+        return {"json_schema": self.json_, "regex": self.regex, "choice": self.choice}
+
+
 class OpenAIFields(SamplingFields):
     model_config = ConfigDict(extra="ignore")
     until_context: ClassVar[bool] = True
@@ -305,9 +339,33 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="structured output: `json_object`, or "
                                                    "`json_schema` with its `schema`")
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's structured output: `json`, "
+                                                         "`regex` or `choice`")
+    guided_json: dict[str, Any] | str | None = Field(None, description="structured_outputs.json's older name")
+    guided_regex: Regex | None = Field(None, description="structured_outputs.regex's older name")
+    guided_choice: OutputChoices | None = Field(None, description="structured_outputs.choice's older name")
+
+    def output_patterns(self) -> list[str]:
+        """The fields that ask for structured output, of which a request may give one."""
+        format_ = self.response_format is not None and self.response_format.type != "text"
+        return [name for name, given in (("response_format", format_),
+                                          *((n, getattr(self, n) is not None) for n in STRUCTURED_FIELDS)) if given]
+
+    @model_validator(mode="after")
+    def _one_output_pattern(self) -> OpenAIFields:
+        given = self.output_patterns()
+        if len(given) > 1:
+            raise ValueError(f"give one of {' and '.join(given)}: each holds the output to a pattern")
+        return self
 
     def output_kwargs(self) -> dict[str, Any]:
-        return {"json_schema": None if self.response_format is None else self.response_format.json_schema_of()}
+        if self.structured_outputs is not None:
+            return self.structured_outputs.output_kwargs()
+        return {"json_schema": self.guided_json if self.response_format is None
+                else self.response_format.json_schema_of(), "regex": self.guided_regex, "choice": self.guided_choice}
+
+
+STRUCTURED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guided_choice")
 
 
 
@@ -433,9 +491,8 @@ class ChatCompletionRequest(OpenAIFields):
         if isinstance(choice, NamedToolChoice) and choice.function.name not in {
                 t.function.name for t in self.tools or ()}:
             raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among the tools")
-        if self.tool_mode() not in ("none", "auto") and self.response_format is not None \
-                and self.response_format.type != "text":
-            raise ValueError("response_format cannot be combined with a tool_choice that forces a call")
+        if self.tool_mode() not in ("none", "auto") and self.output_patterns():
+            raise ValueError(f"{self.output_patterns()[0]} cannot be combined with a tool_choice that forces a call")
         return self
 
     def tool_mode(self) -> str | dict[str, Any]:

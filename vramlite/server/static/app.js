@@ -7,8 +7,8 @@ const CHART_POINTS = 60;
 const MAX_RETRY_S = 60;
 const KEY_STORAGE = "vramlite.apiKey";
 const SPAN = "<span>";
-const SAMPLING_NUMBERS = ["temperature", "top_p", "top_k", "max_tokens", "frequency_penalty", "presence_penalty",
-                          "repetition_penalty", "seed"];
+const SAMPLING_NUMBERS = ["temperature", "top_p", "top_k", "min_p", "max_tokens", "min_tokens", "frequency_penalty",
+                          "presence_penalty", "repetition_penalty", "seed"];
 
 const $ = (id) => document.getElementById(id);
 
