@@ -146,6 +146,20 @@ def test_batch_of_different_lengths_matches_each_alone(model_pair):
         assert together == alone
 
 
+def test_embeddings_pool_transformers_last_hidden_state(model_pair):
+    """Each pooling of each family, over prompts prefilled in chunks of 8 tokens and batched together, against
+    transformers' base model's `last_hidden_state` (after the final norm), pooled and L2-normalized."""
+    hf, model_dir = model_pair
+    engine = Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=3, max_tokens_per_step=8)
+    prompts = [[1, 5, 9, 11, 13], [1, *range(20, 40)], [1, *range(200, 210)]]  # past phi3's original 4 positions
+    with torch.inference_mode():
+        states = [hf.base_model(torch.tensor([p])).last_hidden_state[0] for p in prompts]
+    for pooling, pool in (("last", lambda h: h[-1]), ("mean", lambda h: h.mean(dim=0)), ("first", lambda h: h[0])):
+        ours = torch.tensor(engine.embed(prompts, pooling))
+        ref = torch.nn.functional.normalize(torch.stack([pool(h) for h in states]), dim=-1)
+        torch.testing.assert_close(ours, ref, atol=2e-5, rtol=0)
+
+
 @torch.inference_mode()
 def test_phi3_longrope_keeps_its_short_factors_in_a_context_within_the_original(tmp_path, spm_tokenizer_dir):
     """As transformers for a sequence that has not outgrown the original context; a longer cache takes the long

@@ -20,7 +20,8 @@ from vramlite.engine.fill_blank import continuation
 from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
 from vramlite.engine.offload import WeightStore
-from vramlite.engine.runner import Chunk, ModelRunner, ScoreFn
+from vramlite.engine.pooling import model_pooling, reduce
+from vramlite.engine.runner import Chunk, HiddenFn, ModelRunner, ScoreFn
 from vramlite.engine.sampler import (
     Sampler,
     SamplerState,
@@ -68,6 +69,7 @@ class StepResult:
     scores: TokenScores | None = None
     prompt_scores: list[TokenScores] = field(default_factory=list)
     computed: int | None = None  # tokens now in the cache, where not all the step's chunk (a rejected draft)
+    pooled: torch.Tensor | None = None  # the chunk's part of an embedding (`pooling.reduce`)
 
 
 class Engine:
@@ -204,6 +206,10 @@ class Engine:
             raise ValueError("prompt is empty and the tokenizer adds no BOS token; give at least one token")
         if len(prompt_ids) >= self.context:
             raise PromptTooLongError(len(prompt_ids), self.context)
+        if params.pooling is not None and (self.config.is_encoder_decoder or self.config.whole_prompt
+                                           or self.config.cache_prefix):
+            raise ValueError(f"embeddings: a {self.config.model_type} model does not read its prompt left to right "
+                             "alone; embeddings come from decoder-only models")
         if params.prompt_logprobs is not None and (self.config.is_encoder_decoder or self.config.whole_prompt):
             raise ValueError("prompt_logprobs: this model reads its prompt both ways (an encoder's, or CPM-Ant's), "
                              "so a prompt token has no probability given those before it")
@@ -257,9 +263,9 @@ class Engine:
         A sequence whose forward pass fails (an exception, CUDA out of memory) ends with
         `FinishReason.ERROR` and frees its slot; the rest of the batch goes on.
         """
-        # max_tokens 0 ends a request before it runs, unless it asked for its prompt's log-probabilities
+        # max_tokens 0 ends a request before it runs, unless it asked for its prompt's log-probabilities or embedding
         outputs = [self._finish(seq, FinishReason.LENGTH) for seq in list(self.scheduler.waiting)
-                   if seq.params.max_tokens == 0 and seq.params.prompt_logprobs is None]
+                   if seq.params.max_tokens == 0 and not seq.runs_without_output]
         self._draft()
         batch = self.scheduler.schedule()
         if not batch:
@@ -273,6 +279,8 @@ class Engine:
             start = seq.num_computed
             if result.prompt_scores:
                 seq.prompt_logprobs += self._prompt_logprobs(seq, start, result.prompt_scores)
+            if seq.pooler is not None:
+                seq.pooler.add(result.pooled)
             if result.computed is None:
                 seq.num_computed += n
             else:
@@ -287,8 +295,10 @@ class Engine:
                     new.append(seq.append(token, self.context, result.scores))
                     if new[-1].finished:
                         break
-            elif seq.num_pending == 0:  # a prompt scored with max_tokens 0, now all in the cache
+            elif seq.num_pending == 0:  # a prompt scored or embedded with max_tokens 0, now all in the cache
                 new = [seq.finish(FinishReason.LENGTH)]
+                if seq.pooler is not None:
+                    new[0] = replace(new[0], embedding=seq.pooler.embedding())
             else:
                 continue
             if seq.params.prompt_logprobs is not None and start < seq.prompt_length <= seq.num_computed:
@@ -321,7 +331,8 @@ class Engine:
                    if seq.params.prompt_logprobs is not None and seq.num_computed < seq.prompt_length - 1}
         verifying = {i: self._verifier(seq, n, results[i]) for i, (seq, n) in enumerate(batch)
                      if n > seq.num_pending}
-        logits = self.runner.forward(chunks, scoring={**scoring, **verifying})
+        pooling = {i: self._pooled_into(seq, results[i]) for i, (seq, _) in enumerate(batch) if seq.pooler is not None}
+        logits = self.runner.forward(chunks, scoring={**scoring, **verifying}, hidden=pooling)
         rows = [row for row, (seq, n) in enumerate(batch) if seq.num_pending == n and seq.params.max_tokens > 0]
         if not rows:
             return results
@@ -353,6 +364,13 @@ class Engine:
                     result.tokens = sampled(probs, draft, seq.sampler.generator)
                 result.computed = len(result.tokens)  # the last sampled token and the drafts kept
         return verify
+
+    @staticmethod
+    def _pooled_into(seq: Seq, result: StepResult) -> HiddenFn:
+        """Reduces `seq`'s chunk's final hidden states to its part of the embedding, into `result`."""
+        def take(states: torch.Tensor) -> None:
+            result.pooled = reduce(seq.pooler.method, seq.num_computed, seq.pooler.length, states)
+        return take
 
     @staticmethod
     def _prompt_scorer(seq: Seq, result: StepResult) -> ScoreFn:
@@ -432,6 +450,30 @@ class Engine:
                  ) -> Completion:
         """Generate for one prompt; keyword arguments are SamplingParams fields (`top_n` = `top_k`)."""
         return self.generate_batch([prompt], params or self.sampling_params(**kwargs))[0]
+
+    def embedding_params(self, pooling: str | None = None) -> SamplingParams:
+        """The parameters of an embedding request: `pooling`, else the model's (`pooling.model_pooling`; a
+        ValueError for a pooling its directory asks for that is not supported)."""
+        return SamplingParams(max_tokens=0, pooling=pooling or model_pooling(self.model_dir))
+
+    def embed(self, inputs: Sequence[str | Sequence[int]], pooling: str | None = None) -> list[list[float]]:
+        """The embedding of each input (text or token ids), batched by the scheduler: its final hidden states
+        pooled (`pooling`: "last", "mean" or "first"; default the model's) and L2-normalized. RuntimeError if
+        the forward pass fails for an input."""
+        params = self.embedding_params(pooling)
+        ids = [self.add_request(p, params) for p in inputs]
+        found: dict[int, list[float]] = {}
+        try:
+            while len(found) < len(ids):
+                for out in self.step():
+                    if out.finish_reason is FinishReason.ERROR:
+                        raise RuntimeError(f"the forward pass failed for input {ids.index(out.seq_id)}: {out.error}")
+                    if out.embedding is not None:
+                        found[out.seq_id] = out.embedding
+        finally:
+            for i in ids:
+                self.abort(i)
+        return [found[i] for i in ids]
 
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams | None = None
                        ) -> list[Completion]:

@@ -68,6 +68,8 @@ def warm_up_rows(limit: int) -> list[int]:
 
 ScoreFn = Callable[[int, torch.Tensor], None]
 """Takes the logits [rows, vocab] of a chunk's tokens first, first + 1, ... (see `ModelRunner.forward`)."""
+HiddenFn = Callable[[torch.Tensor], None]
+"""Takes the final hidden states [tokens, hidden] of a chunk's tokens (see `ModelRunner.forward`)."""
 
 
 @dataclass(frozen=True)
@@ -198,17 +200,19 @@ class ModelRunner:
         return self.model.compute_logits(self.model(ids, meta, cache))
 
     @torch.inference_mode()
-    def forward(self, chunks: Sequence[Chunk], scoring: Mapping[int, ScoreFn] | None = None) -> torch.Tensor:
+    def forward(self, chunks: Sequence[Chunk], scoring: Mapping[int, ScoreFn] | None = None,
+                hidden: Mapping[int, HiddenFn] | None = None) -> torch.Tensor:
         """Logits [len(chunks), vocab] (fp32) for the last token of each chunk, in the given order.
 
         For each chunk index i in `scoring`, also calls `scoring[i](first, logits)` with the fp32 logits of
         every token of that chunk from its `first`, in blocks of at most `num_slots` rows: the memory plan
         counts that many rows of logits (`loader.workspace_bytes`), however long the chunk (prompt
-        log-probabilities)."""
+        log-probabilities). For each i in `hidden`, calls `hidden[i](states)` with the final hidden states
+        (`CausalLM.final_hidden`) of every token of that chunk (embeddings)."""
         ids, meta, spans = self._prepare(chunks)
         rows = [end - 1 for _, end in spans]  # each chunk's last token's row in the packing, in the given order
         last = slice(None) if rows == list(range(len(ids))) else torch.tensor(rows, device=self.device)
-        if self._decode_step is not None and not meta.prefills and not scoring:
+        if self._decode_step is not None and not meta.prefills and not scoring and not hidden:
             # slots as a tensor, not a slice: a slice's start would be compiled in (slots 0 and 1 apart)
             meta.decode_slots = meta.write_slots
             if meta.num_decode > 1 and meta.decode_mask is None:  # one graph for batches, lengths equal or not
@@ -221,13 +225,16 @@ class ModelRunner:
                 self._decode_step = None
             else:
                 return logits[last].float()
-        hidden = self._run(ids, meta)
-        logits = self.model.compute_logits(hidden[last]).float()
+        states = self._run(ids, meta)
+        logits = self.model.compute_logits(states[last]).float()
         block = self.cache.num_slots
         for i, score in (scoring or {}).items():
             begin, end = spans[i]
             for first in range(begin, end, block):
-                score(first - begin, self.model.compute_logits(hidden[first : min(first + block, end)]).float())
+                score(first - begin, self.model.compute_logits(states[first : min(first + block, end)]).float())
+        for i, take in (hidden or {}).items():
+            begin, end = spans[i]
+            take(self.model.final_hidden(states[begin:end]))
         return logits
 
     @torch.inference_mode()

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from vramlite.engine.pooling import POOLING_METHODS
 from vramlite.engine.structured import Constraint, allowed_tokens, canonical_schema
 
 MAX_STOP_STRINGS = 16
@@ -72,6 +73,7 @@ class SamplingParams:
     regex: str | None = None  # output must match this regular expression
     choice: tuple[str, ...] = ()  # output must be one of these strings
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit in [-100, 100]), OpenAI's
+    pooling: str | None = None  # an embedding: the prompt's hidden states pooled so (`pooling.POOLING_METHODS`)
 
     def __post_init__(self) -> None:
         # A bare string is one stop string, not a sequence of one-character ones.
@@ -163,6 +165,8 @@ class SamplingParams:
         )
         if sum(x is not None for x in (self.json_schema, self.regex)) + bool(self.choice) > 1:
             raise ValueError("give one of json_schema, regex and choice")
+        _require(self.pooling is None or (self.pooling in POOLING_METHODS and self.max_tokens == 0), "pooling",
+                 self.pooling, f"None, or one of {', '.join(POOLING_METHODS)} with max_tokens 0 (an embedding)")
         for name in ("ignore_eos", "min_tokens"):
             if getattr(self, name) and self.structured:
                 raise ValueError(f"{name} cannot be combined with json_schema, regex or choice: output ends where "

@@ -107,8 +107,8 @@ class Scheduler:
 
     def _reuses(self, seq: Sequence) -> bool:
         """Whether `seq` may start from another sequence's keys and values: decoder-only, read left to right, and
-        not asking for its prompt's log-probabilities (which need every prompt token computed)."""
-        return self.config.prefix_caching and seq.caches_prefix and seq.params.prompt_logprobs is None
+        not needing every prompt token computed (`Sequence.needs_every_prompt_token`)."""
+        return self.config.prefix_caching and seq.caches_prefix and not seq.needs_every_prompt_token
 
     def remove(self, seq: Sequence) -> None:
         """Take a finished or cancelled sequence out, freeing its slot (with the tokens it computed, which a

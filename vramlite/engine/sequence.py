@@ -7,6 +7,7 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass, replace
 
 from vramlite.engine.detokenizer import IncrementalDetokenizer
+from vramlite.engine.pooling import Pooler
 from vramlite.engine.sampler import SamplerState, SamplingParams, TokenScores
 from vramlite.engine.speculative import NgramIndex
 from vramlite.engine.stop import StopMatcher
@@ -51,6 +52,7 @@ class StepOutput:
     logprobs: Logprobs | None = None  # when the request asked for them
     # with the first output once the prompt is in the cache, when the request asked: None for its first token
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None
+    embedding: list[float] | None = None  # an embedding request's, with its only output
 
     @property
     def finished(self) -> bool:
@@ -91,6 +93,18 @@ class Sequence:
         self.finish_reason: FinishReason | None = None
         self.lookup: NgramIndex | None = None  # speculative decoding's drafts, for a request that may take them
         self.draft: list[int] = []  # this step's drafted tokens, after the pending one
+        self.pooler = None if params.pooling is None else Pooler(params.pooling, len(prompt_ids))
+
+    @property
+    def runs_without_output(self) -> bool:
+        """Whether the prompt runs though nothing is to be generated: its log-probabilities or its embedding."""
+        return self.params.prompt_logprobs is not None or self.pooler is not None
+
+    @property
+    def needs_every_prompt_token(self) -> bool:
+        """Whether every prompt token must be computed here, none left to another sequence's cached keys and
+        values: for their log-probabilities, or an embedding pooled over them."""
+        return self.params.prompt_logprobs is not None or (self.pooler is not None and self.pooler.needs_every_token)
 
     def next_tokens(self, n: int) -> list[int]:
         """The `n` tokens a step computes: pending ones first (the prompt's rest, or the last sampled), then

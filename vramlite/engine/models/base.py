@@ -89,8 +89,13 @@ class CausalLM(nn.Module, ABC):
         """Hidden states [N, hidden] for packed tokens [N]; cache is (k, v), per layer [slots, ...]."""
 
     @abstractmethod
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final norm: `forward`'s hidden states [B, hidden] as the LM head reads them (what transformers'
+        base models return as `last_hidden_state`; embeddings pool these)."""
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head: [B, hidden] → [B, vocab]."""
+        return self.lm_head(self.final_hidden(hidden))
 
     def decoder_layers(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, nn.Module]]:
         """(index, layer) of `blocks()[start:stop]` in forward order, for the family's forward loop.

@@ -203,5 +203,5 @@ class CpmAntForCausalLM(CausalLM):
                     for positions in (meta.positions[c.start : c.end] for c in meta.prefills)]
         return AttentionBias(decode, prefills)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.output_layernorm(hidden))
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.output_layernorm(hidden)

@@ -126,5 +126,5 @@ class GPT2LMHeadModel(CausalLM):
             x = block(x, meta, cache_k[i], cache_v[i])
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.ln_f(hidden))
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.ln_f(hidden)

@@ -209,5 +209,5 @@ class LlamaForCausalLM(CausalLM):
             x = layer(x, rope, windows.get(layer.window, meta), cache_k[i], cache_v[i])
         return x
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.norm(hidden))
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.norm(hidden)

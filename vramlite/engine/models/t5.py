@@ -286,8 +286,11 @@ class T5ForConditionalGeneration(CausalLM):
         return AttentionBias(decode, [masked(positions[c.start : c.end], c.kv_len).unsqueeze(0)
                                       for c in meta.prefills])
 
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.decoder_norm(hidden)
+
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        hidden = self.decoder_norm(hidden)
+        hidden = self.final_hidden(hidden)
         if self.output_scale != 1.0:
             hidden = hidden * self.output_scale
         return self.lm_head(hidden)
