@@ -21,6 +21,7 @@ from tests.conftest import TINY_LLAMA, save_tiny_model
 from vramlite import models as demo_models
 from vramlite.engine import Engine, FinishReason
 from vramlite.engine.config import ModelConfig
+from vramlite.engine.errors import UnsupportedTaskError
 from vramlite.engine.fill_blank import (
     MAX_BLANKS,
     SPAN,
@@ -28,7 +29,6 @@ from vramlite.engine.fill_blank import (
     FillRequest,
     FimFormat,
     SentinelFormat,
-    UnsupportedTaskError,
     fill_blank,
     fill_format,
     split_blanks,

@@ -116,6 +116,9 @@ def test_offloaded_greedy_batch_matches_resident(model_dir, device, dtype, quant
         scored += [(x.chosen.logprob, y.chosen.logprob)
                    for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True)]
         assert [y for _, y in scored] == pytest.approx([x for x, _ in scored], abs=atol)
+    # embeddings: every prompt row's final hidden state, pooled
+    embedded = [torch.tensor(engine.embed(PROMPTS, "mean")) for engine in (resident, offloaded)]
+    torch.testing.assert_close(embedded[1], embedded[0], atol=atol, rtol=0)
 
 
 def test_limit_given_as_a_string_and_prefetch_depth(model_dir):

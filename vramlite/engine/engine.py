@@ -15,7 +15,7 @@ import torch
 from vramlite.engine.config import parse_size, read_json
 from vramlite.engine.detokenizer import IncrementalDetokenizer, texts_at
 from vramlite.engine.device import pick_device, pick_dtype
-from vramlite.engine.errors import LoadOutOfMemoryError, PromptTooLongError
+from vramlite.engine.errors import LoadOutOfMemoryError, PromptTooLongError, UnsupportedTaskError
 from vramlite.engine.fill_blank import continuation
 from vramlite.engine.gpu_probe import GpuProbe, probe_device
 from vramlite.engine.loader import load_model
@@ -206,10 +206,8 @@ class Engine:
             raise ValueError("prompt is empty and the tokenizer adds no BOS token; give at least one token")
         if len(prompt_ids) >= self.context:
             raise PromptTooLongError(len(prompt_ids), self.context)
-        if params.pooling is not None and (self.config.is_encoder_decoder or self.config.whole_prompt
-                                           or self.config.cache_prefix):
-            raise ValueError(f"embeddings: a {self.config.model_type} model does not read its prompt left to right "
-                             "alone; embeddings come from decoder-only models")
+        if params.pooling is not None:
+            self._check_embeds()
         if params.prompt_logprobs is not None and (self.config.is_encoder_decoder or self.config.whole_prompt):
             raise ValueError("prompt_logprobs: this model reads its prompt both ways (an encoder's, or CPM-Ant's), "
                              "so a prompt token has no probability given those before it")
@@ -452,9 +450,20 @@ class Engine:
         return self.generate_batch([prompt], params or self.sampling_params(**kwargs))[0]
 
     def embedding_params(self, pooling: str | None = None) -> SamplingParams:
-        """The parameters of an embedding request: `pooling`, else the model's (`pooling.model_pooling`; a
-        ValueError for a pooling its directory asks for that is not supported)."""
-        return SamplingParams(max_tokens=0, pooling=pooling or model_pooling(self.model_dir))
+        """The parameters of an embedding request: `pooling`, else the model's (`pooling.model_pooling`).
+        UnsupportedTaskError for a model without embeddings, or whose directory asks for a pooling that is not
+        supported."""
+        self._check_embeds()
+        try:
+            return SamplingParams(max_tokens=0, pooling=pooling or model_pooling(self.model_dir))
+        except ValueError as e:
+            raise UnsupportedTaskError(str(e)) from None
+
+    def _check_embeds(self) -> None:
+        cfg = self.config
+        if cfg.is_encoder_decoder or cfg.whole_prompt or cfg.cache_prefix:
+            raise UnsupportedTaskError(f"embeddings: a {cfg.model_type} model does not read its prompt left to "
+                                       "right alone; embeddings come from decoder-only models")
 
     def embed(self, inputs: Sequence[str | Sequence[int]], pooling: str | None = None) -> list[list[float]]:
         """The embedding of each input (text or token ids), batched by the scheduler: its final hidden states

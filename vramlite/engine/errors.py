@@ -6,6 +6,11 @@ GIB = 2**30
 QUARTER_GIB = 2**28
 
 
+class UnsupportedTaskError(ValueError):
+    """The served model cannot do what a request asks: fill blanks (neither sentinels nor fill-in-the-middle
+    tokens), or give embeddings (a model that does not read its prompt left to right alone)."""
+
+
 class ModelLoadError(ValueError):
     """A model directory cannot be loaded: names the file or tensor and what was expected."""
 

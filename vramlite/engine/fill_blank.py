@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from vramlite.engine.config import ModelConfig
+from vramlite.engine.errors import UnsupportedTaskError
 from vramlite.engine.sampler import SamplingParams
 from vramlite.engine.sequence import FinishReason
 from vramlite.engine.stop import StopMatcher
@@ -40,10 +41,6 @@ FIM_STYLES = (
     ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", ()),  # DeepSeek-Coder
 )
 _PROBE = "a"  # a text to see which special tokens the tokenizer puts around any text
-
-
-class UnsupportedTaskError(ValueError):
-    """The model has neither sentinels (encoder-decoder) nor fill-in-the-middle tokens (decoder-only)."""
 
 
 class BlankCountError(ValueError):

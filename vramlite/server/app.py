@@ -6,9 +6,11 @@ Thin by design: handlers validate, tokenize, `submit` to the engine loop and for
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import secrets
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,8 +35,8 @@ from vramlite import models as demo_models
 from vramlite.engine import Engine, FinishReason, Logprobs, SamplingParams, StepOutput
 from vramlite.engine.detokenizer import texts_at
 from vramlite.engine.device import pick_device, pick_dtype
-from vramlite.engine.errors import PromptTooLongError
-from vramlite.engine.fill_blank import BlankCountError, FillRequest, UnsupportedTaskError, fill_format, infill_ids
+from vramlite.engine.errors import PromptTooLongError, UnsupportedTaskError
+from vramlite.engine.fill_blank import BlankCountError, FillRequest, fill_format, infill_ids
 from vramlite.engine.loader import plan_from_config
 from vramlite.engine.offload.planner import format_bytes
 from vramlite.server.chat import chat_prompt_ids
@@ -49,6 +51,7 @@ from vramlite.server.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    EmbeddingRequest,
     ErrorBody,
     FillBlankRequest,
     FillBlankResponse,
@@ -332,6 +335,7 @@ class Collected:
     reason: FinishReason
     logprobs: list[Logprobs]
     prompt_logprobs: tuple[Logprobs | None, ...] = ()
+    embedding: list[float] | None = None
 
 
 async def collect(request: Request, gen: Generation) -> Collected:
@@ -350,6 +354,7 @@ async def collect_all(request: Request, gens: list[Generation]) -> list[Collecte
             if out.logprobs is not None:
                 done.logprobs.append(out.logprobs)
             done.prompt_logprobs = out.prompt_logprobs or done.prompt_logprobs
+            done.embedding = out.embedding or done.embedding
         return done
 
     return await unless_disconnected(request, asyncio.gather(*(consume(gen) for gen in gens)))
@@ -504,10 +509,22 @@ async def info(request: Request) -> dict[str, Any]:
                          "active": bool(engine and engine.offload)},
         "offload": offload_info(engine),
         "fill_model": fill_info(s, rt.fill_loop),
+        "embeddings": embeddings_info(engine),
         "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
                    "max_queue": s.max_queue, "request_timeout": s.request_timeout,
                    "max_body_bytes": s.max_body_bytes},
     }
+
+
+def embeddings_info(engine: Engine | None) -> dict[str, Any] | None:
+    """What /v1/embeddings gives (its pooling and dimensions), or why it gives none; None while loading."""
+    if engine is None:
+        return None
+    try:
+        params = engine.embedding_params()
+    except UnsupportedTaskError as e:
+        return {"available": False, "reason": str(e)}
+    return {"available": True, "pooling": params.pooling, "dimensions": engine.config.hidden_size}
 
 
 def fill_info(settings: Settings, loop: EngineLoop | None) -> dict[str, Any] | None:
@@ -649,7 +666,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                                         "created": 0}]}
 
 
-def _check_model(request: Request, body: OpenAIFields) -> None:
+def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest) -> None:
     name = runtime(request).model_name
     if body.model is not None and body.model != name:
         raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
@@ -768,6 +785,34 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         return sse_response(request, chunks)
     choices = [reply(i, done) for i, done in enumerate(await collect_all(request, gens))]
     return {**head, "choices": choices, "usage": openai_usage(gens)}
+
+
+@protected.post("/v1/embeddings", responses={**OPENAI_RESPONSES, **text_response("application/json", "the embeddings")},
+                summary="OpenAI-compatible embeddings: each input's final hidden states, pooled and L2-normalized")
+async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
+    _check_model(request, body)
+    rt = runtime(request)
+    try:
+        params = rt.engine.embedding_params()
+    except UnsupportedTaskError as e:
+        raise ApiError(400, "unsupported_task", str(e)) from None
+    inputs = [await prompt_ids(request, x) for x in body.inputs()]
+    empty = [i for i, ids in enumerate(inputs) if not ids]
+    if empty:
+        raise ApiError(400, "invalid_request", f"input {empty[0]} is empty and the tokenizer adds no BOS token")
+    rt.loop.check_room(len(inputs), "input", "inputs")
+    gens = [submit(request, ids, params) for ids in inputs]
+    data = []
+    for i, done in enumerate(await collect_all(request, gens)):
+        if done.embedding is None:  # cancelled by a drain (which answers 503 first) or the engine's backstop
+            raise ApiError(500, "internal_error", f"input {i} got no embedding")
+        vector: list[float] | str = done.embedding
+        if body.encoding_format == "base64":
+            vector = base64.b64encode(struct.pack(f"<{len(done.embedding)}f", *done.embedding)).decode()
+        data.append({"object": "embedding", "index": i, "embedding": vector})
+    tokens = sum(len(ids) for ids in inputs)
+    return {"object": "list", "data": data, "model": rt.model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
 def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None, mode: str | dict[str, Any],

@@ -122,13 +122,14 @@ class EngineLoop:
                            f"serves the others; healthy again in {left:.0f} s if nothing else fails",
                            {"Retry-After": str(max(1, round(left)))})
 
-    def check_room(self, count: int) -> None:
-        """Raise 503 (not ready), 422 (more than the batch and queue can ever hold) or 429 (not now) unless
-        `count` more requests can be admitted. Nothing is admitted in between while the caller does not await."""
+    def check_room(self, count: int, field: str = "n", what: str = "choices") -> None:
+        """Raise 503 (not ready), 422 (more than the batch and queue can ever hold: `field`'s `count` `what`)
+        or 429 (not now) unless `count` more requests can be admitted. Nothing is admitted in between while the
+        caller does not await."""
         self.check_ready()
         capacity = self.max_batch_size + self.max_queue
         if count > capacity:
-            raise ApiError(422, "validation_error", f"n: {count} choices are more than this server holds at once "
+            raise ApiError(422, "validation_error", f"{field}: {count} {what} are more than this server holds at once "
                            f"(max_batch_size {self.max_batch_size} + max_queue {self.max_queue})")
         if len(self._active) + count > capacity:
             raise ApiError(429, "queue_full", f"{len(self._active)} requests are in flight (max_batch_size "

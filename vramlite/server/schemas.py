@@ -519,3 +519,27 @@ class ChatCompletionRequest(OpenAIFields):
     def logprobs_kwargs(self) -> dict[str, int | None]:
         return {"logprobs": (self.top_logprobs or 0) if self.logprobs else None}
 
+
+
+MAX_EMBEDDING_INPUTS = 2048  # as OpenAI allows; the server's batch and queue bound it further
+EmbeddingText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+EmbeddingIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+
+
+class EmbeddingRequest(OpenAIBody):
+    """`POST /v1/embeddings`: one input or a list, as texts or token ids."""
+
+    input: EmbeddingText | EmbeddingIds | Annotated[list[EmbeddingText], Field(
+        min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | Annotated[list[EmbeddingIds], Field(
+            min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS, description="must name the served model when "
+                              "given")
+    encoding_format: Literal["float", "base64"] = Field("float", description="base64: each embedding's float32 "
+                                                        "values, little-endian, in base64 (what the openai client "
+                                                        "asks for)")
+    dimensions: unsupported(None, why="embeddings have the model's hidden size")
+
+    def inputs(self) -> list[str | list[int]]:
+        """The inputs as a list, one text or list of token ids each."""
+        one = isinstance(self.input, str) or (bool(self.input) and isinstance(self.input[0], int))
+        return [self.input] if one else list(self.input)
