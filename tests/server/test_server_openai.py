@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import httpx
 import openai
@@ -344,9 +345,49 @@ def test_chat_template_kwargs_reach_the_template(oai):
         oai.chat.completions.create(**kwargs, extra_body={"chat_template_kwargs": {"messages": []}})
 
 
-def test_a_batch_of_prompts_is_refused_with_what_to_do(oai):
-    with pytest.raises(openai.UnprocessableEntityError, match="send one request per prompt"):
-        oai.completions.create(model="model", prompt=["x", "y"], max_tokens=2)
+BATCH = ["The quick brown fox", "床前明月光，", "Once upon a time"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_batch_of_prompts_gives_each_prompts_choices_in_turn(oai, stream):
+    """Choice p * n + i is prompt p's choice i, what prompt p alone gives (seed + i); usage counts each prompt."""
+    kwargs = dict(model="model", max_tokens=5, temperature=1.0, seed=3, n=2)
+    alone = [oai.completions.create(**kwargs, prompt=p) for p in BATCH]
+    want = [c.text for a in alone for c in a.choices]
+    if stream:
+        texts = [""] * 6
+        for chunk in oai.completions.create(**kwargs, prompt=BATCH, stream=True,
+                                            stream_options={"include_usage": True}):
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+            usage = chunk.usage or None
+    else:
+        done = oai.completions.create(**kwargs, prompt=BATCH)
+        assert [c.index for c in done.choices] == list(range(6))
+        texts, usage = [c.text for c in done.choices], done.usage
+    assert texts == want
+    assert usage.prompt_tokens == sum(a.usage.prompt_tokens for a in alone)
+    assert usage.completion_tokens == sum(a.usage.completion_tokens for a in alone)
+
+
+def test_a_batch_of_token_id_prompts_scored_with_echo(oai, chat_llama_dir):
+    """lm-evaluation-harness with batch_size > 1: several token-id prompts, echo and logprobs, max_tokens 0."""
+    prompts = [[1, 5, 9, 200], [1, 300, 301]]
+    done = oai.completions.create(model="model", prompt=prompts, max_tokens=0, echo=True, logprobs=0)
+    alone = [oai.completions.create(model="model", prompt=p, max_tokens=0, echo=True, logprobs=0) for p in prompts]
+    assert [c.text for c in done.choices] == [a.choices[0].text for a in alone]
+    for c, a in zip(done.choices, alone, strict=True):
+        assert c.logprobs.token_logprobs[1:] == pytest.approx(a.choices[0].logprobs.token_logprobs[1:], abs=1e-5)
+
+
+def test_a_batch_is_admitted_whole_or_not_at_all(oai, chat_server):
+    before = chat_server.metric("vramlite_prompt_tokens_total")
+    with pytest.raises(openai.UnprocessableEntityError, match="prompts × n: 14 choices are more than"):
+        oai.completions.create(model="model", prompt=["x"] * 7, n=2, max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="the context holds 128 tokens"):  # the second is too long
+        oai.completions.create(model="model", prompt=["x", "word " * 300], max_tokens=1)
+    time.sleep(0.2)  # what was admitted would be scheduled by now
+    assert chat_server.metric("vramlite_prompt_tokens_total") == before
 
 
 def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):

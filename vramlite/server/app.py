@@ -292,13 +292,23 @@ async def start_generation(request: Request, prompt: str | list[int], fields: Sa
     return submit(request, await prompt_ids(request, prompt), params)
 
 
-def submit_choices(request: Request, ids: list[int], params: SamplingParams, n: int) -> list[Generation]:
-    """Admit `n` generations of one prompt, all or none (OpenAI's `n`): with a seed, choice i draws from
-    seed + i, so the choices differ and the request is reproducible."""
-    runtime(request).loop.check_room(n)
+def submit_choices(request: Request, prompts: list[list[int]], params: SamplingParams, n: int) -> list[Generation]:
+    """Admit `n` generations of each prompt, prompt by prompt, all or none (OpenAI's `n`): with a seed, a
+    prompt's choice i draws from seed + i, so the choices differ and each prompt's are what it gets alone."""
+    loop = runtime(request).loop
+    loop.check_room(len(prompts) * n, "n" if len(prompts) == 1 else "prompts × n", "choices")
+    for ids in prompts:
+        check_prompt(loaded(loop), ids)
     seed = params.seed
     return [submit(request, ids, params if seed is None else replace(params, seed=(seed + i + 2**63) % 2**64 - 2**63))
-            for i in range(n)]
+            for ids in prompts for i in range(n)]
+
+
+def check_prompt(engine: Engine, ids: list[int]) -> None:
+    """400 unless `ids` fit the engine's context and vocabulary."""
+    if len(ids) >= engine.context:
+        raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
+    check_token_ids(engine, ids, "prompt token ids")
 
 
 def submit(request: Request, ids: list[int], params: SamplingParams, loop: EngineLoop | None = None
@@ -306,9 +316,7 @@ def submit(request: Request, ids: list[int], params: SamplingParams, loop: Engin
     """Admit `ids` to `loop` (default: the served model's) after checking they fit its model."""
     loop = loop or runtime(request).loop
     engine = loaded(loop)
-    if len(ids) >= engine.context:
-        raise ApiError(400, "prompt_too_long", str(PromptTooLongError(len(ids), engine.context)))
-    check_token_ids(engine, ids, "prompt token ids")
+    check_prompt(engine, ids)
     gen = loop.submit(request.state.request_id, ids, params, request.state.start)
     request.state.generations = [*getattr(request.state, "generations", []), gen]
     request.state.tokenizer = engine.tokenizer  # for --log-prompts
@@ -396,9 +404,10 @@ def usage(gen: Generation) -> dict[str, int]:
     return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_tokens}
 
 
-def openai_usage(gens: list[Generation]) -> dict[str, int]:
-    """The prompt once, the tokens of every choice."""
-    prompt, completion = gens[0].num_prompt_tokens, sum(gen.num_tokens for gen in gens)
+def openai_usage(gens: list[Generation], prompts: int = 1) -> dict[str, int]:
+    """Each of the `prompts` once (`gens` are each prompt's choices in turn), the tokens of every choice."""
+    prompt = sum(gen.num_prompt_tokens for gen in gens[:: len(gens) // prompts])
+    completion = sum(gen.num_tokens for gen in gens)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -678,34 +687,37 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
     _check_model(request, body)
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
+    prompts = body.prompts()
     if body.suffix:
         ids, stops = await _infill_ids(request, body)
         params = replace(params, stop_token_ids=(*params.stop_token_ids, *stops))
+        batch = [ids]
     else:
-        ids = await prompt_ids(request, body.prompt)
-    gens = submit_choices(request, ids, params, body.n)
+        batch = [await prompt_ids(request, prompt) for prompt in prompts]
+    gens = submit_choices(request, batch, params, body.n)
     head = {"id": f"cmpl-{gens[0].request_id}", "object": "text_completion", "created": int(time.time()),
             "model": rt.model_name}
-    echo = None
+    echoes: list[str | None] = [None] * len(gens)
     if body.echo:
-        echo = body.prompt if isinstance(body.prompt, str) else rt.engine.tokenizer.decode(body.prompt)
+        texts = [p if isinstance(p, str) else rt.engine.tokenizer.decode(p) for p in prompts]
+        echoes = [texts[i // body.n] for i in range(len(gens))]
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse_response(request, _completion_chunks(request, gens, head, include_usage, echo))
+        return sse_response(request, _completion_chunks(request, gens, head, include_usage, echoes, len(batch)))
     choices = []
-    for i, (gen, done) in enumerate(zip(gens, await collect_all(request, gens), strict=True)):
+    for i, (gen, echo, done) in enumerate(zip(gens, echoes, await collect_all(request, gens), strict=True)):
         logprobs = None if body.logprobs is None else CompletionLogprobs()(
             [*_echoed_logprobs(request, gen, echo, done.prompt_logprobs), *done.logprobs])
         choices.append({"index": i, "text": (echo or "") + done.text, "logprobs": logprobs,
                         "finish_reason": openai_finish(done.reason)})
-    return {**head, "choices": choices, "usage": openai_usage(gens)}
+    return {**head, "choices": choices, "usage": openai_usage(gens, len(batch))}
 
 
 async def _infill_ids(request: Request, body: CompletionRequest) -> tuple[list[int], tuple[int, ...]]:
     """A completion between the prompt and its `suffix`: the served model's fill-in-the-middle input and the
     tokens that end the middle (400 for a model that cannot fill in; 422 for what a middle cannot go with)."""
     if not isinstance(body.prompt, str) or body.echo:
-        raise ApiError(422, "validation_error", "suffix: needs a text prompt, and no echo")
+        raise ApiError(422, "validation_error", "suffix: needs one text prompt, and no echo")
     rt = runtime(request)
     engine = rt.engine
     try:
@@ -743,22 +755,23 @@ def _echoed_logprobs(request: Request, gen: Generation, echo: str | None, prompt
 
 
 async def _completion_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool,
-                             echo: str | None) -> AsyncIterator[dict[str, Any]]:
-    """The choices' pieces as they come, each chunk naming its choice by `index`."""
+                             echoes: list[str | None], prompts: int) -> AsyncIterator[dict[str, Any]]:
+    """The choices' pieces as they come, each chunk naming its choice by `index`; `echoes[i]`: choice i's prompt
+    text, where echoed."""
     asked = gens[0].params.logprobs is not None
     logprobs = [CompletionLogprobs() if asked else None for _ in gens]
-    echoed = [echo is None] * len(gens)
+    echoed = [echo is None for echo in echoes]
     async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
         if not echoed[i]:  # the prompt first, its log-probabilities (if asked) coming with the first output
             echoed[i] = True
-            scored = _echoed_logprobs(request, gens[i], echo, out.prompt_logprobs or ())
+            scored = _echoed_logprobs(request, gens[i], echoes[i], out.prompt_logprobs or ())
             piece = None if logprobs[i] is None else logprobs[i](scored)
-            yield {**head, "choices": [{"index": i, "text": echo, "logprobs": piece, "finish_reason": None}]}
+            yield {**head, "choices": [{"index": i, "text": echoes[i], "logprobs": piece, "finish_reason": None}]}
         if out.text or finish:
             piece = None if logprobs[i] is None else logprobs[i](tokens)
             yield {**head, "choices": [{"index": i, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
     if include_usage:
-        yield {**head, "choices": [], "usage": openai_usage(gens)}
+        yield {**head, "choices": [], "usage": openai_usage(gens, prompts)}
 
 
 @protected.post("/v1/chat/completions", responses=OPENAI_RESPONSES,
@@ -770,7 +783,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     tools = body.tool_dicts()
     ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages],
                                   tools, body.chat_template_kwargs)
-    gens = submit_choices(request, ids, params, body.n)
+    gens = submit_choices(request, [ids], params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}
     mode = body.tool_mode()
@@ -801,6 +814,8 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
     if empty:
         raise ApiError(400, "invalid_request", f"input {empty[0]} is empty and the tokenizer adds no BOS token")
     rt.loop.check_room(len(inputs), "input", "inputs")
+    for ids in inputs:  # all before any is admitted
+        check_prompt(rt.engine, ids)
     gens = [submit(request, ids, params) for ids in inputs]
     data = []
     for i, done in enumerate(await collect_all(request, gens)):

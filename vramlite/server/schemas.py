@@ -369,21 +369,24 @@ STRUCTURED_FIELDS = ("structured_outputs", "guided_json", "guided_regex", "guide
 
 
 
-def _one_prompt(prompt: Any) -> Any:
-    """A batch of one prompt (`["text"]`, `[[ids]]`) is that prompt; a batch of more is refused."""
-    if isinstance(prompt, list) and any(isinstance(p, str | list) for p in prompt):
-        if len(prompt) == 1:
-            return prompt[0]
-        raise PydanticCustomError("unsupported", "a list of prompts is not supported: send one request per "
-                                  "prompt (the server batches concurrent requests)")
-    return prompt
+MAX_BATCH_INPUTS = 2048  # prompts or inputs of one request, as OpenAI allows; the server's batch and queue bound it
+Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
+TextsOrIds = (Text | TokenIds | Annotated[list[Text], Field(min_length=1, max_length=MAX_BATCH_INPUTS)]
+              | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_BATCH_INPUTS)])
+"""OpenAI's prompt or input: a text, token ids, or a list of either."""
+
+
+def as_batch(value: str | list[int] | list[str] | list[list[int]]) -> list[str | list[int]]:
+    """A `TextsOrIds` value as a list of texts or token-id lists."""
+    return [value] if isinstance(value, str) or isinstance(value[0], int) else list(value)
 
 
 class CompletionRequest(OpenAIFields):
-    """`POST /v1/completions`: one prompt, as text or token ids."""
+    """`POST /v1/completions`: a prompt or a list of them, as text or token ids."""
 
-    prompt: Annotated[Annotated[str, Field(max_length=MAX_PROMPT_CHARS)] | Annotated[
-        list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)], BeforeValidator(_one_prompt)]
+    prompt: TextsOrIds = Field(description="a text, token ids, or a list of either: each prompt's `n` choices, "
+                               "batched together, indexed prompt by prompt")
     logprobs: LogprobsCount | None = Field(None, description="each token's log-probability and this many "
                                            "most likely tokens'")
     echo: bool | None = Field(None, description="the prompt in front of the completion (with `logprobs`: its "
@@ -394,6 +397,9 @@ class CompletionRequest(OpenAIFields):
 
     def logprobs_kwargs(self) -> dict[str, int | None]:
         return {"logprobs": self.logprobs, "prompt_logprobs": self.logprobs if self.echo else None}
+
+    def prompts(self) -> list[str | list[int]]:
+        return as_batch(self.prompt)
 
 
 class FunctionCall(OpenAIBody):
@@ -521,17 +527,10 @@ class ChatCompletionRequest(OpenAIFields):
 
 
 
-MAX_EMBEDDING_INPUTS = 2048  # as OpenAI allows; the server's batch and queue bound it further
-EmbeddingText = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
-EmbeddingIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_PROMPT_CHARS)]
-
-
 class EmbeddingRequest(OpenAIBody):
     """`POST /v1/embeddings`: one input or a list, as texts or token ids."""
 
-    input: EmbeddingText | EmbeddingIds | Annotated[list[EmbeddingText], Field(
-        min_length=1, max_length=MAX_EMBEDDING_INPUTS)] | Annotated[list[EmbeddingIds], Field(
-            min_length=1, max_length=MAX_EMBEDDING_INPUTS)]
+    input: TextsOrIds
     model: str | None = Field(None, max_length=MAX_MODEL_NAME_CHARS, description="must name the served model when "
                               "given")
     encoding_format: Literal["float", "base64"] = Field("float", description="base64: each embedding's float32 "
@@ -540,6 +539,4 @@ class EmbeddingRequest(OpenAIBody):
     dimensions: unsupported(None, why="embeddings have the model's hidden size")
 
     def inputs(self) -> list[str | list[int]]:
-        """The inputs as a list, one text or list of token ids each."""
-        one = isinstance(self.input, str) or (bool(self.input) and isinstance(self.input[0], int))
-        return [self.input] if one else list(self.input)
+        return as_batch(self.input)
