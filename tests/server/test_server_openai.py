@@ -405,6 +405,45 @@ def test_chat_template_renders_messages(chat_llama_dir, tiny_llama_dir):
     assert plain.decode(chat_prompt_ids(plain, turn)) == "user: Hello\nassistant: Hi there\nuser: Bye\nassistant:"
 
 
+def test_continue_final_message_and_no_generation_prompt(chat_llama_dir, tiny_llama_dir):
+    """vLLM's options, rendered as transformers renders them: the assistant's begun message cut right after its
+    text, trailing space kept where the template keeps it (its end-of-turn token left out), or the messages
+    without the assistant's start."""
+    begun = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Sure, the answer is "}]
+    templated, plain = Tokenizer.from_dir(chat_llama_dir), Tokenizer.from_dir(tiny_llama_dir)
+    ids = chat_prompt_ids(templated, begun, add_generation_prompt=False, continue_final_message=True)
+    assert templated.decode(ids) == "[user] Hello[assistant] Sure, the answer is "
+    assert ids.count(templated.eos_ids[0]) == 1  # the user's turn's alone
+    assert templated.decode(chat_prompt_ids(templated, begun[:1], add_generation_prompt=False)) == "[user] Hello"
+    assert plain.decode(chat_prompt_ids(plain, begun, add_generation_prompt=False, continue_final_message=True)) \
+        == "user: Hello\nassistant: Sure, the answer is "
+    assert plain.decode(chat_prompt_ids(plain, begun[:1], add_generation_prompt=False)) == "user: Hello"
+
+
+def test_a_template_that_trims_the_final_message_is_cut_after_its_trimmed_text():
+    from vramlite.server.chat import _cut_after
+    from vramlite.server.errors import ApiError
+
+    assert _cut_after("[user] x[assistant] The answer is</s>", "The answer is ") == "[user] x[assistant] The answer is"
+    assert _cut_after("[a] no[b] no</s>", "no") == "[a] no[b] no"  # the last place it shows
+    with pytest.raises(ApiError, match="does not show the final message"):
+        _cut_after("[user] x[assistant] </s>", "gone")
+
+
+def test_a_continued_message_is_what_a_completion_of_its_prompt_gives(oai, chat_llama_dir):
+    begun = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Sure, the answer is"}]
+    reply = oai.chat.completions.create(model="model", messages=begun, max_tokens=6, temperature=0, extra_body={
+        "add_generation_prompt": False, "continue_final_message": True})
+    ids = chat_prompt_ids(Tokenizer.from_dir(chat_llama_dir), begun, add_generation_prompt=False,
+                          continue_final_message=True)
+    done = oai.completions.create(model="model", prompt=ids, max_tokens=6, temperature=0)
+    assert reply.choices[0].message.content == done.choices[0].text
+    for extra in ({"continue_final_message": True}, {"add_generation_prompt": False, "continue_final_message": True,
+                                                      "messages": begun[:1]}):
+        with pytest.raises(openai.UnprocessableEntityError, match="continue_final_message needs"):
+            oai.chat.completions.create(model="model", messages=begun, max_tokens=2, extra_body=extra)
+
+
 def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(chat_llama_dir):
     """As OpenAI and vLLM: no max_tokens means until the model stops or the context is full, not /generate's
     default of 128 tokens."""

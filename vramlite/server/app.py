@@ -781,8 +781,10 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
     tools = body.tool_dicts()
-    ids = await run_in_threadpool(chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages],
-                                  tools, body.chat_template_kwargs)
+    ids = await run_in_threadpool(partial(
+        chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages], tools,
+        body.chat_template_kwargs, add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message))
     gens = submit_choices(request, [ids], params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}

@@ -33,8 +33,11 @@ TEMPLATE_VARIABLES = ("messages", "tools", "add_generation_prompt", "bos_token",
 
 def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
                     tools: list[dict[str, Any]] | None = None,
-                    template_kwargs: dict[str, Any] | None = None) -> list[int]:
-    """Token ids that ask the model for the assistant's next message.
+                    template_kwargs: dict[str, Any] | None = None, *, add_generation_prompt: bool = True,
+                    continue_final_message: bool = False) -> list[int]:
+    """Token ids that ask the model for the assistant's next message (without `add_generation_prompt`: for
+    whatever follows the messages), or with `continue_final_message` for the rest of the last one, an
+    assistant's that the caller began (the rendering cut right after its text, as transformers cuts it).
 
     With a template, the rendered text is trusted (it places the special tokens itself, BOS included), and
     `tools` (OpenAI's function definitions) are the template's to describe; without one, the messages become
@@ -53,12 +56,26 @@ def chat_prompt_ids(tokenizer: Tokenizer, messages: list[dict[str, Any]],
             raise ApiError(400, "invalid_request", "tools need the model's chat template to describe them, and "
                            "this model has none")
         lines = [f"{m['role']}:{'' if m['content'][:1].isspace() else ' '}{m['content']}" for m in messages]
-        return tokenizer.encode("\n".join([*lines, "assistant:"]))
+        prompt = ["assistant:"] if add_generation_prompt and not continue_final_message else []
+        return tokenizer.encode("\n".join([*lines, *prompt]))
     eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
     try:
         text = _compile(tokenizer.chat_template).render(
-            **(template_kwargs or {}), messages=messages, tools=tools, add_generation_prompt=True,
+            **(template_kwargs or {}), messages=messages, tools=tools,
+            add_generation_prompt=add_generation_prompt and not continue_final_message,
             bos_token=_token_text(tokenizer, tokenizer.bos_id), eos_token=_token_text(tokenizer, eos))
     except TemplateError as e:
         raise ApiError(400, "invalid_request", f"the model's chat template rejected the messages: {e}") from None
+    if continue_final_message:
+        text = _cut_after(text, messages[-1]["content"])
     return tokenizer.encode(text, add_special_tokens=False, parse_special=True)
+
+
+def _cut_after(text: str, final: str) -> str:
+    """`text` cut right after the last place it shows `final` (whose trailing space a template may trim)."""
+    at = text.rfind(final.strip())
+    if not final.strip() or at < 0:
+        raise ApiError(400, "invalid_request", "continue_final_message: the chat template does not show the final "
+                       "message's text, so there is nothing to continue")
+    whole = text[at : at + len(final.lstrip())] == final.lstrip()
+    return text[: at + len(final.lstrip() if whole else final.strip())]

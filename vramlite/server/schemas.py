@@ -478,6 +478,10 @@ class ChatCompletionRequest(OpenAIFields):
     max_tokens: MaxTokens | None = Field(None, validation_alias=AliasChoices("max_tokens", "max_completion_tokens"))
     logprobs: bool | None = Field(None, description="each token's log-probability")
     top_logprobs: LogprobsCount | None = Field(None, description="with `logprobs`: this many most likely tokens' too")
+    add_generation_prompt: bool = Field(True, description="end the prompt with the template's start of an "
+                                        "assistant message (vLLM's)")
+    continue_final_message: bool = Field(False, description="the last message is an assistant's to continue, with "
+                                         "add_generation_prompt false (vLLM's)")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="more variables for the chat template "
                                                         "(Qwen 3: `{\"enable_thinking\": false}`), as vLLM takes them")
     tools: list[ToolDefinition] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may "
@@ -488,6 +492,13 @@ class ChatCompletionRequest(OpenAIFields):
     functions: unsupported(None, [], why="no function calling")
     function_call: unsupported(None, "none", "auto", why="no function calling")
     modalities: unsupported(None, ["text"], why="text is the only modality")
+
+    @model_validator(mode="after")
+    def _continue_an_assistants_message(self) -> ChatCompletionRequest:
+        if self.continue_final_message and (self.add_generation_prompt or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final_message needs add_generation_prompt false and an assistant's message "
+                             "last")
+        return self
 
     @model_validator(mode="after")
     def _tool_choice_of_tools(self) -> ChatCompletionRequest:
