@@ -18,7 +18,7 @@ from vramlite.engine.layers.cpu_layout import (
     onednn_int8_available,
     prefer_cpu_layout,
 )
-from vramlite.engine.layers.linear import Linear, QuantizedLinear, make_linear, split_gemv
+from vramlite.engine.layers.linear import SPLIT_GEMV_ROWS, Linear, QuantizedLinear, make_linear, split_gemv
 from vramlite.engine.runner import torch_compiles_decode
 from vramlite.kernels import quantize_weight
 from vramlite.kernels.quant import quantize_activation_per_token_ref
@@ -109,9 +109,9 @@ def test_dense_fastest_changes_nothing(onednn: bool) -> None:
 
 
 @pytest.mark.parametrize(("batch_hint", "want"), [(1, "rows"), (8, "packed")])
-def test_rows_count_as_dense_beyond_one_row(batch_hint: int, want: str) -> None:
-    """Row blocks serve one-row inputs only: for an engine that batches, their score adds dense's time at
-    `batch_hint` rows, which here loses to packed."""
+def test_rows_count_as_dense_beyond_split_gemv_rows(batch_hint: int, want: str) -> None:
+    """Row blocks serve inputs of up to SPLIT_GEMV_ROWS rows only: for an engine that batches more, their score
+    adds dense's time at `batch_hint` rows, which here loses to packed."""
     times = {"dense": lambda m: 10.0 * m, "rows": lambda m: 1.0, "packed": lambda m: 8.0}
     layer = make_linear(24, 72, False, None)
     calls: list[tuple[str, int]] = []
@@ -183,10 +183,11 @@ def test_packed_linear_takes_any_leading_dims_and_keeps_its_bias() -> None:
     torch.testing.assert_close(layer(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 2, SPLIT_GEMV_ROWS])
 @pytest.mark.parametrize("parts", [1, 2, 3, 8])
-def test_split_gemv_is_f_linear(parts: int) -> None:
+def test_split_gemv_is_f_linear(parts: int, rows: int) -> None:
     torch.manual_seed(2)
-    x, w, b = torch.randn(1, 40), torch.randn(24, 40), torch.randn(24)
+    x, w, b = torch.randn(rows, 40), torch.randn(24, 40), torch.randn(24)
     torch.testing.assert_close(split_gemv(x, w, b, parts), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(split_gemv(x, w, None, parts), F.linear(x, w), rtol=1e-5, atol=1e-5)
 

@@ -8,7 +8,7 @@ of a million elements and more. So no fixed rule holds; the engine times them.
 
 Candidates per `Linear` that owns a contiguous CPU weight:
 - "dense": the row-major weight, `F.linear`;
-- "rows": the same weight, one-row inputs as `split_gemv` (fp32, when the rows split over the threads);
+- "rows": the same weight, inputs of a few rows as `split_gemv` (fp32, when the rows split over the threads);
 - "packed": oneDNN's packed copy (fp32, and bf16 where the CPU has it), when the module alone owns the weight:
   a tied LM head or a view into an offload slot keeps its place.
 
@@ -40,7 +40,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vramlite.engine.layers.linear import Linear, QuantizedLinear, onednn_int8_matmul, onednn_int8_sums
+from vramlite.engine.layers.linear import (
+    SPLIT_GEMV_ROWS,
+    Linear,
+    QuantizedLinear,
+    onednn_int8_matmul,
+    onednn_int8_sums,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +181,9 @@ def prefer_cpu_layout(model: nn.Module, batch_hint: int, layout: str = "auto", t
 
 
 def _runs_as(layout: str, rows: int) -> str:
-    """The layout that multiplies `rows` rows: "rows" changes one-row inputs only, more run as "dense"."""
-    return "dense" if layout == "rows" and rows > 1 else layout
+    """The layout that multiplies `rows` rows: "rows" changes inputs of up to SPLIT_GEMV_ROWS, more run as
+    "dense"."""
+    return "dense" if layout == "rows" and rows > SPLIT_GEMV_ROWS else layout
 
 
 def _counts(chosen: Counter[str]) -> str:

@@ -90,7 +90,7 @@ class Linear(nn.Linear):
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, self.in_features), self.packed, self.bias,
                                                    "none", [], "")
             return y.view(*x.shape[:-1], self.out_features)
-        if self.gemv_parts > 1 and x.dim() == 2 and x.shape[0] == 1:
+        if self.gemv_parts > 1 and x.dim() == 2 and x.shape[0] <= SPLIT_GEMV_ROWS:
             return split_gemv(x, self.weight, self.bias, self.gemv_parts)
         return super().forward(x)
 
@@ -143,14 +143,25 @@ def _(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor, bias: torch.T
     return x.new_empty(*x.shape[:-1], qweight.shape[0])
 
 
+SPLIT_GEMV_ROWS = 5
+"""The most rows `split_gemv` multiplies (a decode step of a few sequences; a sequence checking 4 drafted tokens).
+On 2 Intel Xeon cores (Sapphire Rapids), fp32 LLaMA-130M weights from DRAM: 1.3-7x faster than `F.linear` at
+2 to 4 rows (whose MKL path is slowest there, slower than at 8 rows), as fast at 5, slower from 6 on; on 2 AMD
+EPYC cores, 1.3-3.4x faster at 2 to 5 rows, 1.4x slower at 8."""
+
+
 def split_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
-    """x [1, in] · weightᵀ for a contiguous weight [out, in], as `parts` row blocks of the weight in one bmm.
+    """x [M, in] · weightᵀ for a few rows M and a contiguous weight [out, in], as `parts` row blocks of the weight
+    in one bmm.
 
     Where a CPU matrix-vector product runs on one thread, a bmm still runs its batch in parallel, so the
     blocks stream on all threads: 2-3x faster than `F.linear` at M = 1 with 2 threads on a 2-core AMD EPYC
-    (256x256 to 32000x768), but 2-3x slower on a 2-core Intel Xeon, whose `F.linear` uses both.
+    (256x256 to 32000x768); on a 2-core Intel Xeon, 2-3x slower on one machine and 2-3x faster on another
+    (see SPLIT_GEMV_ROWS), whence the timing at load.
     """
-    y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x.t().expand(parts, -1, -1)).view(1, -1)
+    rows = x.shape[0]
+    y = torch.bmm(weight.view(parts, -1, weight.shape[1]), x.t().expand(parts, -1, -1)).view(-1, rows).t()
+    y = y if rows == 1 else y.contiguous()
     return y if bias is None else y.add_(bias)
 
 
