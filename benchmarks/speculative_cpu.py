@@ -43,7 +43,8 @@ def prompts(engine: Engine, batch: int) -> list[list[int]]:
 def bench_model(name: str, model_dir: Path, batch: int, drafts: list[int], tokens: int, repeats: int
                 ) -> list[dict[str, Any]]:
     engines = {k: Engine.from_dir(model_dir, device="cpu", dtype="fp32", max_batch_size=batch,
-                                  prefix_caching=False, speculative_tokens=k) for k in (0, *drafts)}
+                                  prefix_caching=False, speculative_tokens=k, speculative_max_batch=batch)
+               for k in (0, *drafts)}
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     batch_prompts = prompts(engines[0], batch)
     outputs = {k: [c.token_ids for c in e.generate_batch(batch_prompts, params)] for k, e in engines.items()}

@@ -64,7 +64,7 @@ def test_rings_and_the_int8_cache_on_the_gpu(tmp_path, spm_tokenizer_dir):
 
 def test_speculative_and_structured_output_on_the_gpu(tmp_path, spm_tokenizer_dir):
     _, model_dir = saved("llama", tmp_path, spm_tokenizer_dir)
-    fast = Engine.from_dir(model_dir, device="cuda", dtype="fp32", speculative_tokens=4)
+    fast = Engine.from_dir(model_dir, device="cuda", dtype="fp32", speculative_tokens=4, speculative_max_batch=2)
     plain = Engine.from_dir(model_dir, device="cuda", dtype="fp32")
     greedy = SamplingParams(max_tokens=48, temperature=0, ignore_eos=True)
     prompts = [PROMPT, [1, 5, 9, 5, 9]]

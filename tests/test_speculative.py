@@ -49,7 +49,8 @@ def llama_dir(tmp_path_factory, spm_tokenizer_dir):
 @pytest.fixture(scope="module")
 def engines(llama_dir):
     kwargs = dict(device="cpu", dtype="fp32", max_batch_size=3, max_tokens_per_step=16)
-    return Engine.from_dir(llama_dir, speculative_tokens=5, **kwargs), Engine.from_dir(llama_dir, **kwargs)
+    return (Engine.from_dir(llama_dir, speculative_tokens=5, speculative_max_batch=3, **kwargs),
+            Engine.from_dir(llama_dir, **kwargs))
 
 
 PROMPTS = [[1, *range(10, 30), *range(10, 30)], [1, 5, 9, 5, 9], [1, *range(200, 230)]]
@@ -62,6 +63,15 @@ def test_greedy_output_is_the_plain_engines_and_drafts_are_accepted(engines):
         assert got.token_ids == want.token_ids and got.text == want.text
         assert got.finish_reason == want.finish_reason and got.completion_tokens == 48
     assert fast.accepted_tokens - before > 10  # a random model's greedy output loops: drafts find it
+
+
+def test_drafts_only_while_at_most_speculative_max_batch_sequences_run(llama_dir):
+    """By default (1), a batch decodes without drafts, and a request alone drafts."""
+    fast = Engine.from_dir(llama_dir, device="cpu", dtype="fp32", max_batch_size=3, speculative_tokens=5)
+    fast.generate_batch(PROMPTS, GREEDY)
+    assert fast.drafted_tokens == 0
+    fast.generate(PROMPTS[0], GREEDY)
+    assert fast.drafted_tokens > 0
 
 
 def test_stops_land_where_they_would_without_drafts(engines):
@@ -116,7 +126,7 @@ def test_sliding_window_rings_under_drafts(tmp_path, spm_tokenizer_dir):
                                                 max_position_embeddings=128, sliding_window=6)).eval()
     model_dir = save_tiny_model(hf, tmp_path, spm_tokenizer_dir)
     kwargs = dict(device="cpu", dtype="fp32", max_batch_size=2, max_tokens_per_step=6)
-    fast = Engine.from_dir(model_dir, speculative_tokens=4, **kwargs)
+    fast = Engine.from_dir(model_dir, speculative_tokens=4, speculative_max_batch=2, **kwargs)
     plain = Engine.from_dir(model_dir, **kwargs)
     assert min(fast.runner.cache.lengths) < fast.context
     prompts = PROMPTS[:2]

@@ -81,7 +81,7 @@ class Engine:
 
     def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
                  scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None,
-                 speculative_tokens: int = 0) -> None:
+                 speculative_tokens: int = 0, speculative_max_batch: int = 1) -> None:
         self.model_dir = model_dir
         self.probe = probe or GpuProbe.cpu()  # what the device reported at start (name, PCIe, bandwidth)
         self.runner = runner
@@ -97,6 +97,7 @@ class Engine:
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
         self.speculative_tokens = speculative_tokens  # drafted per step and request (see `speculative`)
+        self.speculative_max_batch = speculative_max_batch  # drafts only while at most this many sequences run
         self.drafted_tokens = 0
         self.accepted_tokens = 0
 
@@ -106,7 +107,7 @@ class Engine:
                  max_tokens_per_step: int = 512, quantize: str | None = None,
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
                  compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True,
-                 speculative_tokens: int = 0, kv_cache_dtype: str = "auto",
+                 speculative_tokens: int = 0, speculative_max_batch: int = 1, kv_cache_dtype: str = "auto",
                  lora: Sequence[tuple[str | Path, float]] = ()) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
@@ -125,9 +126,10 @@ class Engine:
         "dense", "rows", "packed" (see `vramlite.engine.layers.cpu_layout`). prefix_caching: a prompt that
         starts like the tokens a freed cache slot holds reuses their keys and values (see `KVCache`).
         speculative_tokens: requests draft up to this many tokens a step by prompt lookup and verify
-        them in one forward pass (see `vramlite.engine.speculative`); 0: off. kv_cache_dtype: "auto" (the
-        compute dtype) or "int8" (about half the memory; see `KVCache`). lora: (PEFT adapter directory,
-        scale) pairs merged into the weights at load (see `vramlite.engine.lora`).
+        them in one forward pass (see `vramlite.engine.speculative`); 0: off; only while at most
+        `speculative_max_batch` sequences run (a drafting sequence leaves the batched decode path).
+        kv_cache_dtype: "auto" (the compute dtype) or "int8" (about half the memory; see `KVCache`).
+        lora: (PEFT adapter directory, scale) pairs merged into the weights at load (see `vramlite.engine.lora`).
         """
         if kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
@@ -156,7 +158,8 @@ class Engine:
         defaults = cls._generation_defaults(model_dir)
         log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
                  time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
-        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe, speculative_tokens)
+        return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe, speculative_tokens,
+                   speculative_max_batch)
 
     @staticmethod
     def _generation_defaults(model_dir: Path) -> dict[str, Any]:
@@ -308,12 +311,12 @@ class Engine:
 
     def _draft(self) -> None:
         """Draft the next tokens of each decoding sequence that speculates (the scheduler gives them what its
-        budget has left), as many as may still be generated and fit the context."""
-        if not self.speculative_tokens:
-            return
+        budget has left), as many as may still be generated and fit the context: none while more than
+        `speculative_max_batch` sequences run."""
+        drafting = self.speculative_tokens and len(self.scheduler.running) <= self.speculative_max_batch
         for seq in self.scheduler.running:
             seq.draft = []
-            if seq.lookup is not None and seq.num_pending == 1:
+            if drafting and seq.lookup is not None and seq.num_pending == 1:
                 room = min(self.speculative_tokens, seq.params.max_tokens - seq.num_output_tokens - 1,
                            self.context - len(seq.token_ids))
                 seq.draft = seq.lookup.draft(seq.token_ids, room)

@@ -105,6 +105,7 @@ def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], 
                                prefetch_depth=settings.prefetch_depth, compile_decode=settings.compile_decode,
                                cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching,
                                speculative_tokens=settings.speculative_tokens,
+                               speculative_max_batch=settings.speculative_max_batch,
                                kv_cache_dtype=settings.kv_cache_dtype, lora=() if path else settings.lora_adapters)
 
     return load
@@ -519,6 +520,7 @@ async def info(request: Request) -> dict[str, Any]:
         "offload": offload_info(engine),
         "fill_model": fill_info(s, rt.fill_loop),
         "embeddings": embeddings_info(engine),
+        "speculative": {"tokens": s.speculative_tokens, "max_batch": s.speculative_max_batch},
         "limits": {"max_batch_size": s.max_batch_size, "max_tokens_per_step": s.max_tokens_per_step,
                    "max_queue": s.max_queue, "request_timeout": s.request_timeout,
                    "max_body_bytes": s.max_body_bytes},

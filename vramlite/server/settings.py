@@ -68,6 +68,9 @@ class Settings(BaseModel):
     speculative_tokens: int = Field(0, ge=0, le=32, description="requests draft up to this many tokens a "
                                     "step by prompt lookup (what followed their last tokens where these occurred "
                                     "before) and verify them in one forward pass; 0 = off")
+    speculative_max_batch: int = Field(1, ge=1, le=4096, description="draft only while at most this many "
+                                       "sequences run (batch 1 gains on a CPU, batch 4 loses; layers streamed "
+                                       "over PCIe may gain at any batch)")
     compile_decode: bool = Field(False, description="CPU: run decode steps compiled by torch.compile, "
                                  "compiled at load (the demo model 1.4-1.45x faster on 2 Intel cores)")
     cpu_layout: Literal["auto", "dense", "rows", "packed"] = Field(
