@@ -1,5 +1,6 @@
 """A server that speculates (`--speculative-tokens`) answers greedy requests as one that does not, streamed or
-not, drafting while at most `--speculative-max-batch` sequences run, and exports how many drafted tokens it checked and kept."""
+not, drafting while at most `--speculative-max-batch` sequences run, and exports how many drafted tokens it
+checked and kept."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tests.server.conftest import running_server
 
 def test_speculating_server_answers_as_a_plain_one_and_counts_its_drafts(tiny_llama_dir):
     body = {"prompt": "one two three one two three one two", "max_tokens": 40, "temperature": 0}
-    with (running_server(tiny_llama_dir, speculative_tokens=4, speculative_max_batch=2) as fast, running_server(tiny_llama_dir) as plain,
+    with (running_server(tiny_llama_dir, speculative_tokens=4, speculative_max_batch=2) as fast,
+          running_server(tiny_llama_dir) as plain,
           fast.client() as c, plain.client() as p):
         want = p.post("/generate", json=body).json()["text"]
         assert c.post("/generate", json=body).json()["text"] == want
