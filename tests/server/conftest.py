@@ -51,6 +51,16 @@ def chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Pat
     return out
 
 
+@pytest.fixture(scope="session")
+def long_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, chat_llama_dir: Path) -> Path:
+    """The chat LLaMA (its template renders tools as JSON) with room for tools in its context (1024)."""
+    out = tmp_path_factory.mktemp("long-chat-llama") / "model"
+    shutil.copytree(chat_llama_dir, out)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
+    return out
+
+
 @dataclass
 class Running:
     """A started server: its base URL, the uvicorn server and the engine loop behind it."""

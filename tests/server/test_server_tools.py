@@ -4,7 +4,6 @@ forced choice holds the reply to calls, and "auto" reads calls from what the mod
 from __future__ import annotations
 
 import json
-import shutil
 
 import openai
 import pytest
@@ -20,16 +19,6 @@ WEATHER = {"type": "function", "function": {
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
-
-
-@pytest.fixture(scope="module")
-def long_chat_llama_dir(chat_llama_dir, tmp_path_factory):
-    """The chat LLaMA (its template renders tools as JSON) with room for the tools in its context."""
-    out = tmp_path_factory.mktemp("tools") / "model"
-    shutil.copytree(chat_llama_dir, out)
-    config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 1024}))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,11 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
 from starlette.datastructures import Headers
@@ -46,6 +48,7 @@ from vramlite.server.guards import RequestLimitsMiddleware
 from vramlite.server.logprobs import CompletionLogprobs, chat_logprobs, generate_logprobs
 from vramlite.server.metrics import Metrics
 from vramlite.server.playground import install_playground
+from vramlite.server.responses import ResponsesRequest, ResponseWriter
 from vramlite.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -70,7 +73,8 @@ log = logging.getLogger("vramlite.server")
 T = TypeVar("T")
 
 SSE_PING_S = 15
-GENERATION_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions"})
+ENGINE_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions", "/v1/responses",
+                           "/v1/embeddings"})  # logged at INFO, one line per request
 OPENAI_FINISH = {"eos": "stop", "cancelled": "stop"}  # OpenAI knows "stop" and "length"
 MAX_REQUEST_ID_CHARS = 64
 
@@ -215,7 +219,7 @@ class RequestLogMiddleware:
         gen = gens[0] if gens else None  # the timings of the first choice (OpenAI's n: the others are alike)
         if gen is not None:
             self.metrics.request_duration.observe(total_s)
-        level = logging.INFO if route in GENERATION_ROUTES else logging.DEBUG
+        level = logging.INFO if route in ENGINE_ROUTES else logging.DEBUG
         if not log.isEnabledFor(level):
             return
 
@@ -677,7 +681,7 @@ async def list_models(request: Request) -> dict[str, Any]:
                                         "created": 0}]}
 
 
-def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest) -> None:
+def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest | ResponsesRequest) -> None:
     name = runtime(request).model_name
     if body.model is not None and body.model != name:
         raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
@@ -783,11 +787,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
     tools = body.tool_dicts()
-    ids = await run_in_threadpool(partial(
-        chat_prompt_ids, rt.engine.tokenizer, [m.for_template() for m in body.messages], tools,
-        body.chat_template_kwargs, add_generation_prompt=body.add_generation_prompt,
-        continue_final_message=body.continue_final_message))
-    gens = submit_choices(request, [ids], params, body.n)
+    gens = submit_choices(request, [await _chat_ids(request, body)], params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}
     mode = body.tool_mode()
@@ -802,6 +802,68 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
         return sse_response(request, chunks)
     choices = [reply(i, done) for i, done in enumerate(await collect_all(request, gens))]
     return {**head, "choices": choices, "usage": openai_usage(gens)}
+
+
+async def _chat_ids(request: Request, body: ChatCompletionRequest) -> list[int]:
+    """The prompt of a chat request: its messages and tools in the model's chat template."""
+    return await run_in_threadpool(partial(
+        chat_prompt_ids, runtime(request).engine.tokenizer, [m.for_template() for m in body.messages],
+        body.tool_dicts(), body.chat_template_kwargs, add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message))
+
+
+@protected.post("/v1/responses", responses=OPENAI_RESPONSES,
+                summary="OpenAI-compatible Responses API, stateless (the chat template; nothing is stored)")
+async def responses(request: Request, body: ResponsesRequest) -> Any:
+    _check_model(request, body)
+    try:
+        chat = body.as_chat()
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+    rt = runtime(request)
+    params = await sampling_params(rt.engine, chat)
+    gen = submit_choices(request, [await _chat_ids(request, chat)], params, 1)[0]
+    writer = ResponseWriter(body, f"resp_{gen.request_id}", rt.model_name, int(time.time()))
+    tools, mode = chat.tool_dicts(), chat.tool_mode()
+    if body.stream:
+        return EventSourceResponse(_response_events(request, gen, writer, tools, mode), sep="\n", ping=SSE_PING_S)
+    _write_whole(writer, gen, await collect(request, gen), tools, mode)
+    return writer.response()
+
+
+def _write_whole(writer: ResponseWriter, gen: Generation, done: Collected, tools: list[dict[str, Any]] | None,
+                 mode: str | dict[str, Any]) -> list[dict[str, str]]:
+    """A whole reply written at once, read for calls as `mode` asks: its events."""
+    content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
+    return [*writer.text(content or ""), *writer.finish(calls, done.reason, openai_usage([gen]))]
+
+
+async def _response_events(request: Request, gen: Generation, writer: ResponseWriter,
+                           tools: list[dict[str, Any]] | None, mode: str | dict[str, Any]
+                           ) -> AsyncIterator[dict[str, str]]:
+    """The Responses API's events for `gen`: text as it comes ("auto" holds back what may be a call, as the chat
+    route does), or under a forced tool choice the calls once the reply is whole; an error ends the stream."""
+    try:
+        for event in writer.start():
+            yield event
+        if mode not in ("none", "auto"):
+            for event in _write_whole(writer, gen, await collect(request, gen), tools, mode):
+                yield event
+            return
+        watcher = CallWatcher() if mode == "auto" else None
+        async for out in runtime(request).loop.stream(gen):
+            text, calls = out.text if watcher is None else watcher.feed(out.text), []
+            if out.finished and watcher is not None:
+                rest, calls = watcher.finish(tools or [])
+                text += rest
+            for event in writer.text(text):
+                yield event
+            if out.finished:
+                for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, openai_usage([gen])):
+                    yield event
+    except ApiError as e:
+        request.state.error = e.type
+        yield writer.error(e.type, e.message)
 
 
 @protected.post("/v1/embeddings", responses={**OPENAI_RESPONSES, **text_response("application/json", "the embeddings")},
