@@ -130,3 +130,19 @@ def test_an_input_over_the_context_is_refused_before_the_stream(running):
     with running.client() as c:
         r = c.post("/v1/responses", json={"input": "word " * 2000, "stream": True, "max_output_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("ask", [dict(top_logprobs=2), dict(include=["message.output_text.logprobs"])])
+def test_logprobs_come_with_the_text_streamed_or_not(oai, ask):
+    kwargs = dict(model="model", input="Hi", max_output_tokens=10, temperature=0, **ask)
+    done = oai.responses.create(**kwargs)
+    chat = oai.chat.completions.create(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=10,
+                                       temperature=0, logprobs=True, top_logprobs=ask.get("top_logprobs", 0))
+    part = done.output[0].content[0]
+    want = [t.model_dump() for t in chat.choices[0].logprobs.content]
+    assert [t.model_dump() for t in part.logprobs] == want and len(want) == 10
+    assert all(len(t["top_logprobs"]) == ask.get("top_logprobs", 0) for t in want)
+    events = list(oai.responses.create(**kwargs, stream=True))
+    streamed = [t for e in events if e.type == "response.output_text.delta" for t in e.logprobs]
+    assert [t.model_dump() for t in streamed] == want
+    assert [t.model_dump() for t in events[-1].response.output[0].content[0].logprobs] == want

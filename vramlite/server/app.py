@@ -45,7 +45,7 @@ from vramlite.server.chat import chat_prompt_ids
 from vramlite.server.engine_loop import EngineLoop, Generation
 from vramlite.server.errors import ApiError, install_error_handlers
 from vramlite.server.guards import RequestLimitsMiddleware
-from vramlite.server.logprobs import CompletionLogprobs, chat_logprobs, generate_logprobs
+from vramlite.server.logprobs import CompletionLogprobs, chat_logprobs, generate_logprobs, token_logprobs
 from vramlite.server.metrics import Metrics
 from vramlite.server.playground import install_playground
 from vramlite.server.responses import ResponsesRequest, ResponseWriter
@@ -835,7 +835,8 @@ def _write_whole(writer: ResponseWriter, gen: Generation, done: Collected, tools
                  mode: str | dict[str, Any]) -> list[dict[str, str]]:
     """A whole reply written at once, read for calls as `mode` asks: its events."""
     content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
-    return [*writer.text(content or ""), *writer.finish(calls, done.reason, openai_usage([gen]))]
+    return [*writer.text(content or "", token_logprobs(done.logprobs)),
+            *writer.finish(calls, done.reason, openai_usage([gen]))]
 
 
 async def _response_events(request: Request, gen: Generation, writer: ResponseWriter,
@@ -856,7 +857,7 @@ async def _response_events(request: Request, gen: Generation, writer: ResponseWr
             if out.finished and watcher is not None:
                 rest, calls = watcher.finish(tools or [])
                 text += rest
-            for event in writer.text(text):
+            for event in writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs])):
                 yield event
             if out.finished:
                 for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, openai_usage([gen])):

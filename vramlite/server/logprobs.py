@@ -1,5 +1,5 @@
 """Log-probabilities of generated tokens (`vramlite.engine.Logprobs`) in each route's JSON: ours, and OpenAI's
-completions and chat formats."""
+completions, chat and responses formats."""
 
 from __future__ import annotations
 
@@ -47,7 +47,11 @@ def _chat_token(t: TokenLogprob) -> dict[str, Any]:
     return {"token": t.text, "logprob": t.logprob, "bytes": list(t.text.encode())}
 
 
+def token_logprobs(tokens: Sequence[Logprobs]) -> list[dict[str, Any]]:
+    """`/v1/responses` (and chat's `content`): `[{"token", "logprob", "bytes", "top_logprobs": [...]}]`."""
+    return [{**_chat_token(lp.chosen), "top_logprobs": [_chat_token(t) for t in lp.top]} for lp in tokens]
+
+
 def chat_logprobs(tokens: Sequence[Logprobs]) -> dict[str, Any]:
     """`/v1/chat/completions`: `{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}`."""
-    return {"content": [{**_chat_token(lp.chosen), "top_logprobs": [_chat_token(t) for t in lp.top]}
-                        for lp in tokens], "refusal": None}
+    return {"content": token_logprobs(tokens), "refusal": None}

@@ -24,6 +24,7 @@ from vramlite.server.schemas import (
     MAX_TOOLS,
     ChatCompletionRequest,
     FunctionDefinition,
+    LogprobsCount,
     MaxTokens,
     OpenAIBody,
     SamplingFields,
@@ -32,6 +33,7 @@ from vramlite.server.schemas import (
 from vramlite.server.tools import ToolCall
 
 MAX_INPUT_ITEMS = 4096
+LOGPROBS_INCLUSION = "message.output_text.logprobs"
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
 CallId = Annotated[str, Field(min_length=1, max_length=256)]
 
@@ -139,15 +141,26 @@ class ResponsesRequest(SamplingFields):
     metadata: dict[str, Annotated[str, Field(max_length=512)]] | None = Field(None, max_length=16,
                                                                               description="echoed back")
     user: str | None = Field(None, max_length=256)
+    top_logprobs: LogprobsCount | None = Field(None, description="each output token's log-probability and this "
+                                               "many most likely tokens' (on the output_text parts)")
+    include: list[Annotated[str, Field(max_length=128)]] | None = Field(
+        None, max_length=16, description='"message.output_text.logprobs": log-probabilities (as top_logprobs 0); '
+        "other inclusions name items this server never writes")
     store: bool | None = Field(None, description="accepted; no response is stored")
     previous_response_id: unsupported(None, why="responses are not stored: send the whole conversation in input")
     background: unsupported(None, False, why="a response is generated while the request waits")
     truncation: unsupported(None, "disabled", why="an input longer than the context is refused, not cut")
 
+    @property
+    def logprobs(self) -> bool:
+        return self.top_logprobs is not None or LOGPROBS_INCLUSION in (self.include or ())
+
     def chat_request(self) -> dict[str, Any]:
         """The chat route's body for this request (validated by `ChatCompletionRequest`)."""
         body: dict[str, Any] = self.model_dump(include=set(SamplingFields.model_fields), exclude_none=True)
         body["messages"] = self._messages()
+        if self.logprobs:
+            body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
         if self.tools:
             body["tools"] = [{"type": "function", "function": t.model_dump(exclude={"type"}, exclude_none=True)}
                              for t in self.tools]
@@ -200,6 +213,7 @@ class ResponseWriter:
         self.incomplete: dict[str, str] | None = None
         self.usage: dict[str, Any] | None = None
         self._message: dict[str, Any] | None = None  # the message item being written
+        self._logprobs: list[dict[str, Any]] = []  # of tokens whose text has not gone out yet
         self._sequence = itertools.count()
 
     def response(self) -> dict[str, Any]:
@@ -215,8 +229,8 @@ class ResponseWriter:
             "tool_choice": "auto" if body.tool_choice is None and body.tools else (
                 body.tool_choice.model_dump() if isinstance(body.tool_choice, NamedFunctionChoice)
                 else body.tool_choice or "none"),
-            "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()], "usage": self.usage,
-            "user": body.user,
+            "tools": [t.model_dump(exclude_none=True) for t in body.tools or ()], "top_logprobs": body.top_logprobs,
+            "usage": self.usage, "user": body.user,
         }
 
     def _event(self, kind: str, **fields: Any) -> dict[str, str]:
@@ -227,8 +241,10 @@ class ResponseWriter:
         return [self._event("response.created", response=self.response()),
                 self._event("response.in_progress", response=self.response())]
 
-    def text(self, piece: str) -> list[dict[str, str]]:
-        """`piece` added to the reply's message, which the first piece opens."""
+    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+        """`piece` added to the reply's message, which the first piece opens; `logprobs`: of the tokens since the
+        last piece (`token_logprobs`), which go out with the next text."""
+        self._logprobs += logprobs or []
         if not piece:
             return []
         events = []
@@ -240,8 +256,12 @@ class ResponseWriter:
                                    item=self._message),
                        self._event("response.content_part.added", **self._at(), part=_text_part(""))]
             self._message["content"].append(_text_part(""))
-        self._message["content"][0]["text"] += piece
-        return [*events, self._event("response.output_text.delta", **self._at(), delta=piece, logprobs=[])]
+        part = self._message["content"][0]
+        part["text"] += piece
+        part["logprobs"] += self._logprobs
+        events.append(self._event("response.output_text.delta", **self._at(), delta=piece, logprobs=self._logprobs))
+        self._logprobs = []
+        return events
 
     def _at(self) -> dict[str, Any]:
         assert self._message is not None
@@ -253,8 +273,10 @@ class ResponseWriter:
         events = []
         if self._message is not None:
             part = self._message["content"][0]
+            part["logprobs"] += self._logprobs  # of tokens that brought out no text (half a character)
             self._message["status"] = "completed"
-            events += [self._event("response.output_text.done", **self._at(), text=part["text"], logprobs=[]),
+            events += [self._event("response.output_text.done", **self._at(), text=part["text"],
+                                   logprobs=part["logprobs"]),
                        self._event("response.content_part.done", **self._at(), part=part),
                        self._event("response.output_item.done", output_index=self._at()["output_index"],
                                    item=self._message)]
