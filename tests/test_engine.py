@@ -45,8 +45,9 @@ def test_stop_string_ends_generation_and_is_not_returned(engine):
     stop = free.text[5:8]
     assert stop
     out = engine.generate("The quick", SamplingParams(**{**SAMPLED.__dict__, "stop": (stop,)}))
-    assert out.finish_reason is FinishReason.STOP
+    assert out.finish_reason is FinishReason.STOP and out.stop_string == stop
     assert out.text == free.text[: free.text.index(stop)]
+    assert free.stop_string is None
 
 
 def test_abort_mid_generation_leaves_others_unchanged_and_frees_the_slot(engine):

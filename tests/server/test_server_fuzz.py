@@ -2,7 +2,7 @@
 
 Each generated request, valid or not, must get a documented status with the contract's body (the error
 responses carry `ErrorBody` in the schema, so schemathesis checks the body of every error), never a 500,
-within `CALL_TIMEOUT_S`; an SSE reply must end by itself with `[DONE]` or an `event: error`.
+within `CALL_TIMEOUT_S`; an SSE reply must end by itself with its API's last event or an `event: error`.
 """
 
 from __future__ import annotations
@@ -48,11 +48,12 @@ def map_body(context: schemathesis.HookContext, body: Any) -> Any:
     if not isinstance(body.get("stream"), bool):
         return body
     body["stream"] = True
-    max_tokens = body.get("max_tokens")
+    field = "max_output_tokens" if "max_output_tokens" in body else "max_tokens"  # the Responses API's name
+    max_tokens = body.get(field)
     if max_tokens is None:
-        body["max_tokens"] = STREAM_MAX_TOKENS
+        body[field] = STREAM_MAX_TOKENS
     elif type(max_tokens) is int and 0 <= max_tokens <= MAX_TOKENS_BOUND:
-        body["max_tokens"] = min(max_tokens, STREAM_MAX_TOKENS)
+        body[field] = min(max_tokens, STREAM_MAX_TOKENS)
     return body
 
 
@@ -64,17 +65,24 @@ def fuzz_server(chat_llama_dir: Path) -> Iterator[Running]:
         yield running
 
 
+STREAM_ENDS = ("data: [DONE]", "event: response.completed", "event: response.incomplete", "event: message_stop")
+
+
 def stream_ends(ctx: schemathesis.CheckContext, response: Response, case: Case) -> None:
-    """An SSE reply ends by itself, on `data: [DONE]` or on one `event: error` with the contract's body."""
+    """An SSE reply ends by itself: on its API's last event (`data: [DONE]`; the Responses API's
+    `response.completed` or `.incomplete`; Anthropic's `message_stop`), or on one `event: error` with a type
+    and a message (the contract's body; the Responses API's and Anthropic's error events)."""
     if not response.headers.get("content-type", [""])[0].startswith("text/event-stream"):
         return
     assert not response.stream_cut_short, "the event stream did not end within the timeout"
     events = response.text.strip().split("\n\n")
-    if events[-1] == "data: [DONE]":
+    if events[-1].startswith(STREAM_ENDS):
         return
     kind, _, data = events[-1].partition("\n")
     assert kind == "event: error", f"the stream ends with {events[-1]!r}"
-    assert set(json.loads(data.removeprefix("data: "))["error"]) == {"type", "message"}
+    error = json.loads(data.removeprefix("data: "))
+    error = error.get("error", error)
+    assert isinstance(error.get("message"), str) and isinstance(error.get("type", error.get("code")), str)
 
 
 @schema.parametrize()

@@ -153,13 +153,16 @@ def test_request_timeout_is_504(tiny_llama_dir):
 def test_api_key(tiny_llama_dir):
     with running_server(tiny_llama_dir, api_key="secret", quantize="int8") as srv:
         assert httpx.get(srv.url + "/health").status_code == 200
-        for headers in ({}, {"Authorization": "Bearer wrong"}):
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
+                        {"Authorization": "Bearer wrong", "x-api-key": "secret"}):
             r = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 1}, headers=headers)
             assert_error(r, 401, "unauthorized")
             assert_error(httpx.get(srv.url + "/info", headers=headers), 401, "unauthorized")
         authorized = {"Authorization": "Bearer secret"}
         r = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 1}, headers=authorized)
         assert r.status_code == 200
+        r = httpx.post(srv.url + "/generate", json={"prompt": "x", "max_tokens": 1}, headers={"x-api-key": "secret"})
+        assert r.status_code == 200  # Anthropic's clients send the key so
         info = httpx.get(srv.url + "/info", headers=authorized).json()
         assert info["quantization"] == {"requested": "int8", "active": "int8"}
 

@@ -11,6 +11,7 @@ import pytest
 
 from tests.server.conftest import running_server
 from vramlite.server.responses import ResponsesRequest
+from vramlite.server.schemas import ChatCompletionRequest
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
@@ -49,7 +50,7 @@ def test_input_items_become_the_chat_routes_messages():
     assert chat["messages"] == CHAT_MESSAGES
     assert chat["tools"] == [{"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}]
     assert chat["max_tokens"] == 5 and chat["top_k"] == 3
-    assert body.as_chat().tool_mode() == "auto"
+    assert ChatCompletionRequest.model_validate(chat).tool_mode() == "auto"
 
 
 def test_a_text_reply_is_the_chat_routes_and_its_stream_builds_it(oai):

@@ -56,6 +56,7 @@ class Completion:
     completion_tokens: int
     logprobs: list[Logprobs] | None = None  # one per generated token, when the request asked for them
     prompt_logprobs: list[Logprobs | None] | None = None  # one per prompt token (None for the first), if asked
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
 
 @dataclass
@@ -501,4 +502,5 @@ class Engine:
                 self.abort(i)
         return [Completion(s.text, s.output_ids, s.finish_reason, s.num_prompt_tokens, s.num_output_tokens,
                            None if s.params.logprobs is None else s.logprobs,
-                           None if s.params.prompt_logprobs is None else s.prompt_logprobs) for s in seqs.values()]
+                           None if s.params.prompt_logprobs is None else s.prompt_logprobs, s.stop.matched)
+                for s in seqs.values()]

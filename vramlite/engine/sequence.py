@@ -53,6 +53,7 @@ class StepOutput:
     # with the first output once the prompt is in the cache, when the request asked: None for its first token
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None
     embedding: list[float] | None = None  # an embedding request's, with its only output
+    stop_string: str | None = None  # the stop string that ended the sequence, if one did
 
     @property
     def finished(self) -> bool:
@@ -177,4 +178,4 @@ class Sequence:
             self.text += tail
             text += tail
         self.finish_reason = reason
-        return StepOutput(self.seq_id, token_id, text, reason)
+        return StepOutput(self.seq_id, token_id, text, reason, stop_string=self.stop.matched)

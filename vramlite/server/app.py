@@ -18,14 +18,14 @@ from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import ValidationError
 from sse_starlette import EventSourceResponse
 from sse_starlette.sse import AppStatus
@@ -41,6 +41,7 @@ from vramlite.engine.errors import PromptTooLongError, UnsupportedTaskError
 from vramlite.engine.fill_blank import BlankCountError, FillRequest, fill_format, infill_ids
 from vramlite.engine.loader import plan_from_config
 from vramlite.engine.offload.planner import format_bytes
+from vramlite.server.anthropic_messages import CountTokensRequest, MessagesRequest, MessageWriter
 from vramlite.server.chat import chat_prompt_ids
 from vramlite.server.engine_loop import EngineLoop, Generation
 from vramlite.server.errors import ApiError, install_error_handlers
@@ -67,14 +68,14 @@ from vramlite.server.schemas import (
     TokenizeResponse,
 )
 from vramlite.server.settings import Settings
-from vramlite.server.tools import CallWatcher, read_calls
+from vramlite.server.tools import CallWatcher, ToolCall, read_calls
 
 log = logging.getLogger("vramlite.server")
 T = TypeVar("T")
 
 SSE_PING_S = 15
 ENGINE_ROUTES = frozenset({"/generate", "/fill_blank", "/v1/completions", "/v1/chat/completions", "/v1/responses",
-                           "/v1/embeddings"})  # logged at INFO, one line per request
+                           "/v1/messages", "/v1/embeddings"})  # logged at INFO, one line per request
 OPENAI_FINISH = {"eos": "stop", "cancelled": "stop"}  # OpenAI knows "stop" and "length"
 MAX_REQUEST_ID_CHARS = 64
 
@@ -243,17 +244,20 @@ class RequestLogMiddleware:
 # --- auth -------------------------------------------------------------------------------------------
 
 _bearer = HTTPBearer(auto_error=False, description="the server's --api-key, when it has one")
+_x_api_key = APIKeyHeader(name="x-api-key", auto_error=False, description="the same key, as Anthropic's clients "
+                          "send it")
 
 
 async def require_api_key(request: Request,
-                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]) -> None:
+                          credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+                          x_api_key: Annotated[str | None, Depends(_x_api_key)]) -> None:
     key = runtime(request).settings.api_key
     if key is None:
         return
-    given = credentials.credentials if credentials else ""
+    given = credentials.credentials if credentials else x_api_key or ""
     if not secrets.compare_digest(given.encode(), key.encode()):
-        raise ApiError(401, "unauthorized", "this server needs the header `Authorization: Bearer <api key>`",
-                       {"WWW-Authenticate": "Bearer"})
+        raise ApiError(401, "unauthorized", "this server needs the header `Authorization: Bearer <api key>` (or "
+                       "`x-api-key: <api key>`)", {"WWW-Authenticate": "Bearer"})
 
 
 # --- the generation path ----------------------------------------------------------------------------
@@ -349,6 +353,7 @@ class Collected:
     logprobs: list[Logprobs]
     prompt_logprobs: tuple[Logprobs | None, ...] = ()
     embedding: list[float] | None = None
+    stop_string: str | None = None  # the stop string that ended it, if one did
 
 
 async def collect(request: Request, gen: Generation) -> Collected:
@@ -368,6 +373,7 @@ async def collect_all(request: Request, gens: list[Generation]) -> list[Collecte
                 done.logprobs.append(out.logprobs)
             done.prompt_logprobs = out.prompt_logprobs or done.prompt_logprobs
             done.embedding = out.embedding or done.embedding
+            done.stop_string = out.stop_string or done.stop_string
         return done
 
     return await unless_disconnected(request, asyncio.gather(*(consume(gen) for gen in gens)))
@@ -681,7 +687,8 @@ async def list_models(request: Request) -> dict[str, Any]:
                                         "created": 0}]}
 
 
-def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest | ResponsesRequest) -> None:
+def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest | ResponsesRequest | MessagesRequest
+                 ) -> None:
     name = runtime(request).model_name
     if body.model is not None and body.model != name:
         raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
@@ -812,38 +819,51 @@ async def _chat_ids(request: Request, body: ChatCompletionRequest) -> list[int]:
         continue_final_message=body.continue_final_message))
 
 
-@protected.post("/v1/responses", responses=OPENAI_RESPONSES,
-                summary="OpenAI-compatible Responses API, stateless (the chat template; nothing is stored)")
-async def responses(request: Request, body: ResponsesRequest) -> Any:
-    _check_model(request, body)
+class ReplyWriter(Protocol):
+    """A chat reply in another API's format (`ResponseWriter`, `MessageWriter`): each step returns the events
+    of its stream, and `result()` the whole reply."""
+
+    def start(self) -> list[dict[str, str]]: ...
+    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]: ...
+    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_string: str | None,
+               usage: dict[str, int]) -> list[dict[str, str]]: ...
+    def error(self, code: str, message: str) -> dict[str, str]: ...
+    def result(self) -> dict[str, Any]: ...
+
+
+def _chat_of(body: dict[str, Any]) -> ChatCompletionRequest:
+    """The chat request another API's request stands for; 422 where it is not a valid one."""
     try:
-        chat = body.as_chat()
+        return ChatCompletionRequest.model_validate(body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
-    rt = runtime(request)
-    params = await sampling_params(rt.engine, chat)
+
+
+async def _serve_reply(request: Request, chat: ChatCompletionRequest, stream: bool,
+                       make_writer: Callable[[Generation], ReplyWriter]) -> Any:
+    """Generate `chat`'s reply, written whole or streamed by the writer in its API's format."""
+    params = await sampling_params(runtime(request).engine, chat)
     gen = submit_choices(request, [await _chat_ids(request, chat)], params, 1)[0]
-    writer = ResponseWriter(body, f"resp_{gen.request_id}", rt.model_name, int(time.time()))
+    writer = make_writer(gen)
     tools, mode = chat.tool_dicts(), chat.tool_mode()
-    if body.stream:
-        return EventSourceResponse(_response_events(request, gen, writer, tools, mode), sep="\n", ping=SSE_PING_S)
+    if stream:
+        return EventSourceResponse(_reply_events(request, gen, writer, tools, mode), sep="\n", ping=SSE_PING_S)
     _write_whole(writer, gen, await collect(request, gen), tools, mode)
-    return writer.response()
+    return writer.result()
 
 
-def _write_whole(writer: ResponseWriter, gen: Generation, done: Collected, tools: list[dict[str, Any]] | None,
+def _write_whole(writer: ReplyWriter, gen: Generation, done: Collected, tools: list[dict[str, Any]] | None,
                  mode: str | dict[str, Any]) -> list[dict[str, str]]:
     """A whole reply written at once, read for calls as `mode` asks: its events."""
     content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
     return [*writer.text(content or "", token_logprobs(done.logprobs)),
-            *writer.finish(calls, done.reason, openai_usage([gen]))]
+            *writer.finish(calls, done.reason, done.stop_string, openai_usage([gen]))]
 
 
-async def _response_events(request: Request, gen: Generation, writer: ResponseWriter,
-                           tools: list[dict[str, Any]] | None, mode: str | dict[str, Any]
-                           ) -> AsyncIterator[dict[str, str]]:
-    """The Responses API's events for `gen`: text as it comes ("auto" holds back what may be a call, as the chat
-    route does), or under a forced tool choice the calls once the reply is whole; an error ends the stream."""
+async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, tools: list[dict[str, Any]] | None,
+                        mode: str | dict[str, Any]) -> AsyncIterator[dict[str, str]]:
+    """The writer's events for `gen`: text as it comes ("auto" holds back what may be a call, as the chat route
+    does), or under a forced tool choice the calls once the reply is whole; an error ends the stream."""
     try:
         for event in writer.start():
             yield event
@@ -860,11 +880,37 @@ async def _response_events(request: Request, gen: Generation, writer: ResponseWr
             for event in writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs])):
                 yield event
             if out.finished:
-                for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, openai_usage([gen])):
+                for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, out.stop_string,
+                                           openai_usage([gen])):
                     yield event
     except ApiError as e:
         request.state.error = e.type
         yield writer.error(e.type, e.message)
+
+
+@protected.post("/v1/responses", responses=OPENAI_RESPONSES,
+                summary="OpenAI-compatible Responses API, stateless (the chat template; nothing is stored)")
+async def responses(request: Request, body: ResponsesRequest) -> Any:
+    _check_model(request, body)
+    name = runtime(request).model_name
+    return await _serve_reply(request, _chat_of(body.chat_request()), body.stream, lambda gen: ResponseWriter(
+        body, f"resp_{gen.request_id}", name, int(time.time())))
+
+
+@protected.post("/v1/messages", responses=OPENAI_RESPONSES,
+                summary="Anthropic-compatible Messages API (the chat template)")
+async def messages(request: Request, body: MessagesRequest) -> Any:
+    _check_model(request, body)
+    name = runtime(request).model_name
+    return await _serve_reply(request, _chat_of(body.chat_request()), body.stream, lambda gen: MessageWriter(
+        f"msg_{gen.request_id}", name, gen.num_prompt_tokens))
+
+
+@protected.post("/v1/messages/count_tokens", responses=OPENAI_RESPONSES,
+                summary="Anthropic-compatible: the tokens of a Messages request's prompt")
+async def count_tokens(request: Request, body: CountTokensRequest) -> dict[str, int]:
+    _check_model(request, body)
+    return {"input_tokens": len(await _chat_ids(request, _chat_of(body.chat_request())))}
 
 
 @protected.post("/v1/embeddings", responses={**OPENAI_RESPONSES, **text_response("application/json", "the embeddings")},
@@ -992,7 +1038,7 @@ def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> Fas
                        max_body_bytes=settings.max_body_bytes, body_timeout=settings.body_timeout)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
+                           allow_headers=["Authorization", "X-Api-Key", "Content-Type", "X-Request-Id"],
                            expose_headers=["X-Request-Id", "Retry-After"])
     app.add_middleware(RequestLogMiddleware, metrics=engine_loop.metrics,  # outermost: it sees every status
                        log_prompts=settings.log_prompts)

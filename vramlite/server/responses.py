@@ -22,7 +22,6 @@ from vramlite.server.schemas import (
     MAX_PROMPT_CHARS,
     MAX_TOOL_NAME_CHARS,
     MAX_TOOLS,
-    ChatCompletionRequest,
     FunctionDefinition,
     LogprobsCount,
     MaxTokens,
@@ -190,8 +189,6 @@ class ResponsesRequest(SamplingFields):
                     "function": {"name": item.name, "arguments": item.arguments}})
         return messages
 
-    def as_chat(self) -> ChatCompletionRequest:
-        return ChatCompletionRequest.model_validate(self.chat_request())
 
 
 def _id(prefix: str) -> str:
@@ -216,7 +213,7 @@ class ResponseWriter:
         self._logprobs: list[dict[str, Any]] = []  # of tokens whose text has not gone out yet
         self._sequence = itertools.count()
 
-    def response(self) -> dict[str, Any]:
+    def result(self) -> dict[str, Any]:
         body = self.body
         return {
             "id": self.id, "object": "response", "created_at": self.created_at, "status": self.status,
@@ -238,8 +235,8 @@ class ResponseWriter:
         return {"event": kind, "data": json.dumps(data, ensure_ascii=False)}
 
     def start(self) -> list[dict[str, str]]:
-        return [self._event("response.created", response=self.response()),
-                self._event("response.in_progress", response=self.response())]
+        return [self._event("response.created", response=self.result()),
+                self._event("response.in_progress", response=self.result())]
 
     def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
         """`piece` added to the reply's message, which the first piece opens; `logprobs`: of the tokens since the
@@ -268,7 +265,8 @@ class ResponseWriter:
         return {"item_id": self._message["id"], "output_index": self.output.index(self._message),
                 "content_index": 0}
 
-    def finish(self, calls: list[ToolCall], reason: FinishReason, usage: dict[str, int]) -> list[dict[str, str]]:
+    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_string: str | None,
+               usage: dict[str, int]) -> list[dict[str, str]]:
         """The reply's end: its message closed, its calls (each an output item) and the response's status."""
         events = []
         if self._message is not None:
@@ -298,7 +296,7 @@ class ResponseWriter:
                       "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": usage["total_tokens"]}
         kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
-        return [*events, self._event(kind, response=self.response())]
+        return [*events, self._event(kind, response=self.result())]
 
     def error(self, code: str, message: str) -> dict[str, str]:
         """The stream's last event where the generation failed after it began."""

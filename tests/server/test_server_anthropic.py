@@ -1,0 +1,144 @@
+"""POST /v1/messages and /v1/messages/count_tokens, through Anthropic's client: the system prompt, messages and
+their blocks reach the chat template as the chat route's messages would, the reply comes as text and tool_use
+blocks or as the stream of events that builds them, and stop reasons say why it ended."""
+
+from __future__ import annotations
+
+import json
+
+import anthropic
+import pytest
+
+from tests.server.conftest import running_server
+from vramlite.server.anthropic_messages import MessagesRequest
+from vramlite.server.schemas import ChatCompletionRequest
+
+WEATHER = {"name": "get_weather", "description": "The weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                            "required": ["city"]}}
+CHAT_WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER["input_schema"],
+                                                 "description": WEATHER["description"]}}
+CONVERSATION = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
+                                      {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                       "input": {"city": "Paris"}}]},
+    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                  "content": [{"type": "text", "text": '{"temperature": 21}'}]},
+                                 {"type": "text", "text": "And Rome?"}]},
+]
+CHAT_MESSAGES = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "Let me look.", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {
+        "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "toolu_1", "content": '{"temperature": 21}'},
+    {"role": "user", "content": "And Rome?"},
+]
+
+
+@pytest.fixture(scope="module")
+def running(long_chat_llama_dir):
+    with running_server(long_chat_llama_dir, context=1024) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def claude(running):
+    return anthropic.Anthropic(base_url=running.url, api_key="none", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def oai(running):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+
+
+def test_blocks_become_the_chat_routes_messages():
+    body = MessagesRequest.model_validate({"model": "model", "max_tokens": 5, "system": "Be brief.",
+                                           "messages": CONVERSATION, "tools": [WEATHER],
+                                           "tool_choice": {"type": "any"}, "stop_sequences": ["\n\n"]})
+    chat = body.chat_request()
+    assert chat["messages"] == CHAT_MESSAGES and chat["tools"] == [CHAT_WEATHER]
+    assert (chat["max_tokens"], chat["stop"], chat["tool_choice"]) == (5, ["\n\n"], "required")
+    assert ChatCompletionRequest.model_validate(chat).tool_mode() == "required"
+
+
+def test_a_text_reply_is_the_chat_routes_and_its_stream_builds_it(claude, oai):
+    kwargs = dict(model="model", system="Be brief.", messages=CONVERSATION, tools=[WEATHER], max_tokens=12,
+                  extra_body={"temperature": 0})  # the client no longer takes temperature; the API still does
+    done = claude.messages.create(**kwargs)
+    chat = oai.chat.completions.create(model="model", messages=CHAT_MESSAGES, tools=[CHAT_WEATHER], max_tokens=12,
+                                       temperature=0)
+    (block,) = done.content
+    assert block.type == "text" and block.text == chat.choices[0].message.content
+    assert done.id.startswith("msg_") and done.role == "assistant" and done.model == "model"
+    assert (done.stop_reason, done.stop_sequence) == ("max_tokens", None)
+    assert done.usage.input_tokens == chat.usage.prompt_tokens > 40
+    assert done.usage.output_tokens == chat.usage.completion_tokens == 12
+    assert claude.messages.count_tokens(model="model", system="Be brief.", messages=CONVERSATION,
+                                        tools=[WEATHER]).input_tokens == done.usage.input_tokens
+
+    with claude.messages.stream(**kwargs) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    kinds = [e.type for e in events if e.type not in ("text", "input_json")]  # the client adds these two
+    assert kinds[:2] == ["message_start", "content_block_start"] and kinds[-3:] == [
+        "content_block_stop", "message_delta", "message_stop"]
+    deltas = [e.delta.text for e in events if e.type == "content_block_delta"]
+    assert len(deltas) > 1 and "".join(deltas) == block.text
+    assert final.content[0].text == block.text and final.stop_reason == "max_tokens"
+    assert final.usage.output_tokens == 12
+
+
+def test_a_stop_sequence_is_named(claude):
+    free = claude.messages.create(model="model", messages=CONVERSATION, max_tokens=24, extra_body={"temperature": 0})
+    text = free.content[0].text
+    stop = text[6:9]
+    done = claude.messages.create(model="model", messages=CONVERSATION, max_tokens=24, stop_sequences=["zzz", stop],
+                                  extra_body={"temperature": 0})
+    assert (done.stop_reason, done.stop_sequence) == ("stop_sequence", stop)
+    assert done.content[0].text == text[: text.index(stop)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_named_tool_choice_gives_a_tool_use_block(claude, stream):
+    kwargs = dict(model="model", messages=[{"role": "user", "content": "Weather in Paris?"}], tools=[WEATHER],
+                  max_tokens=48, tool_choice={"type": "tool", "name": "get_weather"},
+                  extra_body={"temperature": 1.0, "seed": 3})
+    if stream:
+        with claude.messages.stream(**kwargs) as s:
+            done = s.get_final_message()
+    else:
+        done = claude.messages.create(**kwargs)
+    (call,) = done.content
+    assert call.type == "tool_use" and call.name == "get_weather" and call.id.startswith("toolu_")
+    assert set(call.input) == {"city"} and isinstance(call.input["city"], str)
+    assert done.stop_reason == "tool_use"
+
+
+def test_output_config_holds_the_output_to_a_schema(claude):
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}}, "required": ["city"],
+              "additionalProperties": False}
+    done = claude.messages.create(model="model", messages=[{"role": "user", "content": "Which city?"}],
+                                  max_tokens=24, output_config={"format": {"type": "json_schema", "schema": schema},
+                                                                "effort": "low"},
+                                  extra_body={"temperature": 1.0, "seed": 1})
+    assert json.loads(done.content[0].text)["city"] in ("Paris", "Rome")
+
+
+@pytest.mark.parametrize(("kwargs", "error", "message"), [
+    (dict(messages=[{"role": "user", "content": [{"type": "image", "source": {}}]}]),
+     anthropic.UnprocessableEntityError, "messages.0"),
+    (dict(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]),
+     anthropic.UnprocessableEntityError, "cannot have tool_use"),
+    (dict(thinking={"type": "enabled", "budget_tokens": 1024}), anthropic.UnprocessableEntityError, "thinking"),
+    (dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"}), anthropic.UnprocessableEntityError,
+     "not among the tools"),
+    (dict(tool_choice={"type": "auto", "name": "x"}), anthropic.UnprocessableEntityError, "name goes with"),
+    (dict(model="other"), anthropic.NotFoundError, "not served"),
+])
+def test_what_a_text_server_cannot_do_is_refused(claude, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        claude.messages.create(**{"model": "model", "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": "Hi"}], **kwargs})
