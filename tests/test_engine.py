@@ -48,6 +48,9 @@ def test_stop_string_ends_generation_and_is_not_returned(engine):
     assert out.finish_reason is FinishReason.STOP and out.stop_string == stop
     assert out.text == free.text[: free.text.index(stop)]
     assert free.stop_string is None
+    kept = engine.generate("The quick", SamplingParams(**{**SAMPLED.__dict__, "stop": (stop,),
+                                                          "include_stop_str_in_output": True}))
+    assert kept.text == free.text[: free.text.index(stop) + len(stop)] and kept.stop_string == stop
 
 
 def test_abort_mid_generation_leaves_others_unchanged_and_frees_the_slot(engine):

@@ -11,18 +11,19 @@ from hypothesis import strategies as st
 from vramlite.engine.stop import StopMatcher
 
 
-def reference(text: str, stops: list[str]) -> tuple[str, bool]:
-    """Cut `text` before the stop string that is completed first (the longest if several end together)."""
+def reference(text: str, stops: list[str], keep: bool = False) -> tuple[str, bool]:
+    """Cut `text` before the stop string that is completed first (the longest if several end together), or
+    with `keep` after it."""
     hits = [(text.find(s) + len(s), -len(s)) for s in stops if s in text]
     if not hits:
         return text, False
     end, neg_len = min(hits)
-    return text[: end + neg_len], True
+    return text[: end if keep else end + neg_len], True
 
 
-def stream(chunks: list[str], stops: list[str]) -> tuple[str, bool]:
+def stream(chunks: list[str], stops: list[str], keep: bool = False) -> tuple[str, bool]:
     """Feed chunks until a stop is hit, as the engine does, and return what was emitted."""
-    matcher = StopMatcher(stops)
+    matcher = StopMatcher(stops, keep=keep)
     emitted = []
     for chunk in chunks:
         out, stopped = matcher.feed(chunk)
@@ -44,9 +45,10 @@ stops = st.lists(st.text(alphabet, min_size=1, max_size=4), min_size=0, max_size
 
 
 @settings(max_examples=300, deadline=None)
-@given(text=st.text(alphabet, max_size=30), stop=stops, cuts=st.lists(st.integers(0, 40), max_size=10))
-def test_any_chunking_matches_the_reference_cut(text: str, stop: list[str], cuts: list[int]) -> None:
-    assert stream(split(text, cuts), stop) == reference(text, stop)
+@given(text=st.text(alphabet, max_size=30), stop=stops, cuts=st.lists(st.integers(0, 40), max_size=10),
+       keep=st.booleans())
+def test_any_chunking_matches_the_reference_cut(text: str, stop: list[str], cuts: list[int], keep: bool) -> None:
+    assert stream(split(text, cuts), stop, keep) == reference(text, stop, keep)
 
 
 @settings(max_examples=100, deadline=None)

@@ -30,6 +30,38 @@ def test_models(oai):
     assert [m.id for m in oai.models.list()] == ["model"]
 
 
+def test_stop_reason_names_the_stop_string_or_token_and_a_stop_string_may_stay(oai):
+    """vLLM's `stop_reason`, `include_stop_str_in_output` and `stop_token_ids`, streamed or not."""
+    kwargs = dict(model="model", prompt="The quick brown fox", max_tokens=16, temperature=0)
+    free = oai.completions.create(**kwargs).choices[0]
+    assert free.model_extra["stop_reason"] is None
+    stop = free.text[4:7]
+    cut = free.text[: free.text.index(stop)]
+    done = oai.completions.create(**kwargs, stop=["zzz", stop]).choices[0]
+    assert (done.text, done.finish_reason, done.model_extra["stop_reason"]) == (cut, "stop", stop)
+    kept = oai.completions.create(**kwargs, stop=stop, extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == cut + stop
+    chunks = list(oai.completions.create(**kwargs, stop=stop, stream=True))
+    assert [c.choices[0].model_extra["stop_reason"] for c in chunks][-1] == stop
+    chat = dict(model="model", messages=[{"role": "user", "content": "Hi"}], max_tokens=16, temperature=0)
+    said = oai.chat.completions.create(**chat).choices[0].message.content
+    for stream in (False, True):
+        reply = oai.chat.completions.create(**chat, stop=said[4:7], stream=stream)
+        last = list(reply)[-1] if stream else reply
+        assert last.choices[0].model_extra["stop_reason"] == said[4:7]
+
+
+def test_stop_token_ids_end_the_text_and_are_named(oai, chat_server):
+    with chat_server.client(headers={"Authorization": "Bearer sk-test"}) as c:
+        first = c.post("/generate", json={"prompt": "The quick brown fox", "max_tokens": 1, "temperature": 0,
+                                          "logprobs": 0}).json()["logprobs"][0]["id"]
+        bad = c.post("/v1/completions", json={"prompt": "x", "max_tokens": 1, "stop_token_ids": [10**6]})
+    assert bad.status_code == 400 and "stop_token_ids" in bad.json()["error"]["message"]
+    done = oai.completions.create(model="model", prompt="The quick brown fox", max_tokens=16, temperature=0,
+                                  extra_body={"stop_token_ids": [first]}).choices[0]
+    assert (done.text, done.finish_reason, done.model_extra["stop_reason"]) == ("", "stop", first)
+
+
 def test_completion_and_stream_agree(oai):
     kwargs = dict(model="model", prompt="The quick brown fox", max_tokens=8, temperature=0)
     done = oai.completions.create(**kwargs)

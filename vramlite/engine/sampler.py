@@ -63,6 +63,7 @@ class SamplingParams:
     presence_penalty: float = 0.0
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # the stop string that matched ends the text, not cut (vLLM's)
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens are banned, stop strings not matched, before this many tokens

@@ -59,6 +59,13 @@ class StepOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def stop_reason(self) -> str | int | None:
+        """What stopped the sequence, as vLLM reports it: the stop string, or the stop token (not EOS)."""
+        if self.finish_reason is not FinishReason.STOP:
+            return None
+        return self.stop_string if self.stop_string is not None else self.token_id
+
 
 class Sequence:
     """Token ids (prompt then output), how many are in the KV cache, and the output-side state.
@@ -85,7 +92,7 @@ class Sequence:
         self.slot: int | None = None
         self.sampler = sampler
         self.detokenizer = detokenizer
-        self.stop = StopMatcher(params.stop)
+        self.stop = StopMatcher(params.stop, keep=params.include_stop_str_in_output)
         self.eos_ids = frozenset(() if params.ignore_eos else eos_ids)
         self.stop_ids = frozenset(params.stop_token_ids)
         self.text = ""

@@ -9,12 +9,12 @@ class StopMatcher:
     """Filters a stream of decoded text deltas, cutting it before the first stop string.
 
     The stream stops at the first character that completes any stop string and is cut where that
-    stop string starts (the longest one if several end on that character). This is what feeding
-    one character at a time would give, so the result does not depend on how the text is chunked.
+    stop string starts (the longest one if several end on that character), or with `keep` after it. This is
+    what feeding one character at a time would give, so the result does not depend on how the text is chunked.
     Text that could still become the start of a stop string is held back until it cannot.
     """
 
-    def __init__(self, stop: Sequence[str]) -> None:
+    def __init__(self, stop: Sequence[str], keep: bool = False) -> None:
         if isinstance(stop, str):
             raise TypeError("stop must be a sequence of strings, not one string")
         if any(not s for s in stop):
@@ -25,6 +25,7 @@ class StopMatcher:
         self._max_prefix = max((len(s) - 1 for s in self.stop), default=0)
         self._held = ""
         self.matched: str | None = None
+        self.keep = keep
 
     @property
     def stopped(self) -> bool:
@@ -45,7 +46,7 @@ class StopMatcher:
         if best is not None:
             end, neg_len, self.matched = best
             self._held = ""
-            return buf[: end + neg_len], True
+            return buf[: end if self.keep else end + neg_len], True
         hold = next(
             (n for n in range(min(len(buf), self._max_prefix), 0, -1) if buf[-n:] in self._prefixes), 0
         )

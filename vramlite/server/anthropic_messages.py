@@ -229,7 +229,7 @@ class MessageWriter:
         return [*events, self._event("content_block_delta", index=content.index(self._text),
                                      delta={"type": "text_delta", "text": piece})]
 
-    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_string: str | None,
+    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, int]) -> list[dict[str, str]]:
         """The reply's end: its text block closed, its calls (each a `tool_use` block) and why it stopped. A call
         whose arguments are not a JSON object (cut short by max_tokens) stays text."""
@@ -254,7 +254,7 @@ class MessageWriter:
                        self._event("content_block_stop", index=index)]
             block["input"] = arguments
         stop = "tool_use" if uses and reason != FinishReason.LENGTH else STOP_REASONS.get(reason, "end_turn")
-        sequence = stop_string if stop == "stop_sequence" else None
+        sequence = stop_reason if stop == "stop_sequence" and isinstance(stop_reason, str) else None
         stop = "end_turn" if stop == "stop_sequence" and sequence is None else stop  # a stop token, not a string
         self.message.update(stop_reason=stop, stop_sequence=sequence)
         self.message["usage"]["output_tokens"] = usage["completion_tokens"]

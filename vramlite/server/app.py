@@ -277,6 +277,7 @@ async def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingPar
     try:
         params = engine.sampling_params(**kwargs)
         check_token_ids(engine, [token for token, _ in params.logit_bias], "logit_bias token ids")
+        check_token_ids(engine, list(params.stop_token_ids), "stop_token_ids")
         if params.structured:
             await run_in_threadpool(engine.grammars.index_for, params)
     except ValueError as e:
@@ -353,7 +354,7 @@ class Collected:
     logprobs: list[Logprobs]
     prompt_logprobs: tuple[Logprobs | None, ...] = ()
     embedding: list[float] | None = None
-    stop_string: str | None = None  # the stop string that ended it, if one did
+    stop_reason: str | int | None = None  # the stop string or stop token that ended it (`StepOutput.stop_reason`)
 
 
 async def collect(request: Request, gen: Generation) -> Collected:
@@ -373,7 +374,7 @@ async def collect_all(request: Request, gens: list[Generation]) -> list[Collecte
                 done.logprobs.append(out.logprobs)
             done.prompt_logprobs = out.prompt_logprobs or done.prompt_logprobs
             done.embedding = out.embedding or done.embedding
-            done.stop_string = out.stop_string or done.stop_string
+            done.stop_reason = out.stop_reason if out.finished else done.stop_reason
         return done
 
     return await unless_disconnected(request, asyncio.gather(*(consume(gen) for gen in gens)))
@@ -722,7 +723,7 @@ async def completions(request: Request, body: CompletionRequest) -> Any:
         logprobs = None if body.logprobs is None else CompletionLogprobs()(
             [*_echoed_logprobs(request, gen, echo, done.prompt_logprobs), *done.logprobs])
         choices.append({"index": i, "text": (echo or "") + done.text, "logprobs": logprobs,
-                        "finish_reason": openai_finish(done.reason)})
+                        "finish_reason": openai_finish(done.reason), "stop_reason": done.stop_reason})
     return {**head, "choices": choices, "usage": openai_usage(gens, len(batch))}
 
 
@@ -782,7 +783,8 @@ async def _completion_chunks(request: Request, gens: list[Generation], head: dic
             yield {**head, "choices": [{"index": i, "text": echoes[i], "logprobs": piece, "finish_reason": None}]}
         if out.text or finish:
             piece = None if logprobs[i] is None else logprobs[i](tokens)
-            yield {**head, "choices": [{"index": i, "text": out.text, "logprobs": piece, "finish_reason": finish}]}
+            yield {**head, "choices": [{"index": i, "text": out.text, "logprobs": piece, "finish_reason": finish,
+                                        "stop_reason": out.stop_reason}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gens, prompts)}
 
@@ -825,7 +827,7 @@ class ReplyWriter(Protocol):
 
     def start(self) -> list[dict[str, str]]: ...
     def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]: ...
-    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_string: str | None,
+    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, int]) -> list[dict[str, str]]: ...
     def error(self, code: str, message: str) -> dict[str, str]: ...
     def result(self) -> dict[str, Any]: ...
@@ -857,7 +859,7 @@ def _write_whole(writer: ReplyWriter, gen: Generation, done: Collected, tools: l
     """A whole reply written at once, read for calls as `mode` asks: its events."""
     content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
     return [*writer.text(content or "", token_logprobs(done.logprobs)),
-            *writer.finish(calls, done.reason, done.stop_string, openai_usage([gen]))]
+            *writer.finish(calls, done.reason, done.stop_reason, openai_usage([gen]))]
 
 
 async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, tools: list[dict[str, Any]] | None,
@@ -880,7 +882,7 @@ async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, 
             for event in writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs])):
                 yield event
             if out.finished:
-                for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, out.stop_string,
+                for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, out.stop_reason,
                                            openai_usage([gen])):
                     yield event
     except ApiError as e:
@@ -953,7 +955,7 @@ def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None
         message["tool_calls"] = [call.to_openai() for call in calls]
         finish = "tool_calls" if finish == "stop" else finish
     return {"index": index, "message": message, "logprobs": chat_logprobs(done.logprobs) if logprobs else None,
-            "finish_reason": finish}
+            "finish_reason": finish, "stop_reason": done.stop_reason}
 
 
 async def _chat_chunks_read_for_calls(request: Request, gens: list[Generation], head: dict[str, Any],
@@ -998,7 +1000,8 @@ async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str,
                 delta["tool_calls"] = [call.to_openai(index=j) for j, call in enumerate(calls)]
                 finish = "tool_calls" if finish == "stop" else finish
             piece = chat_logprobs(tokens) if asked else None
-            yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": piece, "finish_reason": finish}]}
+            yield {**head, "choices": [{"index": i, "delta": delta, "logprobs": piece, "finish_reason": finish,
+                                        "stop_reason": out.stop_reason}]}
     if include_usage:
         yield {**head, "choices": [], "usage": openai_usage(gens)}
 

@@ -265,7 +265,7 @@ class ResponseWriter:
         return {"item_id": self._message["id"], "output_index": self.output.index(self._message),
                 "content_index": 0}
 
-    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_string: str | None,
+    def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, int]) -> list[dict[str, str]]:
         """The reply's end: its message closed, its calls (each an output item) and the response's status."""
         events = []

@@ -89,6 +89,10 @@ class SamplingFields(Body):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0, le=100, description="1 = off (default)")
     stop: StopString | list[StopString] | None = Field(None, description=f"a string or up to {MAX_STOP_STRINGS}")
+    include_stop_str_in_output: bool | None = Field(None, description="the stop string that matched ends the "
+                                                    "text instead of being cut off (vLLM's)")
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_STRINGS, description="tokens that end "
+                                                 "the text like a stop string, not shown (vLLM's)")
     seed: Seed | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
         | None = Field(None, max_length=MAX_LOGIT_BIAS, description="token id → added to its logit before sampling "
