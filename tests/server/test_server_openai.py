@@ -28,6 +28,9 @@ def oai(chat_server):
 
 def test_models(oai):
     assert [m.id for m in oai.models.list()] == ["model"]
+    assert oai.models.retrieve("model").id == "model"
+    with pytest.raises(openai.NotFoundError, match="not served"):
+        oai.models.retrieve("org/other")
 
 
 def test_stop_reason_names_the_stop_string_or_token_and_a_stop_string_may_stay(oai):

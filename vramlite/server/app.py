@@ -61,7 +61,6 @@ from vramlite.server.schemas import (
     FillBlankResponse,
     GenerateRequest,
     GenerateResponse,
-    OpenAIFields,
     SamplingFields,
     Stats,
     TokenizeRequest,
@@ -683,22 +682,30 @@ async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeRes
 
 @protected.get("/v1/models", summary="OpenAI-compatible: the served model")
 async def list_models(request: Request) -> dict[str, Any]:
-    rt = runtime(request)
-    return {"object": "list", "data": [{"id": rt.model_name, "object": "model", "owned_by": "vramlite",
-                                        "created": 0}]}
+    return {"object": "list", "data": [_model_card(runtime(request).model_name)]}
 
 
-def _check_model(request: Request, body: OpenAIFields | EmbeddingRequest | ResponsesRequest | MessagesRequest
-                 ) -> None:
+@protected.get("/v1/models/{model:path}", responses=error_responses(404),
+               summary="OpenAI-compatible: the served model, by its name")
+async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+    _check_model(request, model)
+    return _model_card(model)
+
+
+def _model_card(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "owned_by": "vramlite", "created": 0}
+
+
+def _check_model(request: Request, model: str | None) -> None:
+    """404 unless `model` (where a body gives one) names the served model."""
     name = runtime(request).model_name
-    if body.model is not None and body.model != name:
-        raise ApiError(404, "model_not_found", f"model {body.model!r} is not served here; this server serves "
-                       f"{name!r}")
+    if model is not None and model != name:
+        raise ApiError(404, "model_not_found", f"model {model!r} is not served here; this server serves {name!r}")
 
 
 @protected.post("/v1/completions", responses=OPENAI_RESPONSES, summary="OpenAI-compatible text completion")
 async def completions(request: Request, body: CompletionRequest) -> Any:
-    _check_model(request, body)
+    _check_model(request, body.model)
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
     prompts = body.prompts()
@@ -792,7 +799,7 @@ async def _completion_chunks(request: Request, gens: list[Generation], head: dic
 @protected.post("/v1/chat/completions", responses=OPENAI_RESPONSES,
                 summary="OpenAI-compatible chat completion (the model's chat template)")
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
-    _check_model(request, body)
+    _check_model(request, body.model)
     rt = runtime(request)
     params = await sampling_params(rt.engine, body)
     tools = body.tool_dicts()
@@ -893,7 +900,7 @@ async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, 
 @protected.post("/v1/responses", responses=OPENAI_RESPONSES,
                 summary="OpenAI-compatible Responses API, stateless (the chat template; nothing is stored)")
 async def responses(request: Request, body: ResponsesRequest) -> Any:
-    _check_model(request, body)
+    _check_model(request, body.model)
     name = runtime(request).model_name
     return await _serve_reply(request, _chat_of(body.chat_request()), body.stream, lambda gen: ResponseWriter(
         body, f"resp_{gen.request_id}", name, int(time.time())))
@@ -902,7 +909,7 @@ async def responses(request: Request, body: ResponsesRequest) -> Any:
 @protected.post("/v1/messages", responses=OPENAI_RESPONSES,
                 summary="Anthropic-compatible Messages API (the chat template)")
 async def messages(request: Request, body: MessagesRequest) -> Any:
-    _check_model(request, body)
+    _check_model(request, body.model)
     name = runtime(request).model_name
     return await _serve_reply(request, _chat_of(body.chat_request()), body.stream, lambda gen: MessageWriter(
         f"msg_{gen.request_id}", name, gen.num_prompt_tokens))
@@ -911,14 +918,14 @@ async def messages(request: Request, body: MessagesRequest) -> Any:
 @protected.post("/v1/messages/count_tokens", responses=OPENAI_RESPONSES,
                 summary="Anthropic-compatible: the tokens of a Messages request's prompt")
 async def count_tokens(request: Request, body: CountTokensRequest) -> dict[str, int]:
-    _check_model(request, body)
+    _check_model(request, body.model)
     return {"input_tokens": len(await _chat_ids(request, _chat_of(body.chat_request())))}
 
 
 @protected.post("/v1/embeddings", responses={**OPENAI_RESPONSES, **text_response("application/json", "the embeddings")},
                 summary="OpenAI-compatible embeddings: each input's final hidden states, pooled and L2-normalized")
 async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
-    _check_model(request, body)
+    _check_model(request, body.model)
     rt = runtime(request)
     try:
         params = rt.engine.embedding_params()
