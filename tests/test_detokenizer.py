@@ -108,9 +108,9 @@ def test_cost_per_token_is_constant(llama: Tokenizer) -> None:
     class Counting:
         longest = 0
 
-        def decode(self, ids: Sequence[int]) -> str:
+        def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
             self.longest = max(self.longest, len(ids))
-            return llama.decode(ids)
+            return llama.decode(ids, skip_special_tokens)
 
     counting = Counting()
     text = "床前明月光，疑是地上霜。龘 The quick brown fox. " * 40
@@ -138,3 +138,16 @@ def test_a_candidates_text_is_what_it_would_bring_out(tokenizer: Tokenizer, data
         brought = probe.add(token)
         assert text == (brought or text)  # what `add` brings out, unless it holds a character back
         assert brought or text.endswith("\ufffd") or text == ""
+
+
+def test_special_tokens_bring_out_their_text_unless_skipped(fim_tokenizer_dir):
+    tok = Tokenizer.from_dir(fim_tokenizer_dir)
+    prompt = tok.encode("The quick")
+    prefix, middle = tok.token_to_id("<fim_prefix>"), tok.token_to_id("<fim_middle>")
+    word = tok.encode(" fox", add_special_tokens=False)
+    ids = [prefix, *word, middle]
+    shown = IncrementalDetokenizer(tok, prompt, skip_special_tokens=False)
+    assert "".join(shown.add(t) for t in ids) == tok.decode([*prompt, *ids], skip_special_tokens=False)[
+        len(tok.decode(prompt, skip_special_tokens=False)):] == "<fim_prefix> fox<fim_middle>"
+    skipped = IncrementalDetokenizer(tok, prompt)
+    assert "".join(skipped.add(t) for t in ids) == " fox"

@@ -8,6 +8,7 @@ import json
 import openai
 import pytest
 
+from tests.conftest import save_tiny_llama
 from tests.server.conftest import running_server
 from vramlite.server.tools import CallWatcher, ToolCall, read_calls
 
@@ -110,6 +111,54 @@ TOOLS = [{"type": "function", "function": f} for f in TOOLS]
 def test_auto_reads_hermes_blocks_and_json_calls(text, content, calls):
     assert read_calls(text, TOOLS, "auto") == (content, calls)
     assert read_calls(text, TOOLS, "none") == (text, [])
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ('[TOOL_CALLS] [{"name": "get_time", "arguments": {"zone": "UTC"}}, {"name": "get_weather", "arguments": {}}]',
+     None, [ToolCall("get_time", '{"zone": "UTC"}'), ToolCall("get_weather", "{}")]),  # v0.3, Nemo
+    ('Sure.[TOOL_CALLS]get_time[ARGS]{"zone": "CET"}[TOOL_CALLS]get_weather[ARGS]{"city": "Oslo"}', "Sure.",
+     [ToolCall("get_time", '{"zone": "CET"}'), ToolCall("get_weather", '{"city": "Oslo"}')]),  # Small 3.2, Devstral
+    ('[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{"zone": "UTC"}', None, [ToolCall("get_time", '{"zone": "UTC"}')]),
+    ('[TOOL_CALLS]launch[ARGS]{}', "[TOOL_CALLS]launch[ARGS]{}", []),  # not a tool of these
+    ('[TOOL_CALLS]get_time[ARGS]{"zone": ', '[TOOL_CALLS]get_time[ARGS]{"zone": ', []),  # cut short
+])
+def test_auto_reads_mistrals_tool_calls_with_ids_its_templates_take(text, content, calls):
+    got_content, got = read_calls(text, TOOLS, "auto")
+    assert (got_content, got) == (content, calls)
+    ids = [call.to_openai()["id"] for call in got]
+    assert all(len(i) == 9 and i.isalnum() for i in ids) and len(set(ids)) == len(ids)
+    assert "[CALL_ID]" not in text or ids == ["a1B2c3D4e"]
+
+
+@pytest.fixture(scope="module")
+def mistral_like_dir(tmp_path_factory, spm_tokenizer_dir, chat_llama_dir):
+    """A tiny LLaMA whose tokenizer has Mistral's [TOOL_CALLS] and [ARGS] special tokens (ids 512, 513)."""
+    import transformers as tf
+
+    tokenizer = tf.AutoTokenizer.from_pretrained(spm_tokenizer_dir)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["[TOOL_CALLS]", "[ARGS]"]})
+    tokenizer.chat_template = json.loads((chat_llama_dir / "tokenizer_config.json").read_text())["chat_template"]
+    tokenizer_dir = tmp_path_factory.mktemp("mistral-tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    return save_tiny_llama(tmp_path_factory.mktemp("mistral-like") / "model", tokenizer_dir, vocab_size=514,
+                           max_position_embeddings=1024)
+
+
+def test_a_mistral_reply_keeps_its_tool_call_token_where_tools_are_read(mistral_like_dir):
+    """Special tokens bring out no text, but a reply read for calls keeps [TOOL_CALLS], where they begin."""
+    with running_server(mistral_like_dir, context=1024) as running:
+        oai = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+        kwargs = dict(model="model", messages=ASK, max_tokens=1, temperature=0, logit_bias={"512": 100})
+        assert oai.chat.completions.create(**kwargs, tools=[WEATHER]).choices[0].message.content == "[TOOL_CALLS]"
+        assert oai.chat.completions.create(**kwargs).choices[0].message.content == ""
+        shown = oai.completions.create(model="model", prompt="Hi", max_tokens=1, logit_bias={"512": 100},
+                                       extra_body={"skip_special_tokens": False})
+        assert shown.choices[0].text == "[TOOL_CALLS]"
+
+
+def test_a_streamed_mistral_reply_is_held_from_its_tag():
+    sent, rest, calls = watch(["Sure. [TOOL", "_CALLS]get_time[ARGS]", '{"zone": "UTC"}'])
+    assert sent == ["Sure. ", "", ""] and (rest, calls) == ("", [ToolCall("get_time", '{"zone": "UTC"}')])
 
 
 def watch(pieces: list[str]) -> tuple[list[str], str, list[ToolCall]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from vramlite.engine.tokenizer import Tokenizer
@@ -17,7 +18,7 @@ class IncrementalDetokenizer:
     start, and the same plus the pending ones; the difference is the new text. Starting the window a
     few tokens back keeps a sentencepiece word's leading space (decoding "▁word" alone strips it).
     Text that ends in U+FFFD is held back: the last token stopped inside a multi-byte character. Cost
-    per token is O(1); special tokens produce no text.
+    per token is O(1); special tokens produce no text, unless not `skip_special_tokens`.
 
     The concatenated output is what decoding prompt + generated ids adds to the prompt's text up to
     its last complete character (for an empty or BOS-only prompt: `tokenizer.decode(generated_ids)`),
@@ -25,8 +26,8 @@ class IncrementalDetokenizer:
     by a client) gets that whole character at the start of the output.
     """
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int]) -> None:
-        self._decode = tokenizer.decode
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int], skip_special_tokens: bool = True) -> None:
+        self._decode = functools.partial(tokenizer.decode, skip_special_tokens=skip_special_tokens)
         ids = list(prompt_ids)
         # The window must start between characters: byte fallback decodes a run of byte tokens that
         # starts mid-character to U+FFFD as a whole, the complete characters in it included. A prompt

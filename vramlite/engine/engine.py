@@ -235,8 +235,8 @@ class Engine:
         state = SamplerState(params, prompt_ids, self.device, self.grammars.constraint(params),
                              end_ids=[*(() if params.ignore_eos else self.eos_ids), *params.stop_token_ids])
         seq = Seq(next(self._ids), prompt_ids, params, state,
-                  IncrementalDetokenizer(self.tokenizer, prompt_ids), self.eos_ids, encoder_ids,
-                  self.config.whole_prompt)
+                  IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens), self.eos_ids,
+                  encoder_ids, self.config.whole_prompt)
         seq.num_prompt_tokens = given
         if self.speculative_tokens and seq.caches_prefix and not state.penalized and state.constraint is None \
                 and params.logprobs is None:

@@ -64,6 +64,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     include_stop_str_in_output: bool = False  # the stop string that matched ends the text, not cut (vLLM's)
+    skip_special_tokens: bool = True  # special tokens bring out no text (False: their text, as vLLM's)
     seed: int | None = None
     ignore_eos: bool = False
     min_tokens: int = 0  # EOS and stop tokens are banned, stop strings not matched, before this many tokens

@@ -67,7 +67,7 @@ from vramlite.server.schemas import (
     TokenizeResponse,
 )
 from vramlite.server.settings import Settings
-from vramlite.server.tools import CallWatcher, ToolCall, read_calls
+from vramlite.server.tools import MISTRAL_TAG, CallWatcher, ToolCall, read_calls
 
 log = logging.getLogger("vramlite.server")
 T = TypeVar("T")
@@ -281,6 +281,16 @@ async def sampling_params(engine: Engine, fields: SamplingFields) -> SamplingPar
             await run_in_threadpool(engine.grammars.index_for, params)
     except ValueError as e:
         raise ApiError(422, "validation_error", str(e)) from None
+    return params
+
+
+async def chat_params(engine: Engine, chat: ChatCompletionRequest) -> SamplingParams:
+    """`sampling_params` of a chat request. A reply read for calls keeps the text of the special tokens it
+    writes where the model's tokenizer has Mistral's `[TOOL_CALLS]` token, which begins its calls."""
+    params = await sampling_params(engine, chat)
+    tokenizer = engine.tokenizer
+    if chat.tool_mode() == "auto" and tokenizer.token_to_id(MISTRAL_TAG) in tokenizer.special_ids:
+        params = replace(params, skip_special_tokens=False)
     return params
 
 
@@ -801,7 +811,7 @@ async def _completion_chunks(request: Request, gens: list[Generation], head: dic
 async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any:
     _check_model(request, body.model)
     rt = runtime(request)
-    params = await sampling_params(rt.engine, body)
+    params = await chat_params(rt.engine, body)
     tools = body.tool_dicts()
     gens = submit_choices(request, [await _chat_ids(request, body)], params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
@@ -851,7 +861,7 @@ def _chat_of(body: dict[str, Any]) -> ChatCompletionRequest:
 async def _serve_reply(request: Request, chat: ChatCompletionRequest, stream: bool,
                        make_writer: Callable[[Generation], ReplyWriter]) -> Any:
     """Generate `chat`'s reply, written whole or streamed by the writer in its API's format."""
-    params = await sampling_params(runtime(request).engine, chat)
+    params = await chat_params(runtime(request).engine, chat)
     gen = submit_choices(request, [await _chat_ids(request, chat)], params, 1)[0]
     writer = make_writer(gen)
     tools, mode = chat.tool_dicts(), chat.tool_mode()

@@ -93,6 +93,8 @@ class SamplingFields(Body):
                                                     "text instead of being cut off (vLLM's)")
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_STRINGS, description="tokens that end "
                                                  "the text like a stop string, not shown (vLLM's)")
+    skip_special_tokens: bool | None = Field(None, description="false: special tokens the model writes show in "
+                                             "the text (vLLM's; default true)")
     seed: Seed | None = None
     logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")], Annotated[float, Field(ge=-100, le=100)]] \
         | None = Field(None, max_length=MAX_LOGIT_BIAS, description="token id → added to its logit before sampling "

@@ -5,10 +5,12 @@ model's own words. Then, by `tool_choice`:
 - a named function: the reply is that function's arguments, held to its parameters' JSON schema (structured
   output), as vLLM does for a named tool;
 - "required": the reply is a JSON array of calls, each `{"name", "arguments"}` of one of the tools;
-- "auto" (the default with tools): the model writes what it likes, and calls are read from the two formats
+- "auto" (the default with tools): the model writes what it likes, and calls are read from the formats
   open models use: Hermes' `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks (Qwen 2.5 and 3,
-  Hermes, ...) and a reply that is one JSON call or an array of them, with `arguments` or `parameters`
-  (Llama 3.1 and later);
+  Hermes, ...); Mistral's `[TOOL_CALLS]` token, then a JSON array of calls (v0.3, Nemo) or each call as
+  `name[ARGS]{...}` (Mistral Small 3.2, Devstral, Magistral), which the route keeps in the text
+  (`MISTRAL_TAG`, special tokens shown); and a reply that is one JSON call or an array of them, with
+  `arguments` or `parameters` (Llama 3.1 and later);
 - "none": the model writes what it likes, and nothing is read as a call.
 """
 
@@ -17,20 +19,25 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from dataclasses import dataclass
+import string
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 HERMES_TAG = "<tool_call>"
+MISTRAL_TAG = "[TOOL_CALLS]"
+CALL_TAGS = (HERMES_TAG, MISTRAL_TAG)
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+_MISTRAL_ID = string.ascii_letters + string.digits
 
 
 @dataclass(frozen=True)
 class ToolCall:
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    id: str | None = field(default=None, compare=False)  # the call's id where its format sets one
 
     def to_openai(self, index: int | None = None) -> dict[str, Any]:
-        call = {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+        call = {"id": self.id or f"call_{secrets.token_hex(12)}", "type": "function",
                 "function": {"name": self.name, "arguments": self.arguments}}
         return call if index is None else {"index": index, **call}
 
@@ -64,6 +71,11 @@ def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, A
     if choice == "required":
         calls = _calls(_loads(text), names)  # none where max_tokens cut the array short
         return (None, calls) if calls else (text, [])
+    if MISTRAL_TAG in text:
+        content, _, rest = text.partition(MISTRAL_TAG)
+        calls = _mistral_calls(rest, names)
+        if calls:
+            return content.strip() or None, calls
     blocks = _HERMES.findall(text)
     if blocks:
         calls = [call for block in blocks for call in _calls(_loads(block), names)]
@@ -74,9 +86,32 @@ def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, A
     return (None, calls) if calls else (text, [])
 
 
+def _mistral_calls(text: str, names: set[str]) -> list[ToolCall]:
+    """The calls after Mistral's first `[TOOL_CALLS]`: a JSON array of calls, or `name[ARGS]{...}` (with
+    `[CALL_ID]id` before `[ARGS]` in some versions) after each tag; none unless all parse. Each gets an id of 9
+    letters and digits unless the model wrote one: Mistral's chat templates refuse other ids."""
+    calls = []
+    for part in text.split(MISTRAL_TAG):
+        name, args_tag, arguments = part.partition("[ARGS]")
+        if not args_tag:
+            found = _calls(_loads(part.strip()), names)
+            if not found:
+                return []
+            calls += found
+            continue
+        name, _, call_id = name.partition("[CALL_ID]")
+        found = _calls({"name": name.strip(), "arguments": _loads(arguments.strip())}, names)
+        if not found or not isinstance(_loads(arguments.strip()), dict):
+            return []
+        calls.append(replace(found[0], id=call_id.strip() or None))
+    return [call if call.id else replace(call, id="".join(secrets.choice(_MISTRAL_ID) for _ in range(9)))
+            for call in calls]
+
+
 class CallWatcher:
     """An "auto" reply streamed: its text goes out as it comes while it cannot be a tool call, and is held back
-    from where one may begin (a Hermes `<tool_call>` tag, or a reply that opens with a JSON object or array)."""
+    from where one may begin (a Hermes `<tool_call>` tag, Mistral's `[TOOL_CALLS]`, or a reply that opens with
+    a JSON object or array)."""
 
     def __init__(self) -> None:
         self.text = ""
@@ -91,12 +126,13 @@ class CallWatcher:
         if self.sent == 0 and self.text.lstrip()[0] in "{[":
             self.holding = True
             return ""
-        at = self.text.find(HERMES_TAG, self.sent)
-        if at >= 0:
+        found = [at for at in (self.text.find(tag, self.sent) for tag in CALL_TAGS) if at >= 0]
+        if found:
+            at = min(found)
             self.holding = True
-        else:  # hold back an end that may be the tag's beginning
-            at = len(self.text) - next((n for n in range(len(HERMES_TAG) - 1, 0, -1)
-                                        if self.text.endswith(HERMES_TAG[:n])), 0)
+        else:  # hold back an end that may be a tag's beginning
+            at = len(self.text) - max(next((n for n in range(len(tag) - 1, 0, -1) if self.text.endswith(tag[:n])), 0)
+                                      for tag in CALL_TAGS)
         out, self.sent = self.text[self.sent : at], at
         return out
 
@@ -105,7 +141,9 @@ class CallWatcher:
         content, calls = read_calls(self.text, tools, "auto")
         if not calls:
             return self.text[self.sent :], []
-        return ("" if content is None else _HERMES.sub("", self.text[self.sent :]).strip()), calls
+        rest = self.text[self.sent :]
+        rest = rest.partition(MISTRAL_TAG)[0] if MISTRAL_TAG in self.text else _HERMES.sub("", rest)
+        return ("" if content is None else rest.strip()), calls
 
 
 def _loads(text: str) -> Any:
