@@ -24,6 +24,7 @@ from vramlite.server.schemas import (
     OpenAIBody,
     SamplingFields,
     StopString,
+    StructuredFields,
     unsupported,
 )
 from vramlite.server.tools import ToolCall
@@ -117,7 +118,7 @@ def _text(content: str | list[TextBlock]) -> str:
     return content if isinstance(content, str) else "".join(block.text for block in content)
 
 
-class MessagesRequest(SamplingFields):
+class MessagesRequest(SamplingFields, StructuredFields):
     """`POST /v1/messages`: Anthropic's Messages API; the sampling fields of the other routes too."""
 
     model_config = ConfigDict(extra="ignore")
@@ -140,7 +141,8 @@ class MessagesRequest(SamplingFields):
 
     def chat_request(self) -> dict[str, Any]:
         """The chat route's body for this request (validated by `ChatCompletionRequest`)."""
-        body: dict[str, Any] = self.model_dump(include=set(SamplingFields.model_fields), exclude_none=True)
+        body: dict[str, Any] = {**self.model_dump(include=set(SamplingFields.model_fields), exclude_none=True),
+                                **self.structured_fields()}
         if self.stop_sequences:
             body["stop"] = [*body.get("stop", ()), *self.stop_sequences]
         body["messages"] = self._messages()
@@ -203,6 +205,7 @@ class MessageWriter:
             "id": message_id, "type": "message", "role": "assistant", "model": model, "content": [],
             "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": input_tokens, "output_tokens": 0}}
         self._text: dict[str, Any] | None = None  # the text block being written
+        self._thinking: dict[str, Any] | None = None  # the thinking block being written
 
     def result(self) -> dict[str, Any]:
         return self.message
@@ -214,11 +217,32 @@ class MessageWriter:
     def start(self) -> list[dict[str, str]]:
         return [self._event("message_start", message=self.message)]
 
-    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
-        """`piece` added to the reply's text block, which the first piece opens (log-probabilities: none here)."""
+    def reasoning(self, piece: str) -> list[dict[str, str]]:
+        """`piece` added to the reply's thought, a thinking block, which the first piece opens."""
         if not piece:
             return []
+        content = self.message["content"]
         events = []
+        if self._thinking is None:
+            self._thinking = {"type": "thinking", "thinking": "", "signature": ""}
+            content.append(self._thinking)
+            events.append(self._event("content_block_start", index=len(content) - 1,
+                                      content_block=dict(self._thinking)))
+        self._thinking["thinking"] += piece
+        return [*events, self._event("content_block_delta", index=content.index(self._thinking),
+                                     delta={"type": "thinking_delta", "thinking": piece})]
+
+    def _end_thinking(self) -> list[dict[str, str]]:
+        """The thinking block closed, where one is open."""
+        block, self._thinking = self._thinking, None
+        return [] if block is None else [self._event("content_block_stop", index=self.message["content"].index(block))]
+
+    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+        """`piece` added to the reply's text block, which the first piece opens, closing the thought before it
+        (log-probabilities: none here)."""
+        if not piece:
+            return []
+        events = self._end_thinking()
         content = self.message["content"]
         if self._text is None:
             self._text = {"type": "text", "text": ""}
@@ -234,7 +258,7 @@ class MessageWriter:
         """The reply's end: its text block closed, its calls (each a `tool_use` block) and why it stopped. A call
         whose arguments are not a JSON object (cut short by max_tokens) stays text."""
         content = self.message["content"]
-        events = []
+        events = self._end_thinking()
         uses = []
         for call in calls:
             arguments = _json_object(call.arguments)

@@ -49,6 +49,7 @@ from vramlite.server.guards import RequestLimitsMiddleware
 from vramlite.server.logprobs import CompletionLogprobs, chat_logprobs, generate_logprobs, token_logprobs
 from vramlite.server.metrics import Metrics
 from vramlite.server.playground import install_playground
+from vramlite.server.reasoning import ThoughtSplitter, opens_in_thought, split_thought
 from vramlite.server.responses import ResponsesRequest, ResponseWriter
 from vramlite.server.schemas import (
     ChatCompletionRequest,
@@ -813,21 +814,33 @@ async def chat_completions(request: Request, body: ChatCompletionRequest) -> Any
     rt = runtime(request)
     params = await chat_params(rt.engine, body)
     tools = body.tool_dicts()
-    gens = submit_choices(request, [await _chat_ids(request, body)], params, body.n)
+    ids = await _chat_ids(request, body)
+    gens = submit_choices(request, [ids], params, body.n)
     head = {"id": f"chatcmpl-{gens[0].request_id}", "object": "chat.completion", "created": int(time.time()),
             "model": rt.model_name}
     mode = body.tool_mode()
-    reply = partial(_chat_choice, tools=tools, mode=mode, logprobs=bool(body.logprobs))
+    thinking = _thinking(request, ids)
+    reply = partial(_chat_choice, tools=tools, mode=mode, logprobs=bool(body.logprobs), thinking=thinking)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_head = {**head, "object": "chat.completion.chunk"}
         if mode in ("none", "auto"):
-            chunks = _chat_chunks(request, gens, chunk_head, include_usage, tools if mode == "auto" else None)
+            chunks = _chat_chunks(request, gens, chunk_head, include_usage, tools if mode == "auto" else None,
+                                  thinking)
         else:
             chunks = _chat_chunks_read_for_calls(request, gens, chunk_head, include_usage, reply)
         return sse_response(request, chunks)
     choices = [reply(i, done) for i, done in enumerate(await collect_all(request, gens))]
     return {**head, "choices": choices, "usage": openai_usage(gens)}
+
+
+def _thinking(request: Request, prompt_ids: list[int]) -> bool | None:
+    """Whether the reply to this chat prompt starts inside a thought (`reasoning.opens_in_thought`), or None
+    where the server leaves thoughts in the text (`reasoning_format` "none")."""
+    if runtime(request).settings.reasoning_format == "none":
+        return None
+    tail = prompt_ids[-32:]  # "<think>" and some whitespace, even a byte token a character
+    return opens_in_thought(runtime(request).engine.tokenizer.decode(tail, skip_special_tokens=False))
 
 
 async def _chat_ids(request: Request, body: ChatCompletionRequest) -> list[int]:
@@ -843,6 +856,7 @@ class ReplyWriter(Protocol):
     of its stream, and `result()` the whole reply."""
 
     def start(self) -> list[dict[str, str]]: ...
+    def reasoning(self, piece: str) -> list[dict[str, str]]: ...
     def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]: ...
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, int]) -> list[dict[str, str]]: ...
@@ -862,41 +876,51 @@ async def _serve_reply(request: Request, chat: ChatCompletionRequest, stream: bo
                        make_writer: Callable[[Generation], ReplyWriter]) -> Any:
     """Generate `chat`'s reply, written whole or streamed by the writer in its API's format."""
     params = await chat_params(runtime(request).engine, chat)
-    gen = submit_choices(request, [await _chat_ids(request, chat)], params, 1)[0]
+    ids = await _chat_ids(request, chat)
+    gen = submit_choices(request, [ids], params, 1)[0]
     writer = make_writer(gen)
-    tools, mode = chat.tool_dicts(), chat.tool_mode()
+    tools, mode, thinking = chat.tool_dicts(), chat.tool_mode(), _thinking(request, ids)
     if stream:
-        return EventSourceResponse(_reply_events(request, gen, writer, tools, mode), sep="\n", ping=SSE_PING_S)
-    _write_whole(writer, gen, await collect(request, gen), tools, mode)
+        return EventSourceResponse(_reply_events(request, gen, writer, tools, mode, thinking), sep="\n",
+                                   ping=SSE_PING_S)
+    _write_whole(writer, gen, await collect(request, gen), tools, mode, thinking)
     return writer.result()
 
 
 def _write_whole(writer: ReplyWriter, gen: Generation, done: Collected, tools: list[dict[str, Any]] | None,
-                 mode: str | dict[str, Any]) -> list[dict[str, str]]:
-    """A whole reply written at once, read for calls as `mode` asks: its events."""
-    content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
-    return [*writer.text(content or "", token_logprobs(done.logprobs)),
+                 mode: str | dict[str, Any], thinking: bool | None) -> list[dict[str, str]]:
+    """A whole reply written at once, its thought apart (`_thinking`) and its answer read for calls as `mode`
+    asks: its events."""
+    thought, text = (None, done.text) if thinking is None else split_thought(done.text, thinking)
+    content, calls = (text, []) if tools is None else read_calls(text, tools, mode)
+    return [*writer.reasoning(thought or ""), *writer.text(content or "", token_logprobs(done.logprobs)),
             *writer.finish(calls, done.reason, done.stop_reason, openai_usage([gen]))]
 
 
 async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, tools: list[dict[str, Any]] | None,
-                        mode: str | dict[str, Any]) -> AsyncIterator[dict[str, str]]:
-    """The writer's events for `gen`: text as it comes ("auto" holds back what may be a call, as the chat route
-    does), or under a forced tool choice the calls once the reply is whole; an error ends the stream."""
+                        mode: str | dict[str, Any], thinking: bool | None) -> AsyncIterator[dict[str, str]]:
+    """The writer's events for `gen`: its thought and then its answer as they come ("auto" holds back what may
+    be a call, as the chat route does), or under a forced tool choice the calls once the reply is whole; an
+    error ends the stream."""
     try:
         for event in writer.start():
             yield event
         if mode not in ("none", "auto"):
-            for event in _write_whole(writer, gen, await collect(request, gen), tools, mode):
+            for event in _write_whole(writer, gen, await collect(request, gen), tools, mode, thinking):
                 yield event
             return
         watcher = CallWatcher() if mode == "auto" else None
+        splitter = ThoughtSplitter(thinking) if thinking is not None else None
         async for out in runtime(request).loop.stream(gen):
-            text, calls = out.text if watcher is None else watcher.feed(out.text), []
+            thought, text, calls = "", out.text, []
+            if splitter is not None:
+                thought, text = _split_more(splitter, text, out.finished)
+            text = text if watcher is None else watcher.feed(text)
             if out.finished and watcher is not None:
                 rest, calls = watcher.finish(tools or [])
                 text += rest
-            for event in writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs])):
+            for event in [*writer.reasoning(thought),
+                          *writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs]))]:
                 yield event
             if out.finished:
                 for event in writer.finish(calls, out.finish_reason or FinishReason.CANCELLED, out.stop_reason,
@@ -962,11 +986,24 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
+def _split_more(splitter: ThoughtSplitter, text: str, last: bool) -> tuple[str, str]:
+    """The thought and answer pieces `text` brings out, with all that was held back where it is the last."""
+    thought, answer = splitter.feed(text)
+    if last:
+        more_thought, more_answer = splitter.finish()
+        thought, answer = thought + more_thought, answer + more_answer
+    return thought, answer
+
+
 def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None, mode: str | dict[str, Any],
-                 logprobs: bool) -> dict[str, Any]:
-    """One chat choice from its generation, the tool calls in it read as `mode` asks (`tools.read_calls`)."""
-    content, calls = (done.text, []) if tools is None else read_calls(done.text, tools, mode)
+                 logprobs: bool, thinking: bool | None) -> dict[str, Any]:
+    """One chat choice from its generation: its thought apart where `thinking` is not None (`_thinking`), the
+    tool calls in the answer read as `mode` asks (`tools.read_calls`)."""
+    thought, text = (None, done.text) if thinking is None else split_thought(done.text, thinking)
+    content, calls = (text, []) if tools is None else read_calls(text, tools, mode)
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if thought is not None:
+        message["reasoning_content"] = thought
     finish = openai_finish(done.reason)
     if calls:
         message["tool_calls"] = [call.to_openai() for call in calls]
@@ -995,24 +1032,31 @@ async def _chat_chunks_read_for_calls(request: Request, gens: list[Generation], 
 
 
 async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str, Any], include_usage: bool,
-                       tools: list[dict[str, Any]] | None = None) -> AsyncIterator[dict[str, Any]]:
-    """Each choice's role first, then the choices' pieces as they come, each chunk naming its choice. With
-    `tools` ("auto"), text that may be a call is held back (`CallWatcher`), and the calls read from the whole
-    reply come with its last chunk."""
+                       tools: list[dict[str, Any]] | None = None, thinking: bool | None = None
+                       ) -> AsyncIterator[dict[str, Any]]:
+    """Each choice's role first, then the choices' pieces as they come, each chunk naming its choice. Where
+    `thinking` is not None, a thought goes out as `reasoning_content` (`ThoughtSplitter`). With `tools` ("auto"),
+    answer text that may be a call is held back (`CallWatcher`), and the calls read from the whole answer come
+    with its last chunk."""
     for i in range(len(gens)):
         yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None}]}
     asked = gens[0].params.logprobs is not None
     watchers = [CallWatcher() for _ in gens] if tools is not None else None
+    splitters = [ThoughtSplitter(thinking) for _ in gens] if thinking is not None else None
     async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
-        text, calls = out.text, []
+        thought, text, calls = "", out.text, []
+        if splitters is not None:
+            thought, text = _split_more(splitters[i], text, finish is not None)
         if watchers is not None:
             text = watchers[i].feed(text)
             if finish is not None:
                 rest, calls = watchers[i].finish(tools)
                 text += rest
-        if text or finish:
+        if thought or text or finish:
             delta: dict[str, Any] = {"content": text} if text else {}
+            if thought:
+                delta["reasoning_content"] = thought
             if calls:
                 delta["tool_calls"] = [call.to_openai(index=j) for j, call in enumerate(calls)]
                 finish = "tool_calls" if finish == "stop" else finish

@@ -27,6 +27,7 @@ from vramlite.server.schemas import (
     MaxTokens,
     OpenAIBody,
     SamplingFields,
+    StructuredFields,
     unsupported,
 )
 from vramlite.server.tools import ToolCall
@@ -115,7 +116,7 @@ class TextConfig(OpenAIBody):
     format: TextFormat | None = None
 
 
-class ResponsesRequest(SamplingFields):
+class ResponsesRequest(SamplingFields, StructuredFields):
     """`POST /v1/responses`: OpenAI's Responses API, stateless; the sampling fields of the other routes too."""
 
     model_config = ConfigDict(extra="ignore")
@@ -156,7 +157,8 @@ class ResponsesRequest(SamplingFields):
 
     def chat_request(self) -> dict[str, Any]:
         """The chat route's body for this request (validated by `ChatCompletionRequest`)."""
-        body: dict[str, Any] = self.model_dump(include=set(SamplingFields.model_fields), exclude_none=True)
+        body: dict[str, Any] = {**self.model_dump(include=set(SamplingFields.model_fields), exclude_none=True),
+                                **self.structured_fields()}
         body["messages"] = self._messages()
         if self.logprobs:
             body.update(logprobs=True, top_logprobs=self.top_logprobs or 0)
@@ -210,6 +212,7 @@ class ResponseWriter:
         self.incomplete: dict[str, str] | None = None
         self.usage: dict[str, Any] | None = None
         self._message: dict[str, Any] | None = None  # the message item being written
+        self._thought: dict[str, Any] | None = None  # the reasoning item being written
         self._logprobs: list[dict[str, Any]] = []  # of tokens whose text has not gone out yet
         self._sequence = itertools.count()
 
@@ -238,13 +241,37 @@ class ResponseWriter:
         return [self._event("response.created", response=self.result()),
                 self._event("response.in_progress", response=self.result())]
 
-    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
-        """`piece` added to the reply's message, which the first piece opens; `logprobs`: of the tokens since the
-        last piece (`token_logprobs`), which go out with the next text."""
-        self._logprobs += logprobs or []
+    def reasoning(self, piece: str) -> list[dict[str, str]]:
+        """`piece` added to the reply's thought, a reasoning item, which the first piece opens."""
         if not piece:
             return []
         events = []
+        if self._thought is None:
+            self._thought = {"type": "reasoning", "id": _id("rs"), "summary": [], "status": "in_progress",
+                             "content": []}
+            self.output.append(self._thought)
+            events.append(self._event("response.output_item.added", output_index=len(self.output) - 1,
+                                      item=self._thought))
+            self._thought["content"].append({"type": "reasoning_text", "text": ""})
+        self._thought["content"][0]["text"] += piece
+        return [*events, self._event("response.reasoning_text.delta", **self._at(self._thought), delta=piece)]
+
+    def _end_thought(self) -> list[dict[str, str]]:
+        """The reasoning item closed, where one is open."""
+        thought, self._thought = self._thought, None
+        if thought is None:
+            return []
+        thought["status"] = "completed"
+        return [self._event("response.reasoning_text.done", **self._at(thought), text=thought["content"][0]["text"]),
+                self._event("response.output_item.done", output_index=self.output.index(thought), item=thought)]
+
+    def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]:
+        """`piece` added to the reply's message, which the first piece opens (closing the thought before it);
+        `logprobs`: of the tokens since the last piece (`token_logprobs`), which go out with the next text."""
+        self._logprobs += logprobs or []
+        if not piece:
+            return []
+        events = self._end_thought()
         if self._message is None:
             self._message = {"type": "message", "id": _id("msg"), "status": "in_progress", "role": "assistant",
                              "content": []}
@@ -260,15 +287,17 @@ class ResponseWriter:
         self._logprobs = []
         return events
 
-    def _at(self) -> dict[str, Any]:
-        assert self._message is not None
-        return {"item_id": self._message["id"], "output_index": self.output.index(self._message),
-                "content_index": 0}
+    def _at(self, item: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Where in the output `item` (default: the message) is, as its events say it."""
+        item = item or self._message
+        assert item is not None
+        return {"item_id": item["id"], "output_index": self.output.index(item), "content_index": 0}
 
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, int]) -> list[dict[str, str]]:
-        """The reply's end: its message closed, its calls (each an output item) and the response's status."""
-        events = []
+        """The reply's end: its thought and message closed, its calls (each an output item) and the response's
+        status."""
+        events = self._end_thought()
         if self._message is not None:
             part = self._message["content"][0]
             part["logprobs"] += self._logprobs  # of tokens that brought out no text (half a character)

@@ -333,7 +333,21 @@ class StructuredOutputs(Body):
         return {"json_schema": self.json_, "regex": self.regex, "choice": self.choice}
 
 
-class OpenAIFields(SamplingFields):
+class StructuredFields(Body):
+    """vLLM's structured-output fields, taken by every OpenAI- and Anthropic-style route."""
+
+    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's structured output: `json`, "
+                                                         "`regex` or `choice`")
+    guided_json: dict[str, Any] | str | None = Field(None, description="structured_outputs.json's older name")
+    guided_regex: Regex | None = Field(None, description="structured_outputs.regex's older name")
+    guided_choice: OutputChoices | None = Field(None, description="structured_outputs.choice's older name")
+
+    def structured_fields(self) -> dict[str, Any]:
+        """These fields as given, for another route's body."""
+        return self.model_dump(include=set(STRUCTURED_FIELDS), exclude_none=True, by_alias=True)
+
+
+class OpenAIFields(SamplingFields, StructuredFields):
     model_config = ConfigDict(extra="ignore")
     until_context: ClassVar[bool] = True
 
@@ -345,11 +359,6 @@ class OpenAIFields(SamplingFields):
     stream_options: StreamOptions | None = None
     response_format: ResponseFormat | None = Field(None, description="structured output: `json_object`, or "
                                                    "`json_schema` with its `schema`")
-    structured_outputs: StructuredOutputs | None = Field(None, description="vLLM's structured output: `json`, "
-                                                         "`regex` or `choice`")
-    guided_json: dict[str, Any] | str | None = Field(None, description="structured_outputs.json's older name")
-    guided_regex: Regex | None = Field(None, description="structured_outputs.regex's older name")
-    guided_choice: OutputChoices | None = Field(None, description="structured_outputs.choice's older name")
 
     def output_patterns(self) -> list[str]:
         """The fields that ask for structured output, of which a request may give one."""

@@ -68,6 +68,10 @@ class Settings(BaseModel):
     speculative_tokens: int = Field(0, ge=0, le=32, description="requests draft up to this many tokens a "
                                     "step by prompt lookup (what followed their last tokens where these occurred "
                                     "before) and verify them in one forward pass; 0 = off")
+    reasoning_format: Literal["none", "think"] = Field(
+        "none", description='"think": a reasoning model\'s <think>...</think> comes apart from its answer, as '
+        "reasoning_content (chat), a reasoning item (responses) or a thinking block (messages); \"none\": it stays "
+        "in the text")
     speculative_max_batch: int = Field(1, ge=1, le=4096, description="draft only while at most this many "
                                        "sequences run (batch 1 gains on a CPU, batch 4 loses; layers streamed "
                                        "over PCIe may gain at any batch)")

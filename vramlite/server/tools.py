@@ -23,6 +23,8 @@ import string
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from vramlite.server.reasoning import tag_start_at_end
+
 HERMES_TAG = "<tool_call>"
 MISTRAL_TAG = "[TOOL_CALLS]"
 CALL_TAGS = (HERMES_TAG, MISTRAL_TAG)
@@ -131,8 +133,7 @@ class CallWatcher:
             at = min(found)
             self.holding = True
         else:  # hold back an end that may be a tag's beginning
-            at = len(self.text) - max(next((n for n in range(len(tag) - 1, 0, -1) if self.text.endswith(tag[:n])), 0)
-                                      for tag in CALL_TAGS)
+            at = len(self.text) - max(tag_start_at_end(self.text, tag) for tag in CALL_TAGS)
         out, self.sent = self.text[self.sent : at], at
         return out
 
