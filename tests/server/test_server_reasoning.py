@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from tests.server.conftest import running_server
 from vramlite.server.reasoning import ThoughtSplitter, split_thought
+from vramlite.server.schemas import ChatMessage
 
 
 @pytest.mark.parametrize(("text", "in_thought", "want"), [
@@ -102,3 +103,8 @@ def test_thoughts_stay_in_the_text_unless_asked(r1_like_dir):
                                               extra_body={"seed": 5, "structured_outputs": {"regex": THOUGHT}})
     assert "</think> " in message.choices[0].message.content
     assert "reasoning_content" not in message.choices[0].message.model_extra
+
+
+def test_an_assistants_thought_goes_back_to_the_template():
+    message = ChatMessage.model_validate({"role": "assistant", "content": "4", "reasoning_content": "2 + 2"})
+    assert message.for_template() == {"role": "assistant", "content": "4", "reasoning_content": "2 + 2"}

@@ -434,6 +434,8 @@ class ChatMessage(OpenAIBody):
     tool_calls: list[MessageToolCall] | None = Field(None, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(None, max_length=256)
     name: str | None = Field(None, max_length=MAX_TOOL_NAME_CHARS)
+    reasoning_content: str | None = Field(None, max_length=MAX_PROMPT_CHARS, description="an assistant's thought, "
+                                          "for templates that read it (Qwen 3's)")
 
     @model_validator(mode="after")
     def _content_or_calls(self) -> ChatMessage:
@@ -452,7 +454,7 @@ class ChatMessage(OpenAIBody):
         if self.tool_calls:
             message["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
                 "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}} for c in self.tool_calls]
-        for key in ("tool_call_id", "name"):
+        for key in ("tool_call_id", "name", "reasoning_content"):
             if getattr(self, key) is not None:
                 message[key] = getattr(self, key)
         return message
