@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import save_tiny_llama
 from vramlite.engine import Engine, SamplingParams
-from vramlite.engine.structured import Constraint, allowed_tokens
+from vramlite.engine.structured import Constraint, Grammars, allowed_tokens
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +127,20 @@ def test_choice_output_is_exactly_one_of_the_strings(engine, sampling):
 def test_one_choice_is_forced_whatever_the_logits(engine):
     out = engine.generate("Pick:", SamplingParams(max_tokens=40, temperature=0, choice=["[.*] and (a|b)?"]))
     assert out.text == "[.*] and (a|b)?"
+
+
+def test_patterns_compile_apart_within_a_timeout(engine):
+    """With a timeout, a pattern compiles in a child process: the same index as in this one, a pattern's errors
+    as they were, and one that takes too long refused while the next compiles."""
+    apart = Grammars(engine.tokenizer, engine.config.vocab_size, engine.eos_ids, timeout=30)
+    here = engine.grammars
+    params = SamplingParams(json_schema=SCHEMA)
+    a, b = apart.index_for(params), here.index_for(params)
+    state_a, state_b = a.get_initial_state(), b.get_initial_state()
+    assert a.get_allowed_tokens(state_a) == b.get_allowed_tokens(state_b)
+    with pytest.raises(ValueError, match=r"output pattern: \w"):
+        apart.index("([a-z]")
+    slow = Grammars(engine.tokenizer, engine.config.vocab_size, engine.eos_ids, timeout=0.5)
+    with pytest.raises(ValueError, match=r"took over 0\.5 s to compile"):
+        slow.index("[a-z]{1,20000}y")
+    assert slow.index("a+") is not None

@@ -490,3 +490,13 @@ def test_without_max_tokens_a_completion_runs_to_the_end_of_the_context(chat_lla
         with srv.client() as c:
             assert c.post("/generate", json={"prompt": "The quick brown fox", "temperature": 0}).json()["usage"][
                 "completion_tokens"] == 128
+
+
+def test_a_pattern_too_slow_to_compile_is_refused_and_others_go_on(tiny_llama_dir):
+    with running_server(tiny_llama_dir, pattern_timeout=0.5) as srv, srv.client() as c:
+        started = time.monotonic()
+        r = c.post("/generate", json={"prompt": "x", "max_tokens": 4, "regex": "[a-z]{1,20000}y"})
+        assert r.status_code == 422 and "took over 0.5 s to compile" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 10
+        r = c.post("/generate", json={"prompt": "x", "max_tokens": 4, "regex": "[ab]{4}"})
+        assert r.status_code == 200 and re.fullmatch("[ab]{4}", r.json()["text"])

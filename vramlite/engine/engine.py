@@ -82,7 +82,8 @@ class Engine:
 
     def __init__(self, model_dir: Path, runner: ModelRunner, tokenizer: Tokenizer,
                  scheduler_config: SchedulerConfig, defaults: dict[str, Any], probe: GpuProbe | None = None,
-                 speculative_tokens: int = 0, speculative_max_batch: int = 1) -> None:
+                 speculative_tokens: int = 0, speculative_max_batch: int = 1,
+                 pattern_timeout: float | None = None) -> None:
         self.model_dir = model_dir
         self.probe = probe or GpuProbe.cpu()  # what the device reported at start (name, PCIe, bandwidth)
         self.runner = runner
@@ -93,7 +94,7 @@ class Engine:
         self.sampler = Sampler()
         self.scheduler = Scheduler(scheduler_config, runner.cache.allocate, runner.cache.free)
         self.eos_ids = tuple(dict.fromkeys((*tokenizer.eos_ids, *self.config.eos_token_ids)))
-        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_ids)  # structured output
+        self.grammars = Grammars(tokenizer, self.config.vocab_size, self.eos_ids, pattern_timeout)  # structured output
         self.continuation = continuation(self.config, tokenizer)
         self._ids = itertools.count()
         self._sequences: dict[int, Seq] = {}
@@ -109,7 +110,7 @@ class Engine:
                  memory_limit: int | str | None = None, prefetch_depth: int = 1,
                  compile_decode: bool = False, cpu_layout: str = "auto", prefix_caching: bool = True,
                  speculative_tokens: int = 0, speculative_max_batch: int = 1, kv_cache_dtype: str = "auto",
-                 lora: Sequence[tuple[str | Path, float]] = ()) -> Engine:
+                 lora: Sequence[tuple[str | Path, float]] = (), pattern_timeout: float | None = None) -> Engine:
         """Load an HF-format directory (config.json, *.safetensors, tokenizer) for generation.
 
         device: "cpu", "cuda", "cuda:1" ... (default: a GPU if present). dtype:
@@ -131,6 +132,8 @@ class Engine:
         `speculative_max_batch` sequences run (a drafting sequence leaves the batched decode path).
         kv_cache_dtype: "auto" (the compute dtype) or "int8" (about half the memory; see `KVCache`).
         lora: (PEFT adapter directory, scale) pairs merged into the weights at load (see `vramlite.engine.lora`).
+        pattern_timeout: seconds a structured-output pattern may take to compile, in a process of its own
+        (see `Grammars`); None: no limit, compiled in this process.
         """
         if kv_cache_dtype not in ("auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' or 'int8', got {kv_cache_dtype!r}")
@@ -160,7 +163,7 @@ class Engine:
         log.info("engine ready in %.2f s: KV cache %.1f MiB for %d sequences × %d positions",
                  time.perf_counter() - start, runner.cache.nbytes / 2**20, max_batch_size, context)
         return cls(model_dir, runner, tokenizer, scheduler_config, defaults, probe, speculative_tokens,
-                   speculative_max_batch)
+                   speculative_max_batch, pattern_timeout)
 
     @staticmethod
     def _generation_defaults(model_dir: Path) -> dict[str, Any]:

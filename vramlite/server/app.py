@@ -111,7 +111,8 @@ def engine_loader(settings: Settings, path: Path | None = None) -> Callable[[], 
                                cpu_layout=settings.cpu_layout, prefix_caching=settings.prefix_caching,
                                speculative_tokens=settings.speculative_tokens,
                                speculative_max_batch=settings.speculative_max_batch,
-                               kv_cache_dtype=settings.kv_cache_dtype, lora=() if path else settings.lora_adapters)
+                               kv_cache_dtype=settings.kv_cache_dtype, lora=() if path else settings.lora_adapters,
+                               pattern_timeout=settings.pattern_timeout)
 
     return load
 

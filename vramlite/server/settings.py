@@ -68,6 +68,9 @@ class Settings(BaseModel):
     speculative_tokens: int = Field(0, ge=0, le=32, description="requests draft up to this many tokens a "
                                     "step by prompt lookup (what followed their last tokens where these occurred "
                                     "before) and verify them in one forward pass; 0 = off")
+    pattern_timeout: float = Field(60, gt=0, le=3600, description="seconds a structured-output pattern (JSON "
+                                   "schema, regex, choice) may take to compile, in a process of its own; longer is "
+                                   "refused (422)")
     reasoning_format: Literal["none", "think"] = Field(
         "none", description='"think": a reasoning model\'s <think>...</think> comes apart from its answer, as '
         "reasoning_content (chat), a reasoning item (responses) or a thinking block (messages); \"none\": it stays "
