@@ -53,6 +53,19 @@ def test_input_items_become_the_chat_routes_messages():
     assert ChatCompletionRequest.model_validate(chat).tool_mode() == "auto"
 
 
+def test_replayed_reasoning_items_go_back_as_the_next_assistant_messages_thought():
+    thought = {"type": "reasoning", "id": "rs_1", "summary": [],
+               "content": [{"type": "reasoning_text", "text": "Paris, "}, {"type": "reasoning_text", "text": "so."}]}
+    said = {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+            "content": [{"type": "output_text", "text": "Looking.", "annotations": []}]}
+    body = ResponsesRequest.model_validate({"input": [CONVERSATION[0], thought, said, *CONVERSATION[1:]]})
+    messages = body.chat_request()["messages"]
+    assert messages[1] == {"role": "assistant", "content": "Looking.", "reasoning_content": "Paris, so.",
+                           "tool_calls": CHAT_MESSAGES[2]["tool_calls"]}  # the call joins the message it follows
+    assert messages[2:] == CHAT_MESSAGES[3:]
+    assert ChatCompletionRequest.model_validate(body.chat_request()).messages[1].reasoning_content == "Paris, so."
+
+
 def test_a_text_reply_is_the_chat_routes_and_its_stream_builds_it(oai):
     kwargs = dict(model="model", instructions="Be brief.", input=CONVERSATION, tools=[WEATHER],
                   max_output_tokens=12, temperature=0)

@@ -4,7 +4,8 @@ events.
 
 Stateless, as a request with `store: false` is at OpenAI: no response is kept, so `previous_response_id` is
 refused and a conversation goes back whole in `input` (its `function_call` and `function_call_output` items
-included). Text in, text out: image, file and reasoning items, and tools other than functions, are refused.
+included; reasoning items go back as the thought of the assistant's message after them). Text in, text out:
+image and file items, and tools other than functions, are refused.
 """
 
 from __future__ import annotations
@@ -70,13 +71,27 @@ class FunctionCallOutputItem(OpenAIBody):
     output: Text | list[TextPart]
 
 
+class ReasoningText(OpenAIBody):
+    type: Literal["reasoning_text"]
+    text: Text
+
+
+class ReasoningItem(OpenAIBody):
+    """A thought the model wrote earlier (`reasoning_format` "think"), sent back as clients replay output items:
+    it goes to the template with the assistant's message after it, as `reasoning_content`."""
+
+    type: Literal["reasoning"]
+    content: list[ReasoningText] | None = None
+
+
 def _item_type(value: Any) -> str:
     kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
     return kind if isinstance(kind, str) else "message"
 
 
 InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
-                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")], Discriminator(_item_type)]
+                      | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
+                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
 
 
 class FunctionTool(FunctionDefinition):
@@ -178,19 +193,26 @@ class ResponsesRequest(SamplingFields, StructuredFields):
         if self.instructions is not None:
             messages.append({"role": "system", "content": self.instructions})
         items = [MessageItem(role="user", content=self.input)] if isinstance(self.input, str) else self.input
+        thought = ""  # a reasoning item's, for the assistant's message that follows it
         for item in items:
-            if isinstance(item, MessageItem):
-                messages.append({"role": item.role, "content": _text(item.content)})
+            if isinstance(item, ReasoningItem):
+                thought += "".join(part.text for part in item.content or ())
             elif isinstance(item, FunctionCallOutputItem):
                 messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
-            else:  # a call joins the assistant's message before it, or makes one
-                if not messages or messages[-1]["role"] != "assistant":
-                    messages.append({"role": "assistant", "content": None})
-                messages[-1].setdefault("tool_calls", []).append({
-                    "id": item.call_id, "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments}})
+            elif isinstance(item, MessageItem) and item.role != "assistant":
+                messages.append({"role": item.role, "content": _text(item.content)})
+            else:  # the assistant's text, or a call, which joins the assistant's message before it
+                if thought or not messages or messages[-1]["role"] != "assistant" or isinstance(item, MessageItem):
+                    messages.append({"role": "assistant", "content": None,
+                                     **({"reasoning_content": thought} if thought else {})})
+                    thought = ""
+                if isinstance(item, MessageItem):
+                    messages[-1]["content"] = _text(item.content)
+                else:
+                    messages[-1].setdefault("tool_calls", []).append({
+                        "id": item.call_id, "type": "function",
+                        "function": {"name": item.name, "arguments": item.arguments}})
         return messages
-
 
 
 def _id(prefix: str) -> str:
