@@ -3,6 +3,7 @@ packed for oneDNN, whichever timed fastest, compute what they did; int8 linears 
 kernels' W8A8 reference exactly; the choice follows the timings."""
 
 import logging
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -232,6 +233,27 @@ def test_onednn_int8_unusable_where_its_op_refuses_int8_or_is_inexact(
                 assert not cpu_layout.onednn_int8_available()
             assert ("int8 weights stay dense" in caplog.text) is logged
             caplog.clear()
+    finally:
+        cpu_layout.onednn_int8_available.cache_clear()
+
+
+@pytest.mark.skipif(not (onednn_available() and hasattr(torch.ops.onednn, "qlinear_prepack")
+                         and torch.cpu._is_vnni_supported()), reason="no oneDNN int8 linear on this CPU")
+def test_onednn_int8_unusable_where_it_runs_its_reference_code(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Exact but far slower than fp32 (oneDNN's reference code, as on 2 AMD EPYC cores): int8 stays dense."""
+    exact = cpu_layout.onednn_int8_sums
+
+    def slow(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.05)
+        return exact(xq, packed)
+
+    try:
+        cpu_layout.onednn_int8_available.cache_clear()
+        monkeypatch.setattr(cpu_layout, "onednn_int8_sums", slow)
+        with caplog.at_level(logging.INFO, logger="vramlite.engine.layers.cpu_layout"):
+            assert not cpu_layout.onednn_int8_available()
+        assert "runs its reference code on this CPU" in caplog.text
     finally:
         cpu_layout.onednn_int8_available.cache_clear()
 

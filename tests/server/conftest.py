@@ -61,6 +61,13 @@ def long_chat_llama_dir(tmp_path_factory: pytest.TempPathFactory, chat_llama_dir
     return out
 
 
+@pytest.fixture(scope="module")
+def long_chat_server(long_chat_llama_dir: Path) -> Iterator[Running]:
+    """A server of the long chat LLaMA (context 1024), for conversations with tools."""
+    with running_server(long_chat_llama_dir, context=1024) as running:
+        yield running
+
+
 @dataclass
 class Running:
     """A started server: its base URL, the uvicorn server and the engine loop behind it."""

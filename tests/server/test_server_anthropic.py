@@ -9,7 +9,6 @@ import json
 import anthropic
 import pytest
 
-from tests.server.conftest import running_server
 from vramlite.server.anthropic_messages import MessagesRequest
 from vramlite.server.schemas import ChatCompletionRequest
 
@@ -38,20 +37,14 @@ CHAT_MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def running(long_chat_llama_dir):
-    with running_server(long_chat_llama_dir, context=1024) as server:
-        yield server
+def claude(long_chat_server):
+    return anthropic.Anthropic(base_url=long_chat_server.url, api_key="none", max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def claude(running):
-    return anthropic.Anthropic(base_url=running.url, api_key="none", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def oai(running):
+def oai(long_chat_server):
     openai = pytest.importorskip("openai")
-    return openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+    return openai.OpenAI(base_url=long_chat_server.url + "/v1", api_key="none", max_retries=0)
 
 
 def test_blocks_become_the_chat_routes_messages():

@@ -9,7 +9,6 @@ import json
 import openai
 import pytest
 
-from tests.server.conftest import running_server
 from vramlite.server.responses import ResponsesRequest
 from vramlite.server.schemas import ChatCompletionRequest
 
@@ -33,14 +32,8 @@ CHAT_MESSAGES = [
 
 
 @pytest.fixture(scope="module")
-def running(long_chat_llama_dir):
-    with running_server(long_chat_llama_dir, context=1024) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def oai(running):
-    return openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+def oai(long_chat_server):
+    return openai.OpenAI(base_url=long_chat_server.url + "/v1", api_key="none", max_retries=0)
 
 
 def test_input_items_become_the_chat_routes_messages():
@@ -140,8 +133,8 @@ def test_what_a_stateless_text_server_cannot_do_is_refused(oai, kwargs, error, m
         oai.responses.create(**{"model": "model", "input": "Hi", "max_output_tokens": 2, **kwargs})
 
 
-def test_an_input_over_the_context_is_refused_before_the_stream(running):
-    with running.client() as c:
+def test_an_input_over_the_context_is_refused_before_the_stream(long_chat_server):
+    with long_chat_server.client() as c:
         r = c.post("/v1/responses", json={"input": "word " * 2000, "stream": True, "max_output_tokens": 4})
     assert r.status_code == 400 and "context" in r.json()["error"]["message"]
 

@@ -23,9 +23,8 @@ ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
-def oai(long_chat_llama_dir):
-    with running_server(long_chat_llama_dir, context=1024) as running:
-        yield openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+def oai(long_chat_server):
+    return openai.OpenAI(base_url=long_chat_server.url + "/v1", api_key="none", max_retries=0)
 
 
 def test_a_named_tool_choice_returns_a_call_with_arguments_of_its_schema(oai):

@@ -18,7 +18,9 @@ Per `QuantizedLinear` (int8 weights):
   on CPUs with VNNI only: without it, oneDNN adds u8·s8 products in pairs in int16, which can saturate.
   Measured on 2 Intel Xeon cores (AMX), a 130M LLaMA's int8 weights streamed from memory: 1.4x faster than
   W8A16 at one row and 3.8x at 8 rows; but weights of 256x256 and the like fall to oneDNN's reference code,
-  50x slower. W8A8 has more error than W8A16 (activations rounded to 8 bits, not to bf16).
+  50x slower. On 2 AMD EPYC cores (VNNI, no AMX) every shape ran the reference code, so a probe at start
+  (`_onednn_int8_runs_fast`) keeps int8 weights dense there. W8A8 has more error than W8A16 (activations
+  rounded to 8 bits, not to bf16).
 
 Linears of one shape, dtype and set of candidates form a group and get one layout. Each timing pass runs
 every sampled weight of the model once in one layout, as a decode step does, so weights come from wherever
@@ -107,7 +109,37 @@ def onednn_int8_available() -> bool:
         log.info("oneDNN's int8 linear is not usable with torch %s (%s): int8 weights stay dense",
                  torch.__version__, str(e).splitlines()[0])
         return False
-    return torch.equal(sums, (xq.long() @ wq.long().T).float())
+    if not torch.equal(sums, (xq.long() @ wq.long().T).float()):
+        return False
+    return _onednn_int8_runs_fast()
+
+
+PROBE_SLACK = 8.0
+"""How much slower than an fp32 product of its shape oneDNN's int8 linear may be before it counts as its
+reference code, which no layout choice could make up for."""
+
+
+def _onednn_int8_runs_fast() -> bool:
+    """Whether oneDNN multiplies int8 with its JIT kernels here, timed on one 16 x 1024 x 1024 product (~1 ms): on
+    2 AMD EPYC cores with VNNI it ran its reference code at every shape, 1024x256 weights at 256 rows in 2 s
+    against 4 ms in fp32, so a prompt of a few hundred tokens took minutes."""
+    xq, wq = torch.ones(16, 1024, dtype=torch.int8), torch.ones(1024, 1024, dtype=torch.int8)
+    with torch.inference_mode():
+        packed = torch.ops.onednn.qlinear_prepack(wq, [16, 1024])
+        x, w = xq.float(), wq.float()
+        int8 = min(_seconds(lambda: onednn_int8_sums(xq, packed)) for _ in range(2))
+        fp32 = min(_seconds(lambda: x @ w.T) for _ in range(3))
+    if int8 > PROBE_SLACK * fp32:
+        log.info("oneDNN's int8 linear runs its reference code on this CPU (%.1f ms for a 16x1024x1024 product, "
+                 "fp32 %.1f ms): int8 weights stay dense", 1e3 * int8, 1e3 * fp32)
+        return False
+    return True
+
+
+def _seconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
 
 
 def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[Group]:
