@@ -191,7 +191,8 @@ def test_error_after_the_stream_began_is_shown(page: Any):
 def test_busy_server_is_retried_after_retry_after(page: Any, daemon: Running):
     """One batch slot, no queue: while another client generates, the page says it is busy, then retries."""
     other = threading.Thread(target=httpx.post, args=(daemon.url + "/generate",),
-                             kwargs={"json": {"prompt": PROMPT, "max_tokens": 60}, "timeout": 30})
+                             kwargs={"json": {"prompt": PROMPT, "max_tokens": 60, "min_tokens": 60},  # no early EOS
+                                     "timeout": 30})
     other.start()
     try:
         deadline = time.monotonic() + 5
