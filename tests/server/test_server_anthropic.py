@@ -135,3 +135,24 @@ def test_what_a_text_server_cannot_do_is_refused(claude, kwargs, error, message)
     with pytest.raises(error, match=message):
         claude.messages.create(**{"model": "model", "max_tokens": 2,
                                   "messages": [{"role": "user", "content": "Hi"}], **kwargs})
+
+
+def test_thinking_blocks_sent_back_are_the_assistants_thought():
+    said = {"role": "assistant", "content": [{"type": "thinking", "thinking": "Paris, so.", "signature": ""},
+                                             {"type": "redacted_thinking", "data": "x"},
+                                             *CONVERSATION[1]["content"]]}
+    body = MessagesRequest.model_validate({"model": "model", "max_tokens": 5,
+                                           "messages": [CONVERSATION[0], said, CONVERSATION[2]]})
+    assert body.chat_request()["messages"][1] == {**CHAT_MESSAGES[2], "reasoning_content": "Paris, so."}
+    with pytest.raises(ValueError, match="a user's message cannot have thinking blocks"):
+        MessagesRequest.model_validate({"model": "model", "max_tokens": 5, "messages": [
+            {"role": "user", "content": [{"type": "thinking", "thinking": "hm"}]}]})
+
+
+def test_a_last_assistant_message_is_a_prefill_the_reply_continues(claude, oai):
+    messages = [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "It is"}]
+    done = claude.messages.create(model="model", messages=messages, max_tokens=6, extra_body={"temperature": 0})
+    chat = oai.chat.completions.create(model="model", messages=messages, max_tokens=6, temperature=0,
+                                       extra_body={"add_generation_prompt": False, "continue_final_message": True})
+    assert done.content[0].text == chat.choices[0].message.content
+    assert done.usage.input_tokens == chat.usage.prompt_tokens

@@ -2,7 +2,9 @@
 request's system prompt, messages and content blocks become chat messages, and the reply, read for tool calls as
 chat reads it, becomes a message of `text` and `tool_use` blocks or its stream of events.
 
-Text in, text out: image and document blocks, extended thinking and server tools are refused.
+A last message of the assistant's is a prefill, which the reply continues; thinking blocks sent back go to the
+template as the assistant's thought. Text in, text out: image and document blocks, extended thinking (the
+`thinking` parameter) and server tools are refused.
 """
 
 from __future__ import annotations
@@ -57,13 +59,28 @@ class ToolResultBlock(OpenAIBody):
     is_error: bool | None = None
 
 
+class ThinkingBlock(OpenAIBody):
+    """A thought the model wrote earlier (`reasoning_format` "think"), sent back as Anthropic's clients replay
+    them: it goes to the template as the assistant message's `reasoning_content`."""
+
+    type: Literal["thinking"]
+    thinking: Text
+
+
+class RedactedThinkingBlock(OpenAIBody):
+    """Another server's encrypted thought: there is nothing in it to read, and it is dropped."""
+
+    type: Literal["redacted_thinking"]
+
+
 def _block_type(value: Any) -> str:
     kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
     return kind if isinstance(kind, str) else "text"
 
 
 Block = Annotated[Annotated[TextBlock, Tag("text")] | Annotated[ToolUseBlock, Tag("tool_use")]
-                  | Annotated[ToolResultBlock, Tag("tool_result")], Discriminator(_block_type)]
+                  | Annotated[ToolResultBlock, Tag("tool_result")] | Annotated[ThinkingBlock, Tag("thinking")]
+                  | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")], Discriminator(_block_type)]
 
 
 class Message(OpenAIBody):
@@ -72,9 +89,11 @@ class Message(OpenAIBody):
 
     @model_validator(mode="after")
     def _blocks_of_its_role(self) -> Message:
-        wrong = "tool_result" if self.role == "assistant" else "tool_use"
-        if isinstance(self.content, list) and any(block.type == wrong for block in self.content):
-            raise ValueError(f"a {self.role}'s message cannot have {wrong} blocks")
+        wrong = ("tool_result",) if self.role == "assistant" else ("tool_use", "thinking", "redacted_thinking")
+        found = [block.type for block in self.content if block.type in wrong] if isinstance(self.content, list) \
+            else []
+        if found:
+            raise ValueError(f"a {self.role}'s message cannot have {found[0]} blocks")
         return self
 
 
@@ -155,6 +174,8 @@ class MessagesRequest(SamplingFields, StructuredFields):
         if self.output_config is not None and self.output_config.format is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"schema": self.output_config.format.schema_}}
+        if self.messages[-1].role == "assistant":  # a prefill: the model continues the assistant's text
+            body.update(add_generation_prompt=False, continue_final_message=True)
         return body
 
     def _messages(self) -> list[dict[str, Any]]:
@@ -166,10 +187,12 @@ class MessagesRequest(SamplingFields, StructuredFields):
                 else message.content
             if message.role == "assistant":
                 text = "".join(b.text for b in blocks if isinstance(b, TextBlock))
+                thought = "".join(b.thinking for b in blocks if isinstance(b, ThinkingBlock))
                 calls = [{"id": b.id, "type": "function", "function": {"name": b.name, "arguments": json.dumps(
                     b.input, ensure_ascii=False)}} for b in blocks if isinstance(b, ToolUseBlock)]
-                messages.append({"role": "assistant", "content": text or None, **({"tool_calls": calls} if calls
-                                                                                   else {})})
+                messages.append({"role": "assistant", "content": text if text or not calls else None,
+                                 **({"tool_calls": calls} if calls else {}),
+                                 **({"reasoning_content": thought} if thought else {})})
                 continue
             text = ""  # a user's text blocks, joined; a tool result between them ends the text before it
             for block in blocks:
