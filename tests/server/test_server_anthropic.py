@@ -67,10 +67,11 @@ def test_a_text_reply_is_the_chat_routes_and_its_stream_builds_it(claude, oai):
     assert block.type == "text" and block.text == chat.choices[0].message.content
     assert done.id.startswith("msg_") and done.role == "assistant" and done.model == "model"
     assert (done.stop_reason, done.stop_sequence) == ("max_tokens", None)
-    assert done.usage.input_tokens == chat.usage.prompt_tokens > 40
+    assert (done.usage.input_tokens, done.usage.cache_read_input_tokens) == (chat.usage.prompt_tokens, 0)
+    assert chat.usage.prompt_tokens > 40 and chat.usage.prompt_tokens_details.cached_tokens > 40  # the same prompt
     assert done.usage.output_tokens == chat.usage.completion_tokens == 12
     assert claude.messages.count_tokens(model="model", system="Be brief.", messages=CONVERSATION,
-                                        tools=[WEATHER]).input_tokens == done.usage.input_tokens
+                                        tools=[WEATHER]).input_tokens == chat.usage.prompt_tokens
 
     with claude.messages.stream(**kwargs) as stream:
         events = list(stream)
@@ -82,6 +83,8 @@ def test_a_text_reply_is_the_chat_routes_and_its_stream_builds_it(claude, oai):
     assert len(deltas) > 1 and "".join(deltas) == block.text
     assert final.content[0].text == block.text and final.stop_reason == "max_tokens"
     assert final.usage.output_tokens == 12
+    assert final.usage.input_tokens + final.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert final.usage.cache_read_input_tokens > 40  # cached, and so counted apart, as Anthropic counts them
 
 
 def test_a_stop_sequence_is_named(claude):
@@ -155,4 +158,4 @@ def test_a_last_assistant_message_is_a_prefill_the_reply_continues(claude, oai):
     chat = oai.chat.completions.create(model="model", messages=messages, max_tokens=6, temperature=0,
                                        extra_body={"add_generation_prompt": False, "continue_final_message": True})
     assert done.content[0].text == chat.choices[0].message.content
-    assert done.usage.input_tokens == chat.usage.prompt_tokens
+    assert done.usage.input_tokens + done.usage.cache_read_input_tokens == chat.usage.prompt_tokens

@@ -500,3 +500,14 @@ def test_a_pattern_too_slow_to_compile_is_refused_and_others_go_on(tiny_llama_di
         assert time.monotonic() - started < 10
         r = c.post("/generate", json={"prompt": "x", "max_tokens": 4, "regex": "[ab]{4}"})
         assert r.status_code == 200 and re.fullmatch("[ab]{4}", r.json()["text"])
+
+
+def test_usage_counts_the_prompt_tokens_the_prefix_cache_held(oai):
+    kwargs = dict(model="model", prompt="A prompt seen twice: " + "lorem ipsum " * 8, max_tokens=2, temperature=0)
+    first, again = (oai.completions.create(**kwargs).usage for _ in range(2))
+    assert first.prompt_tokens_details.cached_tokens <= 1  # BOS, shared with earlier prompts
+    assert 10 < again.prompt_tokens_details.cached_tokens < again.prompt_tokens == first.prompt_tokens
+    response = oai.responses.create(model="model", input="Hi there", max_output_tokens=2)
+    response_again = oai.responses.create(model="model", input="Hi there", max_output_tokens=2)
+    cached = [r.usage.input_tokens_details.cached_tokens for r in (response, response_again)]
+    assert cached[0] < cached[1] < response_again.usage.input_tokens  # (the first shares BOS with earlier prompts)

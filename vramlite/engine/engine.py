@@ -306,8 +306,10 @@ class Engine:
                     new[0] = replace(new[0], embedding=seq.pooler.embedding())
             else:
                 continue
-            if seq.params.prompt_logprobs is not None and start < seq.prompt_length <= seq.num_computed:
-                new[0] = replace(new[0], prompt_logprobs=tuple(seq.prompt_logprobs))
+            if start < seq.prompt_length <= seq.num_computed:  # the first output: the prompt is in the cache
+                new[0] = replace(new[0], cached_tokens=seq.num_cached_tokens)
+                if seq.params.prompt_logprobs is not None:
+                    new[0] = replace(new[0], prompt_logprobs=tuple(seq.prompt_logprobs))
             if new[-1].finished:
                 self._release(seq)
             outputs += new

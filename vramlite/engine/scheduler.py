@@ -91,7 +91,7 @@ class Scheduler:
             else:
                 seq.slot, reused = self._allocate((), {})
             if reused:
-                seq.num_computed = reused
+                seq.num_computed = seq.num_cached_tokens = reused
                 self.reused_tokens += reused
                 n = min(seq.num_pending, budget)
             self.running.append(seq)

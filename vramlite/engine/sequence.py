@@ -54,6 +54,7 @@ class StepOutput:
     prompt_logprobs: tuple[Logprobs | None, ...] | None = None
     embedding: list[float] | None = None  # an embedding request's, with its only output
     stop_string: str | None = None  # the stop string that ended the sequence, if one did
+    cached_tokens: int | None = None  # with the first output: prompt tokens whose K/V the prefix cache held
 
     @property
     def finished(self) -> bool:
@@ -89,6 +90,7 @@ class Sequence:
         self.num_prompt_tokens = len(self.encoder_ids or self.token_ids)  # the prompt as the caller gave it
         self._output_start = len(prompt_ids)
         self.num_computed = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
         self.slot: int | None = None
         self.sampler = sampler
         self.detokenizer = detokenizer

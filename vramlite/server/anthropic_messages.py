@@ -277,7 +277,7 @@ class MessageWriter:
                                      delta={"type": "text_delta", "text": piece})]
 
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
-               usage: dict[str, int]) -> list[dict[str, str]]:
+               usage: dict[str, Any]) -> list[dict[str, str]]:
         """The reply's end: its text block closed, its calls (each a `tool_use` block) and why it stopped. A call
         whose arguments are not a JSON object (cut short by max_tokens) stays text."""
         content = self.message["content"]
@@ -304,9 +304,11 @@ class MessageWriter:
         sequence = stop_reason if stop == "stop_sequence" and isinstance(stop_reason, str) else None
         stop = "end_turn" if stop == "stop_sequence" and sequence is None else stop  # a stop token, not a string
         self.message.update(stop_reason=stop, stop_sequence=sequence)
-        self.message["usage"]["output_tokens"] = usage["completion_tokens"]
+        cached = usage["prompt_tokens_details"]["cached_tokens"]  # Anthropic counts them apart from input_tokens
+        self.message["usage"].update(input_tokens=usage["prompt_tokens"] - cached, cache_read_input_tokens=cached,
+                                     cache_creation_input_tokens=0, output_tokens=usage["completion_tokens"])
         return [*events, self._event("message_delta", delta={"stop_reason": stop, "stop_sequence": sequence},
-                                     usage={"output_tokens": usage["completion_tokens"]}),
+                                     usage=self.message["usage"]),
                 self._event("message_stop")]
 
     def error(self, code: str, message: str) -> dict[str, str]:

@@ -427,11 +427,14 @@ def usage(gen: Generation) -> dict[str, int]:
     return {"prompt_tokens": gen.num_prompt_tokens, "completion_tokens": gen.num_tokens}
 
 
-def openai_usage(gens: list[Generation], prompts: int = 1) -> dict[str, int]:
-    """Each of the `prompts` once (`gens` are each prompt's choices in turn), the tokens of every choice."""
-    prompt = sum(gen.num_prompt_tokens for gen in gens[:: len(gens) // prompts])
+def openai_usage(gens: list[Generation], prompts: int = 1) -> dict[str, Any]:
+    """Each of the `prompts` once (`gens` are each prompt's choices in turn), the tokens of every choice; of the
+    prompts' tokens, those the prefix cache held (`prompt_tokens_details.cached_tokens`, as OpenAI reports)."""
+    firsts = gens[:: len(gens) // prompts]
+    prompt = sum(gen.num_prompt_tokens for gen in firsts)
     completion = sum(gen.num_tokens for gen in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(gen.cached_tokens for gen in firsts)}}
 
 
 async def merged(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
@@ -860,7 +863,7 @@ class ReplyWriter(Protocol):
     def reasoning(self, piece: str) -> list[dict[str, str]]: ...
     def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]: ...
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
-               usage: dict[str, int]) -> list[dict[str, str]]: ...
+               usage: dict[str, Any]) -> list[dict[str, str]]: ...
     def error(self, code: str, message: str) -> dict[str, str]: ...
     def result(self) -> dict[str, Any]: ...
 

@@ -53,6 +53,7 @@ class Generation:
     first_token_at: float | None = None
     last_token_at: float | None = None
     num_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the prefix cache held (`StepOutput.cached_tokens`)
     finish_reason: str | None = None
     output: list[str] = field(default_factory=list)  # the text delivered so far, piece by piece
 
@@ -304,6 +305,8 @@ class EngineLoop:
             if gen is None:
                 continue
             self._mark_scheduled(gen, started)
+            if out.cached_tokens is not None:
+                gen.cached_tokens = out.cached_tokens
             if out.token_id is not None:
                 sampled.add(out.seq_id)
                 self._mark_token(gen, now)

@@ -316,7 +316,7 @@ class ResponseWriter:
         return {"item_id": item["id"], "output_index": self.output.index(item), "content_index": 0}
 
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
-               usage: dict[str, int]) -> list[dict[str, str]]:
+               usage: dict[str, Any]) -> list[dict[str, str]]:
         """The reply's end: its thought and message closed, its calls (each an output item) and the response's
         status."""
         events = self._end_thought()
@@ -343,7 +343,7 @@ class ResponseWriter:
                                                                                                    "completed")
         if reason == FinishReason.LENGTH:
             self.incomplete = {"reason": "max_output_tokens"}
-        self.usage = {"input_tokens": usage["prompt_tokens"], "input_tokens_details": {"cached_tokens": 0},
+        self.usage = {"input_tokens": usage["prompt_tokens"], "input_tokens_details": usage["prompt_tokens_details"],
                       "output_tokens": usage["completion_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
                       "total_tokens": usage["total_tokens"]}
         kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
