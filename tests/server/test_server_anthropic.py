@@ -159,3 +159,9 @@ def test_a_last_assistant_message_is_a_prefill_the_reply_continues(claude, oai):
                                        extra_body={"add_generation_prompt": False, "continue_final_message": True})
     assert done.content[0].text == chat.choices[0].message.content
     assert done.usage.input_tokens + done.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+
+
+def test_the_model_list_reads_as_anthropics(claude):
+    (model,) = list(claude.models.list())
+    assert (model.id, model.display_name, model.max_input_tokens) == ("model", "model", 1024)
+    assert claude.models.retrieve("model").id == "model"

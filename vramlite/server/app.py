@@ -695,20 +695,28 @@ async def detokenize(request: Request, body: DetokenizeRequest) -> DetokenizeRes
     return DetokenizeResponse(prompt=await run_in_threadpool(engine.tokenizer.decode, body.tokens))
 
 
-@protected.get("/v1/models", summary="OpenAI-compatible: the served model")
+@protected.get("/v1/models", summary="OpenAI- and Anthropic-compatible: the served model")
 async def list_models(request: Request) -> dict[str, Any]:
-    return {"object": "list", "data": [_model_card(runtime(request).model_name)]}
+    name = runtime(request).model_name
+    return {"object": "list", "data": [_model_card(request)], "has_more": False, "first_id": name, "last_id": name}
 
 
 @protected.get("/v1/models/{model:path}", responses=error_responses(404),
-               summary="OpenAI-compatible: the served model, by its name")
+               summary="OpenAI- and Anthropic-compatible: the served model, by its name")
 async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
     _check_model(request, model)
-    return _model_card(model)
+    return _model_card(request)
 
 
-def _model_card(name: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "owned_by": "vramlite", "created": 0}
+def _model_card(request: Request) -> dict[str, Any]:
+    """The served model as OpenAI's clients read it (`object`, `owned_by`, `created`) and Anthropic's (`type`,
+    `display_name`, `created_at`), with its context where it is loaded (vLLM's `max_model_len`)."""
+    rt = runtime(request)
+    card = {"id": rt.model_name, "object": "model", "owned_by": "vramlite", "created": 0, "type": "model",
+            "display_name": rt.model_name, "created_at": "1970-01-01T00:00:00Z"}
+    if rt.loop.engine is not None:
+        card.update(max_model_len=rt.loop.engine.context, max_input_tokens=rt.loop.engine.context)
+    return card
 
 
 def _check_model(request: Request, model: str | None) -> None:
