@@ -13,7 +13,7 @@ import json
 import secrets
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import ConfigDict, Field, Tag, model_validator
 
 from vramlite.engine import FinishReason
 from vramlite.engine.sampler import MAX_STOP_STRINGS
@@ -27,9 +27,11 @@ from vramlite.server.schemas import (
     SamplingFields,
     StopString,
     StructuredFields,
+    by_type,
+    joined_text,
     unsupported,
 )
-from vramlite.server.tools import ToolCall
+from vramlite.server.tools import ToolCall, json_or_none
 
 MAX_MESSAGES = 4096
 Text = Annotated[str, Field(max_length=MAX_PROMPT_CHARS)]
@@ -73,14 +75,9 @@ class RedactedThinkingBlock(OpenAIBody):
     type: Literal["redacted_thinking"]
 
 
-def _block_type(value: Any) -> str:
-    kind = value.get("type") if isinstance(value, dict) else getattr(value, "type", None)
-    return kind if isinstance(kind, str) else "text"
-
-
 Block = Annotated[Annotated[TextBlock, Tag("text")] | Annotated[ToolUseBlock, Tag("tool_use")]
                   | Annotated[ToolResultBlock, Tag("tool_result")] | Annotated[ThinkingBlock, Tag("thinking")]
-                  | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")], Discriminator(_block_type)]
+                  | Annotated[RedactedThinkingBlock, Tag("redacted_thinking")], by_type("text")]
 
 
 class Message(OpenAIBody):
@@ -133,10 +130,6 @@ class OutputConfig(OpenAIBody):
     format: OutputFormat | None = None
 
 
-def _text(content: str | list[TextBlock]) -> str:
-    return content if isinstance(content, str) else "".join(block.text for block in content)
-
-
 class MessagesRequest(SamplingFields, StructuredFields):
     """`POST /v1/messages`: Anthropic's Messages API; the sampling fields of the other routes too."""
 
@@ -181,7 +174,7 @@ class MessagesRequest(SamplingFields, StructuredFields):
     def _messages(self) -> list[dict[str, Any]]:
         messages: list[dict[str, Any]] = []
         if self.system is not None:
-            messages.append({"role": "system", "content": _text(self.system)})
+            messages.append({"role": "system", "content": joined_text(self.system)})
         for message in self.messages:
             blocks = [TextBlock(type="text", text=message.content)] if isinstance(message.content, str) \
                 else message.content
@@ -201,7 +194,7 @@ class MessagesRequest(SamplingFields, StructuredFields):
                         messages.append({"role": "user", "content": text})
                         text = ""
                     messages.append({"role": "tool", "tool_call_id": block.tool_use_id,
-                                     "content": _text(block.content)})
+                                     "content": joined_text(block.content)})
                 else:
                     text += block.text
             if text or not blocks:
@@ -284,8 +277,8 @@ class MessageWriter:
         events = self._end_thinking()
         uses = []
         for call in calls:
-            arguments = _json_object(call.arguments)
-            if arguments is None:
+            arguments = json_or_none(call.arguments)
+            if not isinstance(arguments, dict):
                 events += self.text(call.arguments)
             else:
                 uses.append((call, arguments))
@@ -316,9 +309,3 @@ class MessageWriter:
         return self._event("error", error={"type": code, "message": message})
 
 
-def _json_object(text: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None

@@ -921,16 +921,9 @@ async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, 
             for event in _write_whole(writer, gen, await collect(request, gen), tools, mode, thinking):
                 yield event
             return
-        watcher = CallWatcher() if mode == "auto" else None
-        splitter = ThoughtSplitter(thinking) if thinking is not None else None
+        reader = ReplyReader(tools if mode == "auto" else None, thinking)
         async for out in runtime(request).loop.stream(gen):
-            thought, text, calls = "", out.text, []
-            if splitter is not None:
-                thought, text = _split_more(splitter, text, out.finished)
-            text = text if watcher is None else watcher.feed(text)
-            if out.finished and watcher is not None:
-                rest, calls = watcher.finish(tools or [])
-                text += rest
+            thought, text, calls = reader.feed(out.text, out.finished)
             for event in [*writer.reasoning(thought),
                           *writer.text(text, None if out.logprobs is None else token_logprobs([out.logprobs]))]:
                 yield event
@@ -998,13 +991,30 @@ async def embeddings(request: Request, body: EmbeddingRequest) -> Any:
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
 
 
-def _split_more(splitter: ThoughtSplitter, text: str, last: bool) -> tuple[str, str]:
-    """The thought and answer pieces `text` brings out, with all that was held back where it is the last."""
-    thought, answer = splitter.feed(text)
-    if last:
-        more_thought, more_answer = splitter.finish()
-        thought, answer = thought + more_thought, answer + more_answer
-    return thought, answer
+class ReplyReader:
+    """A reply read as it streams: its thought apart where `thinking` is not None (`ThoughtSplitter`), and with
+    `tools` ("auto") answer text that may be a call held back (`CallWatcher`), the calls read from the whole
+    answer at its end."""
+
+    def __init__(self, tools: list[dict[str, Any]] | None, thinking: bool | None) -> None:
+        self._tools = tools or []
+        self._watcher = None if tools is None else CallWatcher()
+        self._splitter = None if thinking is None else ThoughtSplitter(thinking)
+
+    def feed(self, piece: str, last: bool) -> tuple[str, str, list[ToolCall]]:
+        """The thought, answer text and calls that `piece` brings out (all that was held back if it is the last)."""
+        thought, text, calls = "", piece, []
+        if self._splitter is not None:
+            thought, text = self._splitter.feed(piece)
+            if last:
+                more_thought, more_text = self._splitter.finish()
+                thought, text = thought + more_thought, text + more_text
+        if self._watcher is not None:
+            text = self._watcher.feed(text)
+            if last:
+                rest, calls = self._watcher.finish(self._tools)
+                text += rest
+        return thought, text, calls
 
 
 def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None, mode: str | dict[str, Any],
@@ -1054,17 +1064,9 @@ async def _chat_chunks(request: Request, gens: list[Generation], head: dict[str,
         yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                     "finish_reason": None}]}
     asked = gens[0].params.logprobs is not None
-    watchers = [CallWatcher() for _ in gens] if tools is not None else None
-    splitters = [ThoughtSplitter(thinking) for _ in gens] if thinking is not None else None
+    readers = [ReplyReader(tools, thinking) for _ in gens]
     async for i, (out, finish, tokens) in merged([_openai_pieces(request, gen) for gen in gens]):
-        thought, text, calls = "", out.text, []
-        if splitters is not None:
-            thought, text = _split_more(splitters[i], text, finish is not None)
-        if watchers is not None:
-            text = watchers[i].feed(text)
-            if finish is not None:
-                rest, calls = watchers[i].finish(tools)
-                text += rest
+        thought, text, calls = readers[i].feed(out.text, finish is not None)
         if thought or text or finish:
             delta: dict[str, Any] = {"content": text} if text else {}
             if thought:

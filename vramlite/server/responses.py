@@ -15,7 +15,7 @@ import json
 import secrets
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AliasChoices, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AliasChoices, ConfigDict, Field, Tag, model_validator
 
 from vramlite.engine import FinishReason
 from vramlite.server.schemas import (
@@ -29,6 +29,8 @@ from vramlite.server.schemas import (
     OpenAIBody,
     SamplingFields,
     StructuredFields,
+    by_type,
+    joined_text,
     unsupported,
 )
 from vramlite.server.tools import ToolCall
@@ -42,10 +44,6 @@ CallId = Annotated[str, Field(min_length=1, max_length=256)]
 class TextPart(OpenAIBody):
     type: Literal["input_text", "output_text"]
     text: Text
-
-
-def _text(content: str | list[TextPart]) -> str:
-    return content if isinstance(content, str) else "".join(part.text for part in content)
 
 
 class MessageItem(OpenAIBody):
@@ -84,14 +82,9 @@ class ReasoningItem(OpenAIBody):
     content: list[ReasoningText] | None = None
 
 
-def _item_type(value: Any) -> str:
-    kind = value.get("type", "message") if isinstance(value, dict) else getattr(value, "type", "message")
-    return kind if isinstance(kind, str) else "message"
-
-
 InputItem = Annotated[Annotated[MessageItem, Tag("message")] | Annotated[FunctionCallItem, Tag("function_call")]
                       | Annotated[FunctionCallOutputItem, Tag("function_call_output")]
-                      | Annotated[ReasoningItem, Tag("reasoning")], Discriminator(_item_type)]
+                      | Annotated[ReasoningItem, Tag("reasoning")], by_type("message")]
 
 
 class FunctionTool(FunctionDefinition):
@@ -198,16 +191,16 @@ class ResponsesRequest(SamplingFields, StructuredFields):
             if isinstance(item, ReasoningItem):
                 thought += "".join(part.text for part in item.content or ())
             elif isinstance(item, FunctionCallOutputItem):
-                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
+                messages.append({"role": "tool", "tool_call_id": item.call_id, "content": joined_text(item.output)})
             elif isinstance(item, MessageItem) and item.role != "assistant":
-                messages.append({"role": item.role, "content": _text(item.content)})
+                messages.append({"role": item.role, "content": joined_text(item.content)})
             else:  # the assistant's text, or a call, which joins the assistant's message before it
                 if thought or not messages or messages[-1]["role"] != "assistant" or isinstance(item, MessageItem):
                     messages.append({"role": "assistant", "content": None,
                                      **({"reasoning_content": thought} if thought else {})})
                     thought = ""
                 if isinstance(item, MessageItem):
-                    messages[-1]["content"] = _text(item.content)
+                    messages[-1]["content"] = joined_text(item.content)
                 else:
                     messages[-1].setdefault("tool_calls", []).append({
                         "id": item.call_id, "type": "function",

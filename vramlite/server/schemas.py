@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
@@ -10,6 +11,7 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
     ValidationInfo,
     field_validator,
@@ -284,6 +286,20 @@ class StreamOptions(Body):
     include_usage: bool = False
 
 
+def joined_text(content: str | Sequence[Any]) -> str:
+    """A message's content as one text: a string, or its parts' (content parts, text blocks) `text` joined."""
+    return content if isinstance(content, str) else "".join(part.text for part in content)
+
+
+def by_type(default: str) -> Discriminator:
+    """Tells a union's members apart by a value's `type` (a dict's key or a model's field), `default` where it
+    has none."""
+    def tag(value: Any) -> str:
+        kind = value.get("type", default) if isinstance(value, dict) else getattr(value, "type", default)
+        return kind if isinstance(kind, str) else default
+    return Discriminator(tag)
+
+
 class ContentPart(Body):
     type: Literal["text"]
     text: str = Field(max_length=MAX_PROMPT_CHARS)
@@ -444,9 +460,7 @@ class ChatMessage(OpenAIBody):
         return self
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return "" if self.content is None else joined_text(self.content)
 
     def for_template(self) -> dict[str, Any]:
         """The message as chat templates read it: a tool call's arguments as an object where they parse."""

@@ -71,7 +71,7 @@ def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, A
         return text, []
     names = {t["function"]["name"] for t in tools}
     if choice == "required":
-        calls = _calls(_loads(text), names)  # none where max_tokens cut the array short
+        calls = _calls(json_or_none(text), names)  # none where max_tokens cut the array short
         return (None, calls) if calls else (text, [])
     if MISTRAL_TAG in text:
         content, _, rest = text.partition(MISTRAL_TAG)
@@ -80,11 +80,11 @@ def read_calls(text: str, tools: list[dict[str, Any]], choice: str | dict[str, A
             return content.strip() or None, calls
     blocks = _HERMES.findall(text)
     if blocks:
-        calls = [call for block in blocks for call in _calls(_loads(block), names)]
+        calls = [call for block in blocks for call in _calls(json_or_none(block), names)]
         if calls:
             content = _HERMES.sub("", text).strip()
             return content or None, calls
-    calls = _calls(_loads(text.strip()), names)
+    calls = _calls(json_or_none(text.strip()), names)
     return (None, calls) if calls else (text, [])
 
 
@@ -96,14 +96,15 @@ def _mistral_calls(text: str, names: set[str]) -> list[ToolCall]:
     for part in text.split(MISTRAL_TAG):
         name, args_tag, arguments = part.partition("[ARGS]")
         if not args_tag:
-            found = _calls(_loads(part.strip()), names)
+            found = _calls(json_or_none(part.strip()), names)
             if not found:
                 return []
             calls += found
             continue
         name, _, call_id = name.partition("[CALL_ID]")
-        found = _calls({"name": name.strip(), "arguments": _loads(arguments.strip())}, names)
-        if not found or not isinstance(_loads(arguments.strip()), dict):
+        parsed = json_or_none(arguments.strip())
+        found = _calls({"name": name.strip(), "arguments": parsed}, names) if isinstance(parsed, dict) else []
+        if not found:
             return []
         calls.append(replace(found[0], id=call_id.strip() or None))
     return [call if call.id else replace(call, id="".join(secrets.choice(_MISTRAL_ID) for _ in range(9)))
@@ -147,7 +148,8 @@ class CallWatcher:
         return ("" if content is None else rest.strip()), calls
 
 
-def _loads(text: str) -> Any:
+def json_or_none(text: str) -> Any:
+    """The JSON value of `text`, None where it is not JSON."""
     try:
         return json.loads(text)
     except json.JSONDecodeError:
