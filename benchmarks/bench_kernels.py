@@ -4,13 +4,14 @@
     python -m benchmarks.bench_kernels --smoke    # no GPU: tiny shapes in Triton's interpreter, checks the plumbing
 
 Weight shapes [N, K]: 4096x4096, 11008x4096, 4096x11008 (LLaMA-7B's attention, up/gate and down projections).
-- W8A16, M = 1..16, against fp16 `F.linear` (cuBLAS) and naive dequantize-then-`F.linear`;
-- W8A8 (per-token activation quantization + int8 GEMM), M = 32..2048, against fp16 `F.linear` and
+- W8A16, M = 1..64, against fp16 `F.linear` (cuBLAS) and naive dequantize-then-`F.linear`;
+- W8A8 (per-token activation quantization + int8 GEMM), M = 64..2048, against fp16 `F.linear` and
   `torch._int_mm` (the int8 GEMM alone: no quantization, no scales).
 Our kernels are launched directly (no dispatch), with the variants `vramlite.kernels.dispatch` picks for the GPU unless
 `--backend` says otherwise; each is tuned before it is timed. Reports µs, GB/s (weight bytes in the method's
-own format + activations in and out, over the time), % of `--peak-gbps`, and for W8A8 TOPS and % of
-`--peak-tops`. Prints a table and writes benchmarks/results/kernels-<gpu>.json. Without a GPU (and without
+own format + activations in and out, over the time), % of the DRAM bandwidth (a 1 GiB device-to-device copy's,
+timed in the same run, unless `--peak-gbps` gives it), and for W8A8 TOPS and % of `--peak-tops`; our kernels' rows
+name the tuned config. Prints a table and writes benchmarks/results/kernels-<gpu>.json. Without a GPU (and without
 --smoke) it says so and exits 0.
 """
 
@@ -30,15 +31,17 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-W8A16_ROWS = [1, 2, 4, 8, 16]
-W8A8_ROWS = [32, 128, 512, 2048]
+W8A16_ROWS = [1, 4, 16, 64]
+W8A8_ROWS = [64, 256, 2048]
 SMOKE_SHAPES = [(72, 40)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--peak-gbps", type=float, help="the GPU's DRAM bandwidth, for the %% of peak column")
+    parser.add_argument("--peak-gbps", type=float,
+                        help="the GPU's DRAM bandwidth for the %% of peak column (default: a device-to-device copy's, "
+                             "measured in the run)")
     parser.add_argument("--peak-tops", type=float, help="the GPU's dense int8 TOPS, for W8A8's %% of peak")
     parser.add_argument("--backend", choices=["tensorcore", "pascal"], help="kernel variants (default: dispatch's)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="activation dtype of our kernels")
@@ -78,6 +81,20 @@ def row(op: str, method: str, m: int, n: int, k: int, seconds: float, nbytes: in
     return out
 
 
+def describe(configs: list[Any]) -> str:
+    """The tuned kernel configs, shortly: meta-parameters, warps and stages."""
+    return "; ".join(" ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w={c.num_warps} s={c.num_stages}"
+                     for c in configs)
+
+
+def copy_gbps(measure: Callable[[Callable[[], Any]], float], nbytes: int = 1 << 30) -> float:
+    """DRAM bandwidth as a device-to-device copy achieves it: bytes read plus bytes written, over the time."""
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = measure(functools.partial(dst.copy_, src))
+    return 2 * nbytes / seconds / 1e9
+
+
 def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The naive W8A16: dequantize the whole weight to fp16, then cuBLAS."""
     return F.linear(x, qweight.half() * scale[:, None].half())
@@ -86,6 +103,7 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) 
 def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespace, device: str,
                 backend: Any, measure: Callable[[Callable[[], Any]], float]) -> list[dict[str, Any]]:
     """One weight shape: our kernel for `op` and its baselines at each M."""
+    from vramlite.kernels._common import _tuned
     from vramlite.kernels.quant import quantize_weight
     from vramlite.kernels.w8a8 import w8a8_linear_triton
     from vramlite.kernels.w8a16 import w8a16_linear_triton
@@ -93,7 +111,7 @@ def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespa
     ours = w8a16_linear_triton if op == "w8a16" else w8a8_linear_triton
     qweight, scale = quantize_weight(torch.randn(n, k, device=device) / k**0.5)
     w16 = (qweight.half() * scale[:, None].half()).contiguous()
-    results = []
+    results, config = [], ""
     for m in rows:
         x = torch.randn(m, k, device=device, dtype=DTYPES[args.dtype])
         x16 = x.half()
@@ -109,13 +127,18 @@ def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespa
             methods["torch._int_mm"] = (functools.partial(torch._int_mm, xq, qweight.t()), n * k + m * k + 4 * m * n)
         for method, (fn, nbytes) in methods.items():
             try:
+                known = set(_tuned)
                 fn()  # compile, and tune our kernels, outside the timing
+                newly_tuned = [config for key, config in _tuned.items() if key not in known]
                 seconds = measure(fn)
             except RuntimeError as e:  # e.g. torch._int_mm's shape limits, or no int8 GEMM on this GPU
                 print(f"  {method} M={m} N={n} K={k}: n/a ({str(e).splitlines()[0][:80]})", file=sys.stderr)
                 continue
             ops = 2 * m * n * k if op == "w8a8" else None
             results.append(row(op, method, m, n, k, seconds, nbytes, args, ops))
+            if method.startswith("vramlite"):
+                config = describe(newly_tuned) if newly_tuned else config  # else M shares the last M's tuning
+                results[-1]["config"] = config
     return results
 
 
@@ -160,13 +183,16 @@ def main(argv: list[str] | None = None) -> int:
         print("the Pascal variants take fp16 or fp32 activations")
         return 2
     measure = timer(device)
+    if device == "cuda" and not args.peak_gbps:
+        args.peak_gbps = round(copy_gbps(measure), 1)
+        print(f"device-to-device copy: {args.peak_gbps} GB/s (the %peak_bw column's 100%)")
     shapes, rows16, rows8 = (SMOKE_SHAPES, [1, 3], [17]) if args.smoke else (SHAPES, W8A16_ROWS, W8A8_ROWS)
     results = []
     for n, k in shapes:
         results += bench_shape(n, k, rows16, "w8a16", args, device, backend, measure)
         results += bench_shape(n, k, rows8, "w8a8", args, device, backend, measure)
     print(f"{backend.value} kernels, {args.dtype} activations")
-    print_table(results, ["op", "method", "M", "N", "K", "us", "GB/s", "%peak_bw", "TOPS", "%peak_ops"])
+    print_table(results, ["op", "method", "M", "N", "K", "us", "GB/s", "%peak_bw", "TOPS", "%peak_ops", "config"])
     if args.smoke:
         return 0
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")

@@ -126,6 +126,7 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
                      "lower_bound_ms": round(bound * 1e3, 2), "step_over_bound": round(step / bound, 3) if bound
                      else None, "stall_s": round(after.stall_seconds - before.stall_seconds, 4),
                      "pinned": after.pinned_bytes > 0})
+        print(rows[-1], flush=True)
     del runner, model, store
     torch.cuda.empty_cache()
     return rows
@@ -193,12 +194,13 @@ def main() -> int:
         model_dir = write_int8_llama(Path(tmp), SHAPE)
         for limit in args.limits:
             rows += bench_vramlite(model_dir, device, limit, args.batches, args.steps, peak)
+    record = dict(**gpu_record(), pinned_peak_GBps=round(peak / 1e9, 2), shape=SHAPE)
+    write_results("offload", rows, **record)  # kept should the comparison below not finish
     if not args.no_accelerate:
         rows += bench_accelerate(args.limits[0], [1, max(args.batches)], max(2, args.steps // 4))
     print_table(rows, ["engine", "memory_limit", "batch", "resident", "streamed", "tokens_per_s", "step_ms",
                        "h2d_GBps", "h2d_of_peak", "lower_bound_ms", "step_over_bound", "pinned"])
-    path = write_results("offload", rows, **gpu_record(), pinned_peak_GBps=round(peak / 1e9, 2), shape=SHAPE)
-    print(f"wrote {path}")
+    print(f"wrote {write_results('offload', rows, **record)}")
     return 0
 
 

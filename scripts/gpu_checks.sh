@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every check that needs a CUDA GPU, in one bounded run (about 12 minutes at most): the `-m gpu` tests, the
-# kernel tests on the real kernels, the kernel benchmark and the offload benchmark. Needs torch, triton,
-# transformers, accelerate, safetensors and pytest; not the server's packages. Logs and JSON go to $OUT (default benchmarks/results); each step has its
-# own time limit, and a step that fails or runs out of time does not stop the next one. Exits non-zero if any
-# step failed.
+# Every check that needs a CUDA GPU, in one bounded run (under 10 minutes): the `-m gpu` tests, the kernel
+# benchmark, the offload benchmark and the kernel tests on the real kernels. Needs torch, triton, transformers,
+# accelerate, safetensors and pytest; not the server's packages. Logs and JSON go to $OUT (default
+# benchmarks/results), each JSON as soon as its step ends; each step has its own time limit, and a step that fails
+# or runs out of time does not stop the next one. Exits non-zero if any step failed. Names given run those steps
+# only, in the order given.
 #
 #     bash scripts/gpu_checks.sh            # or: OUT=/some/dir PYTHON=.venv/bin/python bash scripts/gpu_checks.sh
+#     bash scripts/gpu_checks.sh kernels offload
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-benchmarks/results}"
@@ -23,14 +25,23 @@ step() {  # step NAME SECONDS COMMAND...
     local rc=${PIPESTATUS[0]}
     echo "== $name: exit $rc after $((SECONDS - start))s"
     [ "$rc" = 0 ] || status=1
+    [ "$out" -ef benchmarks/results ] || cp benchmarks/results/*.json "$out/" 2>/dev/null || true
+}
+
+run_step() {
+    case $1 in
+        gpu_tests) step gpu_tests 150 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider ;;
+        kernels) step kernels 120 "$python" -m benchmarks.bench_kernels ;;
+        offload) step offload 240 "$python" -m benchmarks.offload --steps 8 ;;
+        # the kernel tests at odd shapes, which a GPU runs on the real kernels rather than in Triton's interpreter
+        kernel_tests) step kernel_tests 60 "$python" -m pytest tests/kernels -m "not gpu" -q -rs -p no:cacheprovider ;;
+        *) echo "unknown step: $1 (gpu_tests, kernels, offload, kernel_tests)"; status=1 ;;
+    esac
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv \
     | tee "$out/gpu.txt"
-step gpu_tests 180 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider
-# the kernel tests at odd shapes, which a GPU runs on the real kernels rather than in Triton's interpreter
-step kernel_tests 120 "$python" -m pytest tests/kernels -m "not gpu" -q -rs -p no:cacheprovider
-step kernels 120 "$python" -m benchmarks.bench_kernels
-step offload 280 "$python" -m benchmarks.offload --steps 8
-cp benchmarks/results/*.json "$out/" 2>/dev/null || true
+steps=("$@")
+[ $# -gt 0 ] || steps=(gpu_tests kernels offload kernel_tests)
+for name in "${steps[@]}"; do run_step "$name"; done
 exit $status

@@ -83,6 +83,10 @@ def _configs(use_dot: bool, block_m: int) -> tuple["triton.Config", ...]:
             (128, 128, 2, 4, 4),
             (32, 256, 8, 4, 3),
             (128, 256, 1, 8, 3),
+            # one program per 16-32 rows and no split: no partials to reduce, so no second kernel at M = 1
+            (32, 256, 1, 4, 4),
+            (16, 512, 1, 4, 3),
+            (32, 512, 2, 4, 3),
         ]
     else:  # the K reduction after the loop stages the BLOCK_M*BLOCK_N*BLOCK_K products in shared memory
         space = [(n, min(8192 // (block_m * n), 256), split, warps, 2)
