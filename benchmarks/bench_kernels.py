@@ -100,42 +100,83 @@ def dequant_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) 
     return F.linear(x, qweight.half() * scale[:, None].half())
 
 
+def graph_seconds(calls: list[Callable[[], Any]], replays: int = 20) -> float:
+    """Seconds per call of `calls` replayed back to back from one captured CUDA graph: the GPU's time without the
+    Python launch cost between calls (as in the engine's captured decode step). Each call has its own weights, so
+    they stream from DRAM rather than from the L2 cache."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # capture wants its warm-up off the default stream
+        for call in calls:
+            call()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for call in calls:
+            call()
+    graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times) / len(calls)
+
+
+def weight_copies(n: int, k: int, device: str) -> int:
+    """How many copies of an int8 [n, k] weight make three times the GPU's L2 cache (1 on CPU)."""
+    if device != "cuda":
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 64 << 20)
+    return max(1, -(-3 * l2 // (n * k)))
+
+
 def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespace, device: str,
                 backend: Any, measure: Callable[[Callable[[], Any]], float]) -> list[dict[str, Any]]:
-    """One weight shape: our kernel for `op` and its baselines at each M."""
+    """One weight shape: our kernel for `op` and its baselines at each M. `us` is the GPU time of a call in a
+    CUDA graph (on CPU: of a call); `call_us` the time of a call launched from Python, the L2 cache flushed."""
     from vramlite.kernels._common import _tuned
     from vramlite.kernels.quant import quantize_weight
     from vramlite.kernels.w8a8 import w8a8_linear_triton
     from vramlite.kernels.w8a16 import w8a16_linear_triton
 
     ours = w8a16_linear_triton if op == "w8a16" else w8a8_linear_triton
-    qweight, scale = quantize_weight(torch.randn(n, k, device=device) / k**0.5)
-    w16 = (qweight.half() * scale[:, None].half()).contiguous()
+    weights = []
+    for _ in range(weight_copies(n, k, device)):
+        qweight, scale = quantize_weight(torch.randn(n, k, device=device) / k**0.5)
+        weights.append((qweight, scale, (qweight.half() * scale[:, None].half()).contiguous()))
     results, config = [], ""
     for m in rows:
         x = torch.randn(m, k, device=device, dtype=DTYPES[args.dtype])
         x16 = x.half()
+        xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
         act, act16 = (m * k + m * n) * x.element_size(), (m * k + m * n) * 2
-        methods = {
-            f"vramlite {op}": (functools.partial(ours, x, qweight, scale, backend=backend), n * k + 4 * n + act),
-            "fp16 F.linear": (functools.partial(F.linear, x16, w16), 2 * n * k + act16),
+        methods: dict[str, tuple[list[Callable[[], Any]], int]] = {  # one call per weight copy
+            f"vramlite {op}": ([functools.partial(ours, x, q, s, backend=backend) for q, s, _ in weights],
+                               n * k + 4 * n + act),
+            "fp16 F.linear": ([functools.partial(F.linear, x16, w) for _, _, w in weights], 2 * n * k + act16),
         }
         if op == "w8a16":
-            methods["dequant+F.linear"] = (functools.partial(dequant_linear, x16, qweight, scale), n * k + act16)
+            methods["dequant+F.linear"] = ([functools.partial(dequant_linear, x16, q, s) for q, s, _ in weights],
+                                           n * k + act16)
         else:
-            xq = torch.randint(-127, 128, (m, k), dtype=torch.int8, device=device)
-            methods["torch._int_mm"] = (functools.partial(torch._int_mm, xq, qweight.t()), n * k + m * k + 4 * m * n)
-        for method, (fn, nbytes) in methods.items():
+            methods["torch._int_mm"] = ([functools.partial(torch._int_mm, xq, q.t()) for q, _, _ in weights],
+                                        n * k + m * k + 4 * m * n)
+        for method, (calls, nbytes) in methods.items():
             try:
                 known = set(_tuned)
-                fn()  # compile, and tune our kernels, outside the timing
+                calls[0]()  # compile, and tune our kernels, outside the timing
                 newly_tuned = [config for key, config in _tuned.items() if key not in known]
-                seconds = measure(fn)
+                call = measure(calls[0])
+                seconds = graph_seconds(calls) if device == "cuda" else call
             except RuntimeError as e:  # e.g. torch._int_mm's shape limits, or no int8 GEMM on this GPU
                 print(f"  {method} M={m} N={n} K={k}: n/a ({str(e).splitlines()[0][:80]})", file=sys.stderr)
                 continue
             ops = 2 * m * n * k if op == "w8a8" else None
-            results.append(row(op, method, m, n, k, seconds, nbytes, args, ops))
+            results.append(row(op, method, m, n, k, seconds, nbytes, args, ops) | {"call_us": round(call * 1e6, 1)})
             if method.startswith("vramlite"):
                 config = describe(newly_tuned) if newly_tuned else config  # else M shares the last M's tuning
                 results[-1]["config"] = config
@@ -192,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         results += bench_shape(n, k, rows16, "w8a16", args, device, backend, measure)
         results += bench_shape(n, k, rows8, "w8a8", args, device, backend, measure)
     print(f"{backend.value} kernels, {args.dtype} activations")
-    print_table(results, ["op", "method", "M", "N", "K", "us", "GB/s", "%peak_bw", "TOPS", "%peak_ops", "config"])
+    print_table(results, ["op", "method", "M", "N", "K", "us", "GB/s", "%peak_bw", "TOPS", "%peak_ops", "call_us",
+                           "config"])
     if args.smoke:
         return 0
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")

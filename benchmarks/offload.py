@@ -106,9 +106,11 @@ def decode_seconds_per_step(runner: ModelRunner, batch: int, steps: int, vocab: 
 def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: list[int], steps: int,
                    peak: float) -> list[dict[str, Any]]:
     context = PROMPT_LEN + steps + 1
+    start = time.perf_counter()
     model, _ = load_model(model_dir, device, torch.float16, context=context, memory_limit=limit,
                           max_batch_size=max(batches), max_tokens_per_step=max(batches) * PROMPT_LEN)
     store = model.offload
+    print(f"{limit}: loaded in {time.perf_counter() - start:.0f} s", flush=True)
     runner = ModelRunner(model, device, torch.float16, max(batches), context)
     rows = []
     for batch in batches:
@@ -132,6 +134,20 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
     return rows
 
 
+def fill_random(model: torch.nn.Module, pool_size: int = 1 << 26) -> None:
+    """Random N(0, 0.02) weights, tiled from one pool (drawing 7B normals one by one takes minutes on a CPU),
+    and zeroed buffers (`to_empty` leaves the rotary frequencies unset: zero keeps the numbers finite; the work,
+    which is all that is timed, is the same)."""
+    pool = torch.randn(pool_size, generator=torch.Generator().manual_seed(0)).half() * 0.02
+    for p in model.parameters():
+        flat = p.data.view(-1)
+        for i in range(0, flat.numel(), pool_size):
+            chunk = flat[i : i + pool_size]
+            chunk.copy_(pool[: chunk.numel()])
+    for b in model.buffers():
+        b.zero_()
+
+
 def bench_accelerate(limit: str, batches: list[int], steps: int) -> list[dict[str, Any]]:
     """transformers + accelerate CPU offload of the same shapes (fp16, random weights)."""
     try:
@@ -139,11 +155,17 @@ def bench_accelerate(limit: str, batches: list[int], steps: int) -> list[dict[st
         import transformers as tf
     except ImportError as e:
         return [{"engine": "accelerate", "memory_limit": limit, "note": f"not installed: {e}"}]
-    with accelerate.init_empty_weights():
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE))
-    model = model.to_empty(device="cpu").half()
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.02)
+    start = time.perf_counter()
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)  # built in fp16: no fp32 copy of 7B parameters on the way
+    try:
+        with accelerate.init_empty_weights():
+            model = tf.LlamaForCausalLM(tf.LlamaConfig(**SHAPE))
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device="cpu")
+    fill_random(model)
+    print(f"accelerate: fp16 model built on the host in {time.perf_counter() - start:.0f} s", flush=True)
     device_map = accelerate.infer_auto_device_map(model, max_memory={0: limit, "cpu": "200GiB"},
                                                   no_split_module_classes=["LlamaDecoderLayer"])
     model = accelerate.dispatch_model(model, device_map=device_map).eval()
@@ -158,6 +180,7 @@ def bench_accelerate(limit: str, batches: list[int], steps: int) -> list[dict[st
                 torch.cuda.synchronize()
                 return time.perf_counter() - start
             step = (run(steps + 1) - run(1)) / steps
+        print(f"accelerate: batch {batch}, {step * 1e3:.0f} ms per step", flush=True)
         rows.append({"engine": "accelerate", "memory_limit": limit, "batch": batch,
                      "tokens_per_s": round(batch / step, 3), "step_ms": round(step * 1e3, 1)})
     return rows
@@ -191,7 +214,9 @@ def main() -> int:
     print(f"pinned H2D peak: {peak / 1e9:.1f} GB/s")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
         model_dir = write_int8_llama(Path(tmp), SHAPE)
+        print(f"int8 checkpoint written in {time.perf_counter() - start:.0f} s", flush=True)
         for limit in args.limits:
             rows += bench_vramlite(model_dir, device, limit, args.batches, args.steps, peak)
     record = dict(**gpu_record(), pinned_peak_GBps=round(peak / 1e9, 2), shape=SHAPE)

@@ -93,22 +93,20 @@ def _pascal_cases(configs: tuple, cc: int, dtype: str) -> tuple:
 @pytest.mark.parametrize("cc,dtype", [(61, "fp32"), (61, "fp16"), (75, "fp32")])
 def test_w8a16_fp32_math(cc: int, dtype: str, block_m: int) -> None:
     for config in _pascal_cases(w8a16_configs(False, block_m), cc, dtype):
-        compiled = _compile(_w8a16_kernel, cc, config, _w8a16_pointers(dtype, config),
-                            HAS_BIAS=True, USE_DOT=False, BLOCK_M=block_m)
+        compiled = _compile(_w8a16_kernel, cc, config, _w8a16_pointers(dtype, config), HAS_BIAS=True)
         assert compiled.metadata.shared <= PASCAL_SHARED[cc]
         assert "mma" not in compiled.asm["ptx"]
 
 
 def test_w8a16_fp32_math_on_tensor_core_gpus() -> None:
     config = w8a16_configs(False, 1)[0]
-    _compile(_w8a16_kernel, 80, config, _w8a16_pointers("fp32", config), HAS_BIAS=True, USE_DOT=False, BLOCK_M=1)
+    _compile(_w8a16_kernel, 80, config, _w8a16_pointers("fp32", config), HAS_BIAS=True)
 
 
 @pytest.mark.parametrize("cc,dtype", [(80, "fp16"), (80, "bf16"), (90, "bf16")])
 def test_w8a16_tensor_cores(cc: int, dtype: str) -> None:
     config = w8a16_configs(True, 16)[0]
-    compiled = _compile(_w8a16_kernel, cc, config, _w8a16_pointers(dtype, config),
-                        HAS_BIAS=True, USE_DOT=True, BLOCK_M=16)
+    compiled = _compile(_w8a16_kernel, cc, config, _w8a16_pointers(dtype, config), HAS_BIAS=True)
     assert "mma" in compiled.asm["ptx"]
     assert cc != 80 or "cp.async" in compiled.asm["ptx"]  # loads pipelined through shared memory
 

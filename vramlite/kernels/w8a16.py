@@ -7,8 +7,9 @@ split writes fp32 partials that one deterministic `sum` reduces (no atomics, so 
 
 Two ways to multiply a tile:
 - tensor cores (`tl.dot` in fp16/bf16, fp32 accumulate) for fp16/bf16 x on CC >= 8.0;
-- fp32 multiply-and-reduce, for Pascal/Turing (fp16 math at 1/64 rate on Pascal) and for fp32 x anywhere.
-  BLOCK_M follows M down to 1 here: no wasted math on padding rows.
+- fp32 multiply-and-reduce, for Pascal/Turing (fp16 math at 1/64 rate on Pascal) and for fp32 x anywhere, and
+  tried by the tuner for up to GEMV_ROWS rows on tensor-core GPUs too. BLOCK_M follows M down to 1 here: no
+  wasted math on padding rows.
 """
 
 import functools
@@ -70,12 +71,23 @@ def _block_m(m: int, use_dot: bool) -> int:
     return min(rows, 16)
 
 
+def _fp32_tiles(block_m: int, space: tuple[tuple[int, int, int], ...], stages: int) -> list[tuple]:
+    """fp32 multiply-and-reduce tiles of 8192 products: BLOCK_K follows BLOCK_M * BLOCK_N down."""
+    return [(False, block_m, n, min(8192 // (block_m * n), 256), split, warps, stages) for n, split, warps in space]
+
+
+GEMV_ROWS = 4  # up to this many rows, tensor-core GPUs also try the fp32 tiles: no padding to 16 rows
+
+
 @functools.cache  # once per shape class, not on every call of a decode step
-def _configs(use_dot: bool, block_m: int) -> tuple["triton.Config", ...]:
-    """The tuning space: tensor-core tiles, or fp32 tiles of 8192 products: 32 KiB of shared memory to reduce
-    (GTX 1060: 48 KiB per block), 64 or 32 accumulators per thread."""
+def _configs(use_dot: bool, m: int) -> tuple["triton.Config", ...]:
+    """The tuning space for M = m: tensor-core tiles (and, for a few rows, fp32 tiles too), or fp32 tiles of 8192
+    products alone: 32 KiB of shared memory to reduce (GTX 1060: 48 KiB per block), 64 or 32 accumulators per
+    thread. Each config carries its path (USE_DOT) and BLOCK_M."""
+    fp32_space = ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))  # (BLOCK_N, SPLIT_K, num_warps)
     if use_dot:
-        space = [  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
+        block_m = _block_m(m, True)
+        space = [(True, block_m, *tile) for tile in (  # (BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages)
             (64, 128, 1, 4, 4),
             (64, 128, 4, 4, 4),
             (64, 128, 8, 4, 4),
@@ -87,13 +99,15 @@ def _configs(use_dot: bool, block_m: int) -> tuple["triton.Config", ...]:
             (32, 256, 1, 4, 4),
             (16, 512, 1, 4, 3),
             (32, 512, 2, 4, 3),
-        ]
+        )]
+        if m <= GEMV_ROWS:
+            space += _fp32_tiles(_block_m(m, False), ((16, 1, 4), *fp32_space), 3)
     else:  # the K reduction after the loop stages the BLOCK_M*BLOCK_N*BLOCK_K products in shared memory
-        space = [(n, min(8192 // (block_m * n), 256), split, warps, 2)
-                 for n, split, warps in ((32, 1, 4), (64, 1, 4), (32, 4, 4), (64, 4, 8))]
+        space = _fp32_tiles(_block_m(m, False), fp32_space, 2)
     return tuple(
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split}, num_warps=warps, num_stages=stages)
-        for n, k, split, warps, stages in space
+        triton.Config({"USE_DOT": dot, "BLOCK_M": bm, "BLOCK_N": n, "BLOCK_K": k, "SPLIT_K": split},
+                      num_warps=warps, num_stages=stages)
+        for dot, bm, n, k, split, warps, stages in space
     )
 
 
@@ -106,11 +120,10 @@ def w8a16_linear_triton(
     backend: Backend = Backend.TENSORCORE,
     config: "triton.Config | None" = None,
 ) -> torch.Tensor:
-    """W8A16 on x [M, K] with `backend`'s kernel variant; `config` overrides tuning (tests)."""
+    """W8A16 on x [M, K] with `backend`'s kernel variants; `config` overrides tuning (tests)."""
     n, k = check_linear_launch(x, qweight, scale, bias, backend)
     m = x.shape[0]
     use_dot = backend is Backend.TENSORCORE and x.dtype != torch.float32
-    block_m = _block_m(m, use_dot)
 
     def run(cfg: "triton.Config") -> torch.Tensor:
         split_k = cfg.kwargs["SPLIT_K"]
@@ -118,18 +131,19 @@ def w8a16_linear_triton(
             y = torch.empty((m, n), dtype=x.dtype, device=x.device)
         else:
             y = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, cfg.kwargs["BLOCK_N"]), split_k)
+        grid = (triton.cdiv(m, cfg.kwargs["BLOCK_M"]), triton.cdiv(n, cfg.kwargs["BLOCK_N"]), split_k)
         launch(
             _w8a16_kernel, grid, cfg,
             x, qweight, scale, scale if bias is None else bias, y,  # bias_ptr is unread without HAS_BIAS
             m, n, k,
             x.stride(0), qweight.stride(0), y.stride(0) if split_k > 1 else 0, y.stride(-2),
-            HAS_BIAS=bias is not None, USE_DOT=use_dot, BLOCK_M=block_m,
+            HAS_BIAS=bias is not None,
         )
         return y if split_k == 1 else y.sum(dim=0).to(x.dtype)
 
-    key = ("w8a16", x.device, x.dtype, use_dot, block_m, n, k)
-    return run_tuned(x, n, key, _configs(use_dot, block_m), run, config)
+    rows = min(triton.next_power_of_2(max(m, 1)), 64)  # the configs' shape class
+    key = ("w8a16", x.device, x.dtype, use_dot, rows, n, k)
+    return run_tuned(x, n, key, _configs(use_dot, rows), run, config)
 
 
 def w8a16_linear_ref(

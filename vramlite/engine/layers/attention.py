@@ -221,7 +221,9 @@ def _decode(q: torch.Tensor, kd: torch.Tensor, vd: torch.Tensor, mask: torch.Ten
     group = heads // kv_heads
     if b == 1 and mask is None and bias is None and softcap is None:
         # one sequence: its query heads are SDPA's query rows, 1.5x faster
-        return F.scaled_dot_product_attention(q.view(1, kv_heads, group, d), kd, vd, scale=scale).view(1, heads, d)
+        # (reshape: on CUDA, q and SDPA's output may come with strides a view cannot take)
+        o = F.scaled_dot_product_attention(q.reshape(1, kv_heads, group, d), kd, vd, scale=scale)
+        return o.reshape(1, heads, d)
     scores = torch.baddbmm(q.new_empty(1, 1, 1), q.reshape(b * kv_heads, group, d),
                            kd.reshape(b * kv_heads, length, d).transpose(1, 2), beta=0,
                            alpha=d**-0.5 if scale is None else scale)
