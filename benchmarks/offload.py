@@ -1,6 +1,6 @@
 """Offload decode throughput on a GPU: a LLaMA-7B-shaped int8 model under a VRAM budget smaller than it.
 
-    python -m benchmarks.offload [--limits 4GiB 5GiB] [--batches 1 8 32] [--steps 16] [--no-accelerate]
+    python -m benchmarks.offload [--limits 4GiB 5GiB] [--batches 1 8 32] [--steps 16] [--no-accelerate] [--profile]
 
 The model (32 layers, hidden 4096, MLP 11008, vocab 32000; int8 ≈ 6.7 GB) is
 written once as a random int8 checkpoint in a temporary directory. For each
@@ -103,8 +103,18 @@ def decode_seconds_per_step(runner: ModelRunner, batch: int, steps: int, vocab: 
     return (time.perf_counter() - start) / steps
 
 
+def print_profile(runner: ModelRunner, batch: int, vocab: int) -> None:
+    """Where one decode step's time goes: torch's profiler over two steps, ops by self CPU time (the host's
+    launch cost) with their GPU time beside."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        decode_seconds_per_step(runner, batch, 2, vocab)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
+
+
 def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: list[int], steps: int,
-                   peak: float) -> list[dict[str, Any]]:
+                   peak: float, profile: bool = False) -> list[dict[str, Any]]:
     context = PROMPT_LEN + steps + 1
     start = time.perf_counter()
     model, _ = load_model(model_dir, device, torch.float16, context=context, memory_limit=limit,
@@ -129,6 +139,8 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
                      else None, "stall_s": round(after.stall_seconds - before.stall_seconds, 4),
                      "pinned": after.pinned_bytes > 0})
         print(rows[-1], flush=True)
+        if profile:
+            print_profile(runner, batch, model.config.vocab_size)
     del runner, model, store
     torch.cuda.empty_cache()
     return rows
@@ -205,6 +217,7 @@ def main() -> int:
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-accelerate", action="store_true")
+    p.add_argument("--profile", action="store_true", help="after each batch, profile two steps (host vs GPU time)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         print("benchmarks/offload.py needs a CUDA GPU; none is visible here, nothing measured.")
@@ -218,7 +231,7 @@ def main() -> int:
         model_dir = write_int8_llama(Path(tmp), SHAPE)
         print(f"int8 checkpoint written in {time.perf_counter() - start:.0f} s", flush=True)
         for limit in args.limits:
-            rows += bench_vramlite(model_dir, device, limit, args.batches, args.steps, peak)
+            rows += bench_vramlite(model_dir, device, limit, args.batches, args.steps, peak, args.profile)
     record = dict(**gpu_record(), pinned_peak_GBps=round(peak / 1e9, 2), shape=SHAPE)
     write_results("offload", rows, **record)  # kept should the comparison below not finish
     if not args.no_accelerate:
