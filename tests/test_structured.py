@@ -144,3 +144,22 @@ def test_patterns_compile_apart_within_a_timeout(engine):
     with pytest.raises(ValueError, match=r"took over 0\.5 s to compile"):
         slow.index("[a-z]{1,20000}y")
     assert slow.index("a+") is not None
+
+
+def test_one_child_compiles_pattern_after_pattern_and_a_new_one_follows_a_dead_one(engine):
+    grammars = Grammars(engine.tokenizer, engine.config.vocab_size, engine.eos_ids, timeout=30)
+    grammars.index("a+")
+    compiler = grammars._compiler
+    child = compiler._process.pid
+    grammars.index("b+")
+    with pytest.raises(ValueError, match="output pattern"):
+        grammars.index("(")
+    assert compiler._process.pid == child  # the vocabulary went over once
+    compiler._process.kill()
+    compiler._process.wait()
+    index = grammars.index("c+")  # a fresh child
+    assert compiler._process.pid != child
+    assert index.get_allowed_tokens(index.get_initial_state()) == engine.grammars.index("c+").get_allowed_tokens(
+        engine.grammars.index("c+").get_initial_state())
+    compiler.close()
+    assert compiler._process is None

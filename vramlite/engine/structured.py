@@ -12,23 +12,21 @@ Compiling costs from milliseconds to seconds (a large vocabulary, a long
 schema; a pattern such as `x{1,100000}` takes longer), so indexes are cached by
 pattern, compiled one at a time (a costly pattern holds up other new patterns,
 not cached ones or generation), and the server compiles a request's in a worker
-thread before queueing it, off the engine's loop, in a child process it stops
-after `pattern_timeout` seconds.
+thread before queueing it, off the engine's loop, in a child process that stops
+a pattern after `pattern_timeout` seconds (`pattern_compiler`).
 """
 
 from __future__ import annotations
 
 import json
-import pickle
 import re
-import subprocess
-import sys
 import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import torch
 
+from vramlite.engine.pattern_compiler import PatternCompiler
 from vramlite.engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:  # imported where used: an engine without structured output runs without outlines-core
@@ -77,9 +75,10 @@ def canonical_schema(schema: str | dict[str, Any]) -> str:
 
 class Grammars:
     """Compiles patterns against one model's vocabulary (its tokenizer's tokens up to `vocab_size`, the logits'
-    width; `eos_ids` end the output); thread-safe, cached. With a `timeout`, each compiles in a process of its
-    own, stopped after that many seconds: a pattern whose automaton explodes (`[a-z]{1,20000}y` took 25 s and
-    0.8 GB on 2 cores) is refused instead of holding up every new pattern and filling the memory."""
+    width; `eos_ids` end the output); thread-safe, cached. With a `timeout`, patterns compile in a child
+    process (`PatternCompiler`), each stopped after that many seconds: a pattern whose automaton explodes
+    (`[a-z]{1,20000}y` took 25 s and 0.8 GB on 2 cores) is refused instead of holding up every new pattern and
+    filling the memory."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_ids: tuple[int, ...],
                  timeout: float | None = None) -> None:
@@ -88,6 +87,7 @@ class Grammars:
         self._vocab_size = vocab_size
         self._eos_ids = eos_ids
         self._vocabulary: Vocabulary | None = None
+        self._compiler: PatternCompiler | None = None
         self._cache: OrderedDict[str, Index] = OrderedDict()  # least recently used first
         self._cache_lock = threading.Lock()
         self._compile_lock = threading.Lock()
@@ -130,8 +130,11 @@ class Grammars:
             raise ValueError("structured output needs an EOS token to end on, and this model has none")
         index, vocabulary = _outlines().Index, self._vocabulary_once()
         try:
-            return index(pattern, vocabulary) if self._timeout is None else _compile_apart(pattern, vocabulary,
-                                                                                             self._timeout)
+            if self._timeout is None:
+                return index(pattern, vocabulary)
+            if self._compiler is None:
+                self._compiler = PatternCompiler(vocabulary, self._timeout)
+            return self._compiler.compile(pattern)
         except ValueError as e:
             raise ValueError(f"output pattern: {e}") from None
 
@@ -143,36 +146,6 @@ class Grammars:
                     tokens.setdefault(spelled, []).append(i)
             self._vocabulary = _outlines().Vocabulary(self._eos_ids[0], tokens)
         return self._vocabulary
-
-
-_COMPILER = """
-import pickle, sys
-from outlines_core import Index
-pattern, vocabulary = pickle.load(sys.stdin.buffer)
-try:
-    result = Index(pattern, vocabulary)
-except ValueError as e:
-    result = ValueError(str(e))
-pickle.dump(result, sys.stdout.buffer)
-"""
-
-
-def _compile_apart(pattern: str, vocabulary: Vocabulary, timeout: float) -> Index:
-    """`Index(pattern, vocabulary)` compiled by a child Python (outlines-core alone, no torch: ~0.1 s to start),
-    killed after `timeout` seconds."""
-    try:
-        done = subprocess.run([sys.executable, "-c", _COMPILER], input=pickle.dumps((pattern, vocabulary)),
-                              capture_output=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise ValueError(f"it took over {timeout:g} s to compile (a bounded repetition such as "
-                         "[a-z]{1,20000} grows the automaton with its bound); simplify it") from None
-    if done.returncode != 0:
-        raise RuntimeError(f"the pattern compiler exited with {done.returncode}: "
-                           f"{done.stderr.decode(errors='replace')[-500:]}")
-    result = pickle.loads(done.stdout)  # from our own child process
-    if isinstance(result, ValueError):
-        raise result
-    return result
 
 
 class Constraint:
