@@ -9,7 +9,8 @@ import json
 import anthropic
 import pytest
 
-from vramlite.server.anthropic_messages import MessagesRequest
+from vramlite.server.anthropic_messages import MessagesRequest, MessageWriter
+from vramlite.server.errors import ApiError
 from vramlite.server.schemas import ChatCompletionRequest
 
 WEATHER = {"name": "get_weather", "description": "The weather in a city",
@@ -135,9 +136,26 @@ def test_output_config_holds_the_output_to_a_schema(claude):
     (dict(model="other"), anthropic.NotFoundError, "not served"),
 ])
 def test_what_a_text_server_cannot_do_is_refused(claude, kwargs, error, message):
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as refused:
         claude.messages.create(**{"model": "model", "max_tokens": 2,
                                   "messages": [{"role": "user", "content": "Hi"}], **kwargs})
+    body = refused.value.body  # in Anthropic's shape, its type for the status
+    assert body["type"] == "error" and message in body["error"]["message"]
+    assert body["error"]["type"] == ("not_found_error" if error is anthropic.NotFoundError else "invalid_request_error")
+
+
+def test_errors_of_every_origin_take_anthropics_shape_on_its_routes(long_chat_server):
+    with long_chat_server.client() as c:
+        for path, kwargs, status, kind in [
+            ("/v1/messages", {"content": b"{not json"}, 422, "invalid_request_error"),  # FastAPI's validation
+            ("/v1/messages/count_tokens", {"json": {"model": "model"}}, 422, "invalid_request_error"),
+            ("/v1/messages", {"content": b"x" * (2 << 20)}, 413, "request_too_large"),  # the size guard
+            ("/v1/messages/nowhere", {"json": {}}, 404, "not_found_error"),  # Starlette's routing
+        ]:
+            r = c.post(path, headers={"content-type": "application/json"}, **kwargs)
+            assert (r.status_code, r.json()["type"], r.json()["error"]["type"]) == (status, "error", kind), path
+        r = c.post("/v1/chat/completions", json={"model": "model"})  # elsewhere, our own
+        assert r.status_code == 422 and set(r.json()) == {"error"} and r.json()["error"]["type"] == "validation_error"
 
 
 def test_thinking_blocks_sent_back_are_the_assistants_thought():
@@ -165,3 +183,9 @@ def test_the_model_list_reads_as_anthropics(claude):
     (model,) = list(claude.models.list())
     assert (model.id, model.display_name, model.max_input_tokens) == ("model", "model", 1024)
     assert claude.models.retrieve("model").id == "model"
+
+
+def test_a_stream_that_fails_ends_with_anthropics_error_event():
+    event = MessageWriter("msg_1", "model", 3).error(ApiError(500, "internal_error", "boom"))
+    assert event["event"] == "error"
+    assert json.loads(event["data"]) == {"type": "error", "error": {"type": "api_error", "message": "boom"}}

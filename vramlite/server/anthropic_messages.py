@@ -17,6 +17,7 @@ from pydantic import ConfigDict, Field, Tag, model_validator
 
 from vramlite.engine import FinishReason
 from vramlite.engine.sampler import MAX_STOP_STRINGS
+from vramlite.server.errors import ApiError
 from vramlite.server.schemas import (
     MAX_MODEL_NAME_CHARS,
     MAX_PROMPT_CHARS,
@@ -304,8 +305,8 @@ class MessageWriter:
                                      usage=self.message["usage"]),
                 self._event("message_stop")]
 
-    def error(self, code: str, message: str) -> dict[str, str]:
+    def error(self, error: ApiError) -> dict[str, str]:
         """The stream's last event where the generation failed after it began."""
-        return self._event("error", error={"type": code, "message": message})
+        return self._event("error", error={"type": error.anthropic_type, "message": error.message})
 
 

@@ -872,7 +872,7 @@ class ReplyWriter(Protocol):
     def text(self, piece: str, logprobs: list[dict[str, Any]] | None = None) -> list[dict[str, str]]: ...
     def finish(self, calls: list[ToolCall], reason: FinishReason, stop_reason: str | int | None,
                usage: dict[str, Any]) -> list[dict[str, str]]: ...
-    def error(self, code: str, message: str) -> dict[str, str]: ...
+    def error(self, error: ApiError) -> dict[str, str]: ...
     def result(self) -> dict[str, Any]: ...
 
 
@@ -933,7 +933,7 @@ async def _reply_events(request: Request, gen: Generation, writer: ReplyWriter, 
                     yield event
     except ApiError as e:
         request.state.error = e.type
-        yield writer.error(e.type, e.message)
+        yield writer.error(e)
 
 
 @protected.post("/v1/responses", responses=OPENAI_RESPONSES,
@@ -1109,7 +1109,8 @@ def create_app(settings: Settings, engine_loop: EngineLoop | None = None) -> Fas
 
     app = FastAPI(title="vramlite", version=__version__, lifespan=lifespan,
                   description="Run big language models on one small GPU. Errors always have the body "
-                              '`{"error": {"type", "message"}}`.')
+                              '`{"error": {"type", "message"}}` (under /v1/messages Anthropic\'s, which adds '
+                              '`"type": "error"` and names its types).')
     app.state.runtime = rt
     install_error_handlers(app)
     app.add_middleware(RequestLimitsMiddleware, max_header_bytes=settings.max_header_bytes,

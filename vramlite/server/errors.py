@@ -1,8 +1,11 @@
-"""The one error body of the HTTP contract, `{"error": {"type", "message"}}`, for every status."""
+"""The one error body of the HTTP contract, `{"error": {"type", "message"}}`, for every status; on Anthropic's
+routes (/v1/messages...) in Anthropic's shape, which holds it: `{"type": "error", "error": {"type", "message"}}`
+with Anthropic's type for the status."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -17,6 +20,12 @@ log = logging.getLogger("vramlite.server")
 HTTP_ERROR_TYPES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                     408: "request_timeout", 413: "request_too_large", 415: "unsupported_media_type"}
 
+ANTHROPIC_ROUTES = "/v1/messages"  # and below
+# Anthropic's error types by status (its API answers validation errors 400, not 422)
+ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                   404: "not_found_error", 413: "request_too_large", 422: "invalid_request_error",
+                   429: "rate_limit_error", 503: "overloaded_error", 504: "timeout_error"}
+
 
 class ApiError(Exception):
     """An error answered with our body: `status`, a snake_case `type` and a message saying what to fix."""
@@ -28,11 +37,19 @@ class ApiError(Exception):
         self.message = message
         self.headers = headers
 
-    def body(self) -> dict[str, dict[str, str]]:
+    @property
+    def anthropic_type(self) -> str:
+        """The type Anthropic's API gives an error of this status."""
+        return ANTHROPIC_TYPES.get(self.status, "api_error")
+
+    def body(self, path: str = "") -> dict[str, Any]:
+        """The error body for a request to `path`."""
+        if path.startswith(ANTHROPIC_ROUTES):
+            return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
         return {"error": {"type": self.type, "message": self.message}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(path), self.status, headers=self.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -44,11 +61,11 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response()
+    return exc.response(request.url.path)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return ApiError(422, "validation_error", _validation_message(exc)).response()
+    return ApiError(422, "validation_error", _validation_message(exc)).response(request.url.path)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -56,14 +73,14 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs"
     return ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"), message,
-                    dict(exc.headers or {})).response()
+                    dict(exc.headers or {})).response(request.url.path)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
     log.error("request_id=%s unhandled error", request_id, exc_info=exc)
     return ApiError(500, "internal_error", f"internal error; the server log has the details under request id "
-                                           f"{request_id}").response()
+                                           f"{request_id}").response(request.url.path)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -35,12 +35,12 @@ class RequestLimitsMiddleware:
         header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
         if header_bytes > self.max_header_bytes:
             await ApiError(431, "headers_too_large", f"the request headers are {header_bytes} bytes, over the "
-                           f"server's limit of {self.max_header_bytes}").response()(scope, receive, send)
+                           f"server's limit of {self.max_header_bytes}").response(scope["path"])(scope, receive, send)
             return
         too_large = f"the request body is over the server's limit of {self.max_body_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await ApiError(413, "request_too_large", too_large).response()(scope, receive, send)
+            await ApiError(413, "request_too_large", too_large).response(scope["path"])(scope, receive, send)
             return
         deadline = time.monotonic() + self.body_timeout
         received = 0

@@ -18,6 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import AliasChoices, ConfigDict, Field, Tag, model_validator
 
 from vramlite.engine import FinishReason
+from vramlite.server.errors import ApiError
 from vramlite.server.schemas import (
     MAX_MODEL_NAME_CHARS,
     MAX_PROMPT_CHARS,
@@ -342,9 +343,9 @@ class ResponseWriter:
         kind = "response.incomplete" if self.status == "incomplete" else "response.completed"
         return [*events, self._event(kind, response=self.result())]
 
-    def error(self, code: str, message: str) -> dict[str, str]:
+    def error(self, error: ApiError) -> dict[str, str]:
         """The stream's last event where the generation failed after it began."""
-        return self._event("error", code=code, message=message, param=None)
+        return self._event("error", code=error.type, message=error.message, param=None)
 
 
 def _text_part(text: str) -> dict[str, Any]:
