@@ -19,8 +19,8 @@ pytest.importorskip("fastapi")  # not on a GPU host with only the engine's packa
 
 from tests.conftest import save_tiny_llama
 from vramlite.engine import Engine
-from vramlite.server.app import engine_loader, make_engine_loop
 from vramlite.server.engine_loop import EngineLoop
+from vramlite.server.runtime import engine_loader, make_engine_loop
 from vramlite.server.serve import DrainingServer, build_server
 from vramlite.server.settings import Settings
 

@@ -15,7 +15,7 @@ import vramlite.engine.engine
 from tests.server.conftest import Running, running_server
 from tests.server.test_server_api import assert_error, sse_events
 from vramlite import models as demo_models
-from vramlite.server.app import fill_model_bytes, fill_model_dir, served_memory_limit
+from vramlite.server.runtime import fill_model_bytes, fill_model_dir, served_memory_limit
 from vramlite.server.settings import Settings
 
 DEMO_T5 = demo_models.path(demo_models.FILL_BLANK)

@@ -11,7 +11,7 @@ from httpx_sse import connect_sse
 
 from tests.server.conftest import running_server, slowed
 from tests.server.test_server_api import assert_error
-from vramlite.server.app import engine_loader
+from vramlite.server.runtime import engine_loader
 
 POISON = 300  # a token id whose presence in a forward pass makes it raise
 

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.server.conftest import running_server, slow_loader, slowed
 from tests.server.test_server_api import assert_error
 from tests.server.test_server_faults import wait_until
-from vramlite.server.app import engine_loader
+from vramlite.server.runtime import engine_loader
 
 PROMPTS = ["The quick brown fox", "Hello, world!", "床前明月光", "Numbers 12345", "A fortune cookie says",
            "白日依山尽", "Whitespace runs", "春眠不觉晓"]

@@ -9,8 +9,8 @@ import transformers as tf
 from tests.server.conftest import CONTEXT, running_server
 from vramlite.engine import Engine
 from vramlite.engine.errors import ModelLoadError
-from vramlite.server.app import engine_loader
 from vramlite.server.cli import build_parser, lora_adapters
+from vramlite.server.runtime import engine_loader
 from vramlite.server.settings import Settings, load_settings
 
 peft = pytest.importorskip("peft")

@@ -211,6 +211,15 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class AnthropicErrorBody(BaseModel):
+    """An error reply under /v1/messages: Anthropic's shape, which holds ours (its types for the statuses)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["error"]
+    error: ErrorDetail
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
