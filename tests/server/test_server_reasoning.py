@@ -86,6 +86,10 @@ def test_chat_gives_the_thought_as_reasoning_content_streamed_or_not(running):
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == thought
     assert [e.type for e in events].count("response.output_item.done") == 2
 
+    all_thought = oai.chat.completions.create(model="model", messages=ASK, max_tokens=40, extra_body={
+        "structured_outputs": {"regex": "[a-z]{2,6}"}}).choices[0].message
+    assert all_thought.content is None and all_thought.model_extra["reasoning_content"].isalpha()
+
     claude = anthropic.Anthropic(base_url=running.url, api_key="none", max_retries=0)
     kwargs = dict(model="model", messages=ASK, max_tokens=40,
                   extra_body={"temperature": 1.0, "seed": 5, "structured_outputs": {"regex": THOUGHT}})

@@ -235,6 +235,8 @@ def _chat_choice(index: int, done: Collected, tools: list[dict[str, Any]] | None
     thought, text = (None, done.text) if thinking is None else split_thought(done.text, thinking)
     content, calls = (text, []) if tools is None else read_calls(text, tools, mode)
     message: dict[str, Any] = {"role": "assistant", "content": content}
+    if thought is not None and not content:
+        message["content"] = None  # all thought, no answer: as vLLM's reasoning parsers leave it
     if thought is not None:
         message["reasoning_content"] = thought
     finish = openai_finish(done.reason)
