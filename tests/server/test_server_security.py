@@ -20,7 +20,13 @@ def test_keys_prompts_and_outputs_stay_out_of_the_log(tiny_llama_dir, caplog):
                            headers={"Authorization": f"Bearer {key}"})
         assert r.status_code == 401
         httpx.get(srv.url + "/info", headers={"Authorization": f"Bearer {KEY}"})
+        too_large = httpx.post(srv.url + "/generate", content=b"x" * (2 << 20),
+                               headers={"Authorization": f"Bearer {KEY}"})
+        assert too_large.status_code == 413
     assert "route=/generate method=POST status=200" in caplog.text  # the request lines are there...
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("request id=")]
+    assert any("status=401" in line and "error=unauthorized" in line for line in lines)  # with what went wrong
+    assert any("status=413" in line and "error=request_too_large" in line for line in lines)
     assert KEY not in caplog.text and "zebra" not in caplog.text  # ...without the key or the prompt
     assert "output=" not in caplog.text
 

@@ -60,27 +60,32 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
+def _answer(request: Request, error: ApiError) -> JSONResponse:
+    request.state.error = error.type  # for the request's log line
+    return error.response(request.url.path)
+
+
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return exc.response(request.url.path)
+    return _answer(request, exc)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return ApiError(422, "validation_error", _validation_message(exc)).response(request.url.path)
+    return _answer(request, ApiError(422, "validation_error", _validation_message(exc)))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs"
-    return ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"), message,
-                    dict(exc.headers or {})).response(request.url.path)
+    return _answer(request, ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"), message,
+                                     dict(exc.headers or {})))
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
     log.error("request_id=%s unhandled error", request_id, exc_info=exc)
-    return ApiError(500, "internal_error", f"internal error; the server log has the details under request id "
-                                           f"{request_id}").response(request.url.path)
+    return _answer(request, ApiError(500, "internal_error", f"internal error; the server log has the details "
+                                                            f"under request id {request_id}"))
 
 
 def install_error_handlers(app: FastAPI) -> None:
