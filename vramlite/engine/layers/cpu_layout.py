@@ -34,6 +34,7 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -114,6 +115,7 @@ def onednn_int8_available() -> bool:
     return _onednn_int8_runs_fast()
 
 
+_PROBE_LOCK = threading.Lock()
 PROBE_SLACK = 8.0
 """How much slower than an fp32 product of its shape oneDNN's int8 linear may be before it counts as its
 reference code, which no layout choice could make up for."""
@@ -149,7 +151,7 @@ def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
                                      *(b for _, b in model.named_buffers(remove_duplicate=False))))
     onednn = onednn_available()
     onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    onednn_int8 = onednn_int8_available()
+    onednn_int8: bool | None = None  # probed at the first int8 weight (it takes up to a second)
     threads = torch.get_num_threads()
     groups: dict[tuple, Group] = {}
     for module in model.modules():
@@ -159,6 +161,9 @@ def candidate_groups(model: nn.Module, dtype: torch.dtype = torch.float32) -> li
         if w.device.type != "cpu" or not w.is_contiguous():
             continue
         if isinstance(module, QuantizedLinear):
+            if onednn_int8 is None:
+                with _PROBE_LOCK:  # engines loading side by side probe once
+                    onednn_int8 = onednn_int8_available()
             held, parts, packs, x_dtype = w, 1, onednn_int8, dtype
         else:
             fp32 = w.dtype == torch.float32
