@@ -169,7 +169,7 @@ def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespa
             try:
                 known = set(_tuned)
                 calls[0]()  # compile, and tune our kernels, outside the timing
-                newly_tuned = [config for key, config in _tuned.items() if key not in known]
+                newly_tuned = [tuned for key, tuned in _tuned.items() if key not in known]
                 call = measure(calls[0])
                 seconds = graph_seconds(calls) if device == "cuda" else call
             except RuntimeError as e:  # e.g. torch._int_mm's shape limits, or no int8 GEMM on this GPU
