@@ -129,7 +129,11 @@ def test_output_config_holds_the_output_to_a_schema(claude):
      anthropic.UnprocessableEntityError, "messages.0"),
     (dict(messages=[{"role": "user", "content": [{"type": "tool_use", "id": "x", "name": "f", "input": {}}]}]),
      anthropic.UnprocessableEntityError, "cannot have tool_use"),
-    (dict(thinking={"type": "enabled", "budget_tokens": 1024}), anthropic.UnprocessableEntityError, "thinking"),
+    (dict(thinking={"type": "enabled", "budget_tokens": 1024}, max_tokens=2048), anthropic.UnprocessableEntityError,
+     "--reasoning-format think"),
+    (dict(thinking={"type": "enabled"}), anthropic.UnprocessableEntityError, "needs budget_tokens"),
+    (dict(thinking={"type": "enabled", "budget_tokens": 1024}), anthropic.UnprocessableEntityError,
+     "greater than thinking.budget_tokens"),
     (dict(tools=[WEATHER], tool_choice={"type": "tool", "name": "nope"}), anthropic.UnprocessableEntityError,
      "not among the tools"),
     (dict(tool_choice={"type": "auto", "name": "x"}), anthropic.UnprocessableEntityError, "name goes with"),
@@ -183,6 +187,16 @@ def test_the_model_list_reads_as_anthropics(claude):
     (model,) = list(claude.models.list())
     assert (model.id, model.display_name, model.max_input_tokens) == ("model", "model", 1024)
     assert claude.models.retrieve("model").id == "model"
+
+
+def test_thinking_sets_the_templates_enable_thinking():
+    ask = {"model": "m", "max_tokens": 2048, "messages": [{"role": "user", "content": "Hi"}]}
+    assert "chat_template_kwargs" not in MessagesRequest.model_validate(ask).chat_request()
+    for thinking, enabled in ({"type": "disabled"}, False), ({"type": "enabled", "budget_tokens": 1024}, True):
+        request = MessagesRequest.model_validate({**ask, "thinking": thinking})
+        assert request.chat_request()["chat_template_kwargs"] == {"enable_thinking": enabled}
+        assert ChatCompletionRequest.model_validate(request.chat_request()).chat_template_kwargs == {
+            "enable_thinking": enabled}
 
 
 def test_a_stream_that_fails_ends_with_anthropics_error_event():

@@ -98,6 +98,8 @@ def test_chat_gives_the_thought_as_reasoning_content_streamed_or_not(running):
     with claude.messages.stream(**kwargs) as stream:
         final = stream.get_final_message()
     assert [b.type for b in final.content] == ["thinking", "text"] and final.content[0].thinking == thought
+    asked = claude.messages.create(**kwargs, thinking={"type": "enabled", "budget_tokens": 16}).content
+    assert [b.type for b in asked] == ["thinking", "text"] and asked[0].thinking == thought
 
 
 def test_thoughts_stay_in_the_text_unless_asked(r1_like_dir):

@@ -3,8 +3,9 @@ request's system prompt, messages and content blocks become chat messages, and t
 chat reads it, becomes a message of `text` and `tool_use` blocks or its stream of events.
 
 A last message of the assistant's is a prefill, which the reply continues; thinking blocks sent back go to the
-template as the assistant's thought. Text in, text out: image and document blocks, extended thinking (the
-`thinking` parameter) and server tools are refused.
+template as the assistant's thought; the `thinking` parameter sets the chat template's `enable_thinking`, and
+asks for the thought as a thinking block (where the server splits thoughts). Text in, text out: image and document
+blocks and server tools are refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from vramlite.server.schemas import (
     StructuredFields,
     by_type,
     joined_text,
-    unsupported,
 )
 from vramlite.server.tools import ToolCall, json_or_none
 
@@ -131,6 +131,21 @@ class OutputConfig(OpenAIBody):
     format: OutputFormat | None = None
 
 
+class Thinking(OpenAIBody):
+    """`thinking`: "enabled" (with `budget_tokens`, taken but not enforced: the thought counts against
+    `max_tokens`), "adaptive" or "disabled"; the chat template's `enable_thinking` (Qwen 3's) follows it."""
+
+    type: Literal["enabled", "adaptive", "disabled"]
+    budget_tokens: int | None = Field(None, ge=1, description="with enabled: under max_tokens (Anthropic's API also "
+                                      "wants 1024 at least; a small local model may think less)")
+
+    @model_validator(mode="after")
+    def _budget(self) -> Thinking:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise ValueError("enabled thinking needs budget_tokens")
+        return self
+
+
 class MessagesRequest(SamplingFields, StructuredFields):
     """`POST /v1/messages`: Anthropic's Messages API; the sampling fields of the other routes too."""
 
@@ -150,7 +165,21 @@ class MessagesRequest(SamplingFields, StructuredFields):
     output_config: OutputConfig | None = Field(None, description='`format`: {"type": "json_schema", "schema": '
                                                '{...}} holds the output to the schema')
     metadata: dict[str, Any] | None = None
-    thinking: unsupported(None, {"type": "disabled"}, why="no extended thinking")
+    thinking: Thinking | None = Field(None, description="enabled / adaptive: the reply's thought comes back as a "
+                                      "thinking block (needs the server's --reasoning-format think); disabled: the "
+                                      "template is asked not to think")
+
+    @model_validator(mode="after")
+    def _thinking_budget(self) -> MessagesRequest:
+        budget = None if self.thinking is None else self.thinking.budget_tokens
+        if budget is not None and self.max_tokens is not None and budget >= self.max_tokens:
+            raise ValueError(f"max_tokens must be greater than thinking.budget_tokens ({budget})")
+        return self
+
+    @property
+    def wants_thought(self) -> bool:
+        """Whether the client asked for the reply's thought (thinking enabled or adaptive)."""
+        return self.thinking is not None and self.thinking.type != "disabled"
 
     def chat_request(self) -> dict[str, Any]:
         """The chat route's body for this request (validated by `ChatCompletionRequest`)."""
@@ -168,6 +197,8 @@ class MessagesRequest(SamplingFields, StructuredFields):
         if self.output_config is not None and self.output_config.format is not None:
             body["response_format"] = {"type": "json_schema",
                                        "json_schema": {"schema": self.output_config.format.schema_}}
+        if self.thinking is not None:
+            body["chat_template_kwargs"] = {"enable_thinking": self.wants_thought}
         if self.messages[-1].role == "assistant":  # a prefill: the model continues the assistant's text
             body.update(add_generation_prompt=False, continue_final_message=True)
         return body

@@ -129,7 +129,11 @@ async def responses(request: Request, body: ResponsesRequest) -> Any:
                 summary="Anthropic-compatible Messages API (the chat template)")
 async def messages(request: Request, body: MessagesRequest) -> Any:
     check_model(request, body.model)
-    name = runtime(request).model_name
+    rt = runtime(request)
+    if body.wants_thought and rt.settings.reasoning_format == "none":
+        raise ApiError(422, "validation_error", "thinking: this server leaves thoughts in the text; start it with "
+                       "--reasoning-format think for thinking blocks, or send thinking disabled")
+    name = rt.model_name
     return await _serve_reply(request, _chat_of(body.chat_request()), body.stream, lambda gen: MessageWriter(
         f"msg_{gen.request_id}", name, gen.num_prompt_tokens))
 
