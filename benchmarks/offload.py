@@ -1,6 +1,6 @@
 """Offload decode throughput on a GPU: a LLaMA-7B-shaped int8 model under a VRAM budget smaller than it.
 
-    python -m benchmarks.offload [--limits 4GiB 5GiB] [--batches 1 8 32] [--steps 16] [--no-accelerate] [--profile]
+    python -m benchmarks.offload [--limits none 4GiB 5GiB] [--batches 1 8 32] [--steps 16] [--no-accelerate] [--profile]
 
 The model (32 layers, hidden 4096, MLP 11008, vocab 32000; int8 ≈ 6.7 GB) is
 written once as a random int8 checkpoint in a temporary directory. For each
@@ -8,7 +8,8 @@ memory limit and batch size: decode tokens/s (greedy steps after a 16-token
 prefill, timed with a device synchronize at both ends only), the effective
 H2D bandwidth of the streamed copies (CUDA events) against the pinned peak
 measured in the same run (goal ≥ 85%), and the time per decode step against
-its lower bound streamed_bytes / peak (goal ≤ 1.2x). Then Hugging Face
+its lower bound streamed_bytes / peak (goal ≤ 1.2x); the limit "none" keeps every layer resident, the step
+without copies that the streamed ones compare with. Then Hugging Face
 `accelerate` CPU offload (`device_map` with `max_memory`) on the same shapes in
 fp16, batch 1 and 32 (goal: vramlite ≥ 10x / ≥ 50x faster). Prints a table;
 writes benchmarks/results/offload.json with the GPU, its PCIe link and driver.
@@ -117,7 +118,8 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
                    peak: float, profile: bool = False) -> list[dict[str, Any]]:
     context = PROMPT_LEN + steps + 1
     start = time.perf_counter()
-    model, _ = load_model(model_dir, device, torch.float16, context=context, memory_limit=limit,
+    model, _ = load_model(model_dir, device, torch.float16, context=context,
+                          memory_limit=None if limit == "none" else limit,
                           max_batch_size=max(batches), max_tokens_per_step=max(batches) * PROMPT_LEN)
     store = model.offload
     print(f"{limit}: loaded in {time.perf_counter() - start:.0f} s", flush=True)
@@ -125,19 +127,21 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
     rows = []
     for batch in batches:
         decode_seconds_per_step(runner, batch, 2, model.config.vocab_size)  # warm-up (kernels, slots)
-        before = store.snapshot()
+        before = None if store is None else store.snapshot()
         step = decode_seconds_per_step(runner, batch, steps, model.config.vocab_size)
-        after = store.snapshot()  # the steps ended synchronized: every copy is done
-        bandwidth = ((after.h2d_bytes - before.h2d_bytes) / (after.copy_seconds - before.copy_seconds)
-                     if after.copy_seconds > before.copy_seconds else 0.0)
-        bound = store.plan.streamed_bytes / peak
-        rows.append({"engine": "vramlite", "memory_limit": limit, "batch": batch,
-                     "resident": len(store.plan.resident), "streamed": len(store.plan.streamed),
-                     "tokens_per_s": round(batch / step, 2), "step_ms": round(step * 1e3, 2),
-                     "h2d_GBps": round(bandwidth / 1e9, 2), "h2d_of_peak": round(bandwidth / peak, 3),
-                     "lower_bound_ms": round(bound * 1e3, 2), "step_over_bound": round(step / bound, 3) if bound
-                     else None, "stall_s": round(after.stall_seconds - before.stall_seconds, 4),
-                     "pinned": after.pinned_bytes > 0})
+        row: dict[str, Any] = {"engine": "vramlite", "memory_limit": limit, "batch": batch,
+                               "resident": model.config.num_layers, "streamed": 0,
+                               "tokens_per_s": round(batch / step, 2), "step_ms": round(step * 1e3, 2)}
+        if store is not None and before is not None:
+            after = store.snapshot()  # the steps ended synchronized: every copy is done
+            bandwidth = ((after.h2d_bytes - before.h2d_bytes) / (after.copy_seconds - before.copy_seconds)
+                         if after.copy_seconds > before.copy_seconds else 0.0)
+            bound = store.plan.streamed_bytes / peak
+            row.update(resident=len(store.plan.resident), streamed=len(store.plan.streamed),
+                       h2d_GBps=round(bandwidth / 1e9, 2), h2d_of_peak=round(bandwidth / peak, 3),
+                       lower_bound_ms=round(bound * 1e3, 2), step_over_bound=round(step / bound, 3) if bound else None,
+                       stall_s=round(after.stall_seconds - before.stall_seconds, 4), pinned=after.pinned_bytes > 0)
+        rows.append(row)
         print(rows[-1], flush=True)
         if profile:
             print_profile(runner, batch, model.config.vocab_size)
@@ -213,7 +217,8 @@ def gpu_record() -> dict[str, Any]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--limits", nargs="+", default=["4GiB", "5GiB"])
+    p.add_argument("--limits", nargs="+", default=["none", "4GiB", "5GiB"],
+                   help='VRAM budgets; "none": every layer resident, the step without copies to compare with')
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 32])
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--no-accelerate", action="store_true")
@@ -235,7 +240,8 @@ def main() -> int:
     record = dict(**gpu_record(), pinned_peak_GBps=round(peak / 1e9, 2), shape=SHAPE)
     write_results("offload", rows, **record)  # kept should the comparison below not finish
     if not args.no_accelerate:
-        rows += bench_accelerate(args.limits[0], [1, max(args.batches)], max(2, args.steps // 4))
+        limit = next((limit for limit in args.limits if limit != "none"), "4GiB")
+        rows += bench_accelerate(limit, [1, max(args.batches)], max(2, args.steps // 4))
     print_table(rows, ["engine", "memory_limit", "batch", "resident", "streamed", "tokens_per_s", "step_ms",
                        "h2d_GBps", "h2d_of_peak", "lower_bound_ms", "step_over_bound", "pinned"])
     print(f"wrote {write_results('offload', rows, **record)}")
