@@ -2,12 +2,30 @@
 
 import pytest
 import torch
-from kernel_testing import BACKENDS, HAS_CUDA, ROWS, SHAPES, VARIANTS, assert_close_to, linear_operands, skip_unrunnable
+from kernel_testing import (
+    BACKENDS,
+    DTYPES,
+    HAS_CUDA,
+    ROWS,
+    SHAPES,
+    VARIANTS,
+    assert_close_to,
+    linear_operands,
+    skip_unrunnable,
+)
 
 from vramlite.kernels._common import Backend
-from vramlite.kernels.w8a16 import GEMV_ROWS, _block_m, _configs, w8a16_linear_ref, w8a16_linear_triton
+from vramlite.kernels.w8a16 import (
+    GEMV_ROWS,
+    _block_m,
+    _configs,
+    _exact_float,
+    w8a16_linear_ref,
+    w8a16_linear_triton,
+)
 
 triton = pytest.importorskip("triton")
+tl = pytest.importorskip("triton.language")
 
 
 def _small(backend: Backend, dtype: torch.dtype, m: int) -> "triton.Config":
@@ -53,3 +71,21 @@ def test_every_config_matches_ref(m: int, backend: Backend, device: str) -> None
 def test_no_rows(device: str) -> None:
     x, qweight, scale, _, _ = linear_operands(0, 37, 45, torch.float32, device, with_bias=False)
     assert w8a16_linear_triton(x, qweight, scale, backend=Backend.PASCAL).shape == (0, 37)
+
+
+@triton.jit
+def _exact_float_kernel(w_ptr, out_ptr, DTYPE: tl.constexpr):
+    offs = tl.arange(0, 256)
+    tl.store(out_ptr + offs, _exact_float(tl.load(w_ptr + offs), DTYPE))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_int8_value_converts_exactly(dtype: torch.dtype, device: str) -> None:
+    """The conversion the W8A16 loop uses (bit patterns for fp16 and fp32) at all 256 int8 values."""
+    if not HAS_CUDA and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter keeps bf16 as raw int16 bits (GPU tests cover it)")
+    w = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).to(device)
+    out = torch.empty(256, dtype=dtype, device=device)
+    _exact_float_kernel[(1,)](w, out, DTYPE={torch.float16: tl.float16, torch.float32: tl.float32,
+                                             torch.bfloat16: tl.bfloat16}[dtype])
+    assert torch.equal(out.cpu(), w.cpu().to(dtype))
