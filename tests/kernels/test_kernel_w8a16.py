@@ -81,7 +81,7 @@ def _exact_float_kernel(w_ptr, out_ptr, DTYPE: tl.constexpr):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_every_int8_value_converts_exactly(dtype: torch.dtype, device: str) -> None:
-    """The conversion the W8A16 loop uses (bit patterns for fp16 and fp32) at all 256 int8 values."""
+    """The conversion the W8A16 loop uses (bit patterns for fp16 and fp32, not I2F) at all 256 int8 values."""
     if not HAS_CUDA and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter keeps bf16 as raw int16 bits (GPU tests cover it)")
     w = torch.arange(-128, 128, dtype=torch.int16).to(torch.int8).to(device)
