@@ -10,9 +10,9 @@ Weight shapes [N, K]: 4096x4096, 11008x4096, 4096x11008 (LLaMA-7B's attention, u
 Our kernels are launched directly (no dispatch), with the variants `vramlite.kernels.dispatch` picks for the GPU unless
 `--backend` says otherwise; each is tuned before it is timed. Reports µs, GB/s (weight bytes in the method's
 own format + activations in and out, over the time), % of the DRAM bandwidth (a 1 GiB device-to-device copy's,
-timed in the same run, unless `--peak-gbps` gives it), and for W8A8 TOPS and % of `--peak-tops`; our kernels' rows
-name the tuned config. Prints a table and writes benchmarks/results/kernels-<gpu>.json. Without a GPU (and without
---smoke) it says so and exits 0.
+timed in the same run, unless `--peak-gbps` gives it), and for W8A8 TOPS and % of `--peak-tops`; our kernels'
+rows name the tuned config. Prints a table and writes benchmarks/results/kernels-<gpu>-<dtype>.json. Without a GPU
+(and without --smoke) it says so and exits 0.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         return 0
     gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-    path = write_results(f"kernels-{gpu}", results, triton=triton.__version__, cuda=torch.version.cuda,
+    path = write_results(f"kernels-{gpu}-{args.dtype}", results, triton=triton.__version__, cuda=torch.version.cuda,
                          backend=backend.value, dtype=args.dtype, peak_gbps=args.peak_gbps, peak_tops=args.peak_tops)
     print(f"wrote {path}")
     return 0

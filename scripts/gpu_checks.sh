@@ -5,7 +5,7 @@
 # benchmarks/results), each JSON as soon as its step ends; each step has its own time limit, and a step that fails
 # or runs out of time does not stop the next one. Exits non-zero if any step failed. Names given run those steps
 # only, in the order given; `sweep` (every config of a wide space per kernel, about 4 minutes) runs only by name.
-# The default steps take about 7 minutes on an H200.
+# The default steps take about 8 minutes on an H200.
 #
 #     bash scripts/gpu_checks.sh            # or: OUT=/some/dir PYTHON=.venv/bin/python bash scripts/gpu_checks.sh
 #     bash scripts/gpu_checks.sh kernels offload sweep
@@ -33,17 +33,18 @@ run_step() {
     case $1 in
         gpu_tests) step gpu_tests 150 "$python" -m pytest -m gpu -q -rs -p no:cacheprovider ;;
         kernels) step kernels 120 "$python" -m benchmarks.bench_kernels ;;
+        kernels_bf16) step kernels_bf16 120 "$python" -m benchmarks.bench_kernels --dtype bf16 ;;  # Ampere+ default
         offload) step offload 240 "$python" -m benchmarks.offload --steps 8 --profile ;;
         # the kernel tests at odd shapes, which a GPU runs on the real kernels rather than in Triton's interpreter
         kernel_tests) step kernel_tests 100 "$python" -m pytest tests/kernels -m "not gpu" -q -rs -p no:cacheprovider ;;
         sweep) step sweep 300 "$python" -m benchmarks.sweep_kernels ;;
-        *) echo "unknown step: $1 (gpu_tests, kernels, offload, kernel_tests, sweep)"; status=1 ;;
+        *) echo "unknown step: $1 (gpu_tests, kernels, kernels_bf16, offload, kernel_tests, sweep)"; status=1 ;;
     esac
 }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.max,pcie.link.width.max --format=csv \
     | tee "$out/gpu.txt"
 steps=("$@")
-[ $# -gt 0 ] || steps=(gpu_tests kernels offload kernel_tests)
+[ $# -gt 0 ] || steps=(gpu_tests kernels kernels_bf16 offload kernel_tests)
 for name in "${steps[@]}"; do run_step "$name"; done
 exit $status
