@@ -7,7 +7,8 @@ written once as a random int8 checkpoint in a temporary directory. For each
 memory limit and batch size: decode tokens/s (greedy steps after a 16-token
 prefill, timed with a device synchronize at both ends only), the effective
 H2D bandwidth of the streamed copies (CUDA events) against the pinned peak
-measured in the same run (goal ≥ 85%), and the time per decode step against
+measured in the same run (goal ≥ 85%), the share of the step the copies took (under 1: the copy engine
+waited on compute or the host), and the time per decode step against
 its lower bound streamed_bytes / peak (goal ≤ 1.2x); the limit "none" keeps every layer resident, the step
 without copies that the streamed ones compare with. Then Hugging Face
 `accelerate` CPU offload (`device_map` with `max_memory`) on the same shapes in
@@ -137,8 +138,10 @@ def bench_vramlite(model_dir: Path, device: torch.device, limit: str, batches: l
             bandwidth = ((after.h2d_bytes - before.h2d_bytes) / (after.copy_seconds - before.copy_seconds)
                          if after.copy_seconds > before.copy_seconds else 0.0)
             bound = store.plan.streamed_bytes / peak
+            copying = after.copy_seconds - before.copy_seconds
             row.update(resident=len(store.plan.resident), streamed=len(store.plan.streamed),
                        h2d_GBps=round(bandwidth / 1e9, 2), h2d_of_peak=round(bandwidth / peak, 3),
+                       copy_busy=round(copying / (steps * step), 3),  # under 1: the copy engine waited
                        lower_bound_ms=round(bound * 1e3, 2), step_over_bound=round(step / bound, 3) if bound else None,
                        stall_s=round(after.stall_seconds - before.stall_seconds, 4), pinned=after.pinned_bytes > 0)
         rows.append(row)
@@ -243,7 +246,7 @@ def main() -> int:
         limit = next((limit for limit in args.limits if limit != "none"), "4GiB")
         rows += bench_accelerate(limit, [1, max(args.batches)], max(2, args.steps // 4))
     print_table(rows, ["engine", "memory_limit", "batch", "resident", "streamed", "tokens_per_s", "step_ms",
-                       "h2d_GBps", "h2d_of_peak", "lower_bound_ms", "step_over_bound", "pinned"])
+                       "h2d_GBps", "h2d_of_peak", "copy_busy", "lower_bound_ms", "step_over_bound", "pinned"])
     print(f"wrote {write_results('offload', rows, **record)}")
     return 0
 
