@@ -1,15 +1,15 @@
 """Every config of a wide space for the int8 kernels, timed one by one on one GPU: what the tuning spaces in
 `vramlite/kernels/` should hold.
 
-    python -m benchmarks.sweep_kernels [--ops w8a16 w8a8] [--top 8]
+    python -m benchmarks.sweep_kernels [--ops w8a16 w8a8] [--top 8] [--dtype fp16]
     python -m benchmarks.sweep_kernels --smoke    # no GPU: two configs at a tiny shape in Triton's interpreter
 
-For LLaMA-7B's weight shapes (as `bench_kernels`), W8A16 at M = 1 and 16 and W8A8 at M = 256 and 2048, fp16
-activations: each config's GPU time in a CUDA graph over weight copies 3x the L2 cache (`bench_kernels`'s
-timing), next to fp16 `F.linear`'s, and the config the tuner picks from the kernel's own space. Prints the
-`--top` fastest per case and writes every timing to benchmarks/results/kernels-sweep-<gpu>.json. A config
-that does not compile or run on the GPU is left out with its error. Compiling dominates: about 75 configs, each
-compiled once for all shapes.
+For LLaMA-7B's weight shapes (as `bench_kernels`), W8A16 at M = 1 and 16 and W8A8 at M = 256 and 2048, bf16
+activations (or `--dtype fp16`): each config's GPU time in a CUDA graph over weight copies 3x the L2 cache
+(`bench_kernels`'s timing), next to `F.linear`'s in the same dtype, and the config the tuner picks from the
+kernel's own space. Prints the `--top` fastest per case and writes every timing to
+benchmarks/results/kernels-sweep-<gpu>-<dtype>.json. A config that does not compile or run on the GPU is left out
+with its error. Compiling dominates: about 75 configs, each compiled once for all shapes.
 """
 
 from __future__ import annotations
@@ -73,8 +73,9 @@ def config_of(params: dict[str, Any]) -> Any:
 
 
 def sweep_case(op: str, m: int, n: int, k: int, device: str, measure_many: Callable[[list], float],
-               space: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each config of `space` for one (op, M, N, K), then fp16 `F.linear` and the tuner's own pick."""
+               space: list[dict[str, Any]], dtype: torch.dtype) -> list[dict[str, Any]]:
+    """Each config of `space` for one (op, M, N, K) on `dtype` activations, then `F.linear` in that dtype and the
+    tuner's own pick."""
     from vramlite.kernels._common import Backend, _tuned
     from vramlite.kernels.quant import quantize_weight
     from vramlite.kernels.w8a8 import w8a8_linear_triton
@@ -83,7 +84,8 @@ def sweep_case(op: str, m: int, n: int, k: int, device: str, measure_many: Calla
     launcher = w8a16_linear_triton if op == "w8a16" else w8a8_linear_triton
     backend = Backend.TENSORCORE if device == "cuda" else Backend.PASCAL
     weights = [quantize_weight(torch.randn(n, k, device=device) / k**0.5) for _ in range(weight_copies(n, k, device))]
-    x = torch.randn(m, k, device=device, dtype=torch.float16)
+    x = torch.randn(m, k, device=device, dtype=dtype)
+    baseline = f"{str(dtype).removeprefix('torch.')} F.linear"
     nbytes = n * k + 4 * n + 2 * (m * k + m * n)
     rows = []
     for params in space:
@@ -97,9 +99,9 @@ def sweep_case(op: str, m: int, n: int, k: int, device: str, measure_many: Calla
             continue
         rows.append({"op": op, "M": m, "N": n, "K": k, "config": describe([config]), "us": round(seconds * 1e6, 2),
                      "GB/s": round(nbytes / seconds / 1e9, 1)})
-    w16 = [(q.half() * s[:, None].half()).contiguous() for q, s in weights]
-    seconds = measure_many([functools.partial(F.linear, x, w) for w in w16])
-    rows.append({"op": op, "M": m, "N": n, "K": k, "config": "fp16 F.linear", "us": round(seconds * 1e6, 2),
+    dense = [(q.to(dtype) * s[:, None].to(dtype)).contiguous() for q, s in weights]
+    seconds = measure_many([functools.partial(F.linear, x, w) for w in dense])
+    rows.append({"op": op, "M": m, "N": n, "K": k, "config": baseline, "us": round(seconds * 1e6, 2),
                  "GB/s": round((2 * n * k + 2 * (m * k + m * n)) / seconds / 1e9, 1)})
     known = set(_tuned)
     launcher(x, *weights[0], backend=backend)
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", nargs="+", choices=list(CASES), default=list(CASES))
     parser.add_argument("--top", type=int, default=8, help="configs printed per case (all go to the JSON)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16",
+                        help="activations (bf16: the engine's default on tensor-core GPUs; --smoke takes fp16)")
     parser.add_argument("--smoke", action="store_true", help="tiny shape, two configs (on CPU: the interpreter)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         cpu = timer(device)
         measure_many = lambda calls: cpu(calls[0])  # noqa: E731
     shapes = [(72, 40)] if args.smoke else SHAPES
+    # the interpreter multiplies bf16 dot operands as raw bits
+    dtype = torch.float16 if args.smoke or args.dtype == "fp16" else torch.bfloat16
     rows: list[dict[str, Any]] = []
     for op in args.ops:
         for m in [3] if args.smoke else CASES[op]:
@@ -139,16 +145,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.smoke:
                 space = space[:1] + space[-1:]
             for n, k in shapes:
-                case = sweep_case(op, m, n, k, device, measure_many, space)
+                case = sweep_case(op, m, n, k, device, measure_many, space, dtype)
                 rows += case
                 timed = sorted((r for r in case if "us" in r), key=lambda r: r["us"])
                 print(f"\n{op} M={m} N={n} K={k}: {len(timed)} timed, {sum('error' in r for r in case)} failed; "
                       f"{case[-1]['config']}")
-                print_table(timed[: args.top] + [r for r in timed[args.top :] if r["config"] == "fp16 F.linear"],
+                print_table(timed[: args.top] + [r for r in timed[args.top :] if r["config"].endswith("F.linear")],
                             ["config", "us", "GB/s"])
     if device == "cuda":
         gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
-        print(f"\nwrote {write_results(f'kernels-sweep-{gpu}', rows)}")
+        print(f"\nwrote {write_results(f'kernels-sweep-{gpu}-{args.dtype}', rows)}")
     return 0
 
 
