@@ -37,7 +37,7 @@ run_step() {
         offload) step offload 240 "$python" -m benchmarks.offload --steps 8 --profile ;;
         # the kernel tests at odd shapes, which a GPU runs on the real kernels rather than in Triton's interpreter
         kernel_tests) step kernel_tests 100 "$python" -m pytest tests/kernels -m "not gpu" -q -rs -p no:cacheprovider ;;
-        sweep) step sweep 300 "$python" -m benchmarks.sweep_kernels ;;
+        sweep) step sweep 300 "$python" -m benchmarks.sweep_kernels ;;  # bf16; --dtype fp16 by hand
         *) echo "unknown step: $1 (gpu_tests, kernels, kernels_bf16, offload, kernel_tests, sweep)"; status=1 ;;
     esac
 }
