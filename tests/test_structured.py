@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from tests.conftest import save_tiny_llama
-from vramlite.engine import Engine, SamplingParams
+from vramlite.engine import Engine, SamplingParams, pattern_compiler
+from vramlite.engine.pattern_compiler import PatternCompiler
 from vramlite.engine.structured import Constraint, Grammars, allowed_tokens
 
 
@@ -162,4 +163,12 @@ def test_one_child_compiles_pattern_after_pattern_and_a_new_one_follows_a_dead_o
     assert index.get_allowed_tokens(index.get_initial_state()) == engine.grammars.index("c+").get_allowed_tokens(
         engine.grammars.index("c+").get_initial_state())
     compiler.close()
+    assert compiler._process is None
+
+
+def test_a_compiler_that_dies_says_how(monkeypatch):
+    monkeypatch.setattr(pattern_compiler, "_CHILD", "import sys; sys.exit(3)")
+    compiler = PatternCompiler(b"x" * (1 << 20), timeout=30)  # more than a pipe holds: the write breaks
+    with pytest.raises(RuntimeError, match="the pattern compiler exited with 3"):
+        compiler.compile("a+")
     assert compiler._process is None

@@ -38,10 +38,8 @@ def read(n):
     return data
 
 def receive():
-    return pickle.loads(read(read_length()))
-
-def read_length():
-    return struct.unpack("<Q", read(8))[0]
+    (length,) = struct.unpack("<Q", read(8))
+    return pickle.loads(read(length))
 
 def send(obj):
     data = pickle.dumps(obj)
@@ -101,7 +99,6 @@ class PatternCompiler:
     def compile(self, pattern: str) -> Index:
         """The index of `pattern`; ValueError for an invalid pattern or one over the timeout, RuntimeError if the
         child dies."""
-        process = None
         try:
             process = self._started()
             assert process.stdin is not None and process.stdout is not None
@@ -114,10 +111,10 @@ class PatternCompiler:
             self.close()
             raise ValueError(f"it took over {self.timeout:g} s to compile (a bounded repetition such as "
                              "[a-z]{1,20000} grows the automaton with its bound); simplify it") from None
-        except (EOFError, BrokenPipeError):
-            detail = self._stderr_tail()
-            self.close()
-            code = None if process is None else process.poll()
+        except (EOFError, BrokenPipeError):  # the child died, perhaps before it took the vocabulary
+            child, detail = self._process, self._stderr_tail()
+            self.close()  # reaps it: its exit status is known after
+            code = None if child is None else child.returncode
             raise RuntimeError(f"the pattern compiler exited with {code}: {detail}") from None
         if isinstance(result, ValueError):
             raise result
