@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Scope
 
 from vramlite.server.schemas import error_message
 
@@ -48,8 +49,10 @@ class ApiError(Exception):
             return {"type": "error", "error": {"type": self.anthropic_type, "message": self.message}}
         return {"error": {"type": self.type, "message": self.message}}
 
-    def response(self, path: str = "") -> JSONResponse:
-        return JSONResponse(self.body(path), self.status, headers=self.headers)
+    def response(self, scope: Scope) -> JSONResponse:
+        """The reply to the request of `scope`, whose log line will name this error's type."""
+        scope.setdefault("state", {})["error"] = self.type
+        return JSONResponse(self.body(scope["path"]), self.status, headers=self.headers)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -60,32 +63,27 @@ def _validation_message(exc: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-def _answer(request: Request, error: ApiError) -> JSONResponse:
-    request.state.error = error.type  # for the request's log line
-    return error.response(request.url.path)
-
-
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _answer(request, exc)
+    return exc.response(request.scope)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _answer(request, ApiError(422, "validation_error", _validation_message(exc)))
+    return ApiError(422, "validation_error", _validation_message(exc)).response(request.scope)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs"
-    return _answer(request, ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"), message,
-                                     dict(exc.headers or {})))
+    return ApiError(exc.status_code, HTTP_ERROR_TYPES.get(exc.status_code, "http_error"), message,
+                    dict(exc.headers or {})).response(request.scope)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     request_id = getattr(request.state, "request_id", "-")
     log.error("request_id=%s unhandled error", request_id, exc_info=exc)
-    return _answer(request, ApiError(500, "internal_error", f"internal error; the server log has the details "
-                                                            f"under request id {request_id}"))
+    return ApiError(500, "internal_error", f"internal error; the server log has the details under request id "
+                                           f"{request_id}").response(request.scope)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,11 +18,6 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from vramlite.server.errors import ApiError
 
 
-async def _refuse(error: ApiError, scope: Scope, receive: Receive, send: Send) -> None:
-    scope.setdefault("state", {})["error"] = error.type  # for the request's log line
-    await error.response(scope["path"])(scope, receive, send)
-
-
 class RequestLimitsMiddleware:
     """431 for headers over `max_header_bytes`; 413 for a body over `max_body_bytes` (by Content-Length, or as
     its chunks arrive); 408 for a body not received within `body_timeout` seconds of the request's start."""
@@ -39,13 +34,13 @@ class RequestLimitsMiddleware:
             return
         header_bytes = sum(len(name) + len(value) for name, value in scope["headers"])
         if header_bytes > self.max_header_bytes:
-            await _refuse(ApiError(431, "headers_too_large", f"the request headers are {header_bytes} bytes, over "
-                                   f"the server's limit of {self.max_header_bytes}"), scope, receive, send)
+            await ApiError(431, "headers_too_large", f"the request headers are {header_bytes} bytes, over the "
+                           f"server's limit of {self.max_header_bytes}").response(scope)(scope, receive, send)
             return
         too_large = f"the request body is over the server's limit of {self.max_body_bytes} bytes"
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await _refuse(ApiError(413, "request_too_large", too_large), scope, receive, send)
+            await ApiError(413, "request_too_large", too_large).response(scope)(scope, receive, send)
             return
         deadline = time.monotonic() + self.body_timeout
         received = 0
