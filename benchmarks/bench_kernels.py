@@ -81,6 +81,15 @@ def row(op: str, method: str, m: int, n: int, k: int, seconds: float, nbytes: in
     return out
 
 
+def tuned_by(call: Callable[[], Any]) -> list[Any]:
+    """Run `call`; the kernel configs it tuned (none where its shape classes were tuned before)."""
+    from vramlite.kernels._common import _tuned
+
+    known = set(_tuned)
+    call()
+    return [config for key, config in _tuned.items() if key not in known]
+
+
 def describe(configs: list[Any]) -> str:
     """The tuned kernel configs, shortly: meta-parameters, warps and stages."""
     return "; ".join(" ".join(f"{k}={v}" for k, v in c.kwargs.items()) + f" w={c.num_warps} s={c.num_stages}"
@@ -138,7 +147,6 @@ def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespa
                 backend: Any, measure: Callable[[Callable[[], Any]], float]) -> list[dict[str, Any]]:
     """One weight shape: our kernel for `op` and its baselines at each M. `us` is the GPU time of a call in a
     CUDA graph (on CPU: of a call); `call_us` the time of a call launched from Python, the L2 cache flushed."""
-    from vramlite.kernels._common import _tuned
     from vramlite.kernels.quant import quantize_weight
     from vramlite.kernels.w8a8 import w8a8_linear_triton
     from vramlite.kernels.w8a16 import w8a16_linear_triton
@@ -167,9 +175,7 @@ def bench_shape(n: int, k: int, rows: list[int], op: str, args: argparse.Namespa
                                         n * k + m * k + 4 * m * n)
         for method, (calls, nbytes) in methods.items():
             try:
-                known = set(_tuned)
-                calls[0]()  # compile, and tune our kernels, outside the timing
-                newly_tuned = [tuned for key, tuned in _tuned.items() if key not in known]
+                newly_tuned = tuned_by(calls[0])  # compile, and tune our kernels, outside the timing
                 call = measure(calls[0])
                 seconds = graph_seconds(calls) if device == "cuda" else call
             except RuntimeError as e:  # e.g. torch._int_mm's shape limits, or no int8 GEMM on this GPU

@@ -33,6 +33,7 @@ from benchmarks.bench_kernels import (
     describe,
     graph_seconds,
     timer,
+    tuned_by,
     weight_copies,
 )
 
@@ -76,7 +77,7 @@ def sweep_case(op: str, m: int, n: int, k: int, device: str, measure_many: Calla
                space: list[dict[str, Any]], dtype: torch.dtype) -> list[dict[str, Any]]:
     """Each config of `space` for one (op, M, N, K) on `dtype` activations, then `F.linear` in that dtype and the
     tuner's own pick."""
-    from vramlite.kernels._common import Backend, _tuned
+    from vramlite.kernels._common import Backend
     from vramlite.kernels.quant import quantize_weight
     from vramlite.kernels.w8a8 import w8a8_linear_triton
     from vramlite.kernels.w8a16 import w8a16_linear_triton
@@ -103,9 +104,7 @@ def sweep_case(op: str, m: int, n: int, k: int, device: str, measure_many: Calla
     seconds = measure_many([functools.partial(F.linear, x, w) for w in dense])
     rows.append({"op": op, "M": m, "N": n, "K": k, "config": baseline, "us": round(seconds * 1e6, 2),
                  "GB/s": round((2 * n * k + 2 * (m * k + m * n)) / seconds / 1e9, 1)})
-    known = set(_tuned)
-    launcher(x, *weights[0], backend=backend)
-    picked = [c for key, c in _tuned.items() if key not in known]
+    picked = tuned_by(functools.partial(launcher, x, *weights[0], backend=backend))
     rows.append({"op": op, "M": m, "N": n, "K": k, "config": "tuner: " + (describe(picked) or "nothing tuned now")})
     return rows
 
