@@ -1,5 +1,5 @@
-"""This session's attention and sampling paths on a CUDA GPU (run with `pytest -m gpu`; skipped without one):
-Gemma 2's capped attention, ring caches, the int8 KV cache, speculative decoding and structured output."""
+"""Attention and sampling paths on a CUDA GPU (run with `pytest -m gpu`; skipped without one): Gemma 2's capped
+attention, SDPA's kernels, ring caches, the int8 KV cache, speculative decoding and structured output."""
 
 from __future__ import annotations
 
@@ -44,6 +44,24 @@ def test_gemma2_capped_attention_in_fp16_matches_transformers(tmp_path, spm_toke
     ref = hf(torch.tensor([tokens])).logits[0]
     pieces = [runner.forward_all([Chunk(0, tokens[a:b], a)])[0] for a, b in ((0, 20), (20, 21), (21, 32))]
     torch.testing.assert_close(torch.cat(pieces).cpu(), ref, atol=2e-2, rtol=0)
+
+
+@torch.inference_mode()
+def test_decode_steps_of_one_sequence_never_run_cudnn_attention(tmp_path, spm_tokenizer_dir):
+    """cuDNN's attention (recent torch's first choice on sm90/sm100) builds a graph, tens of ms of host time, for
+    each new key length: every decode step of one sequence (`sdpa_backends`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _, model_dir = saved("llama", tmp_path, spm_tokenizer_dir)
+    model, context = load_model(model_dir, CUDA, torch.float16)
+    runner = ModelRunner(model, CUDA, torch.float16, num_slots=1, context=context)
+    runner.forward([Chunk(0, PROMPT[:8], 0)])
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for t in range(8, 12):
+            runner.forward([Chunk(0, [PROMPT[t]], t)])
+    ops = {event.key for event in prof.key_averages()}
+    assert any("scaled_dot_product" in op for op in ops), sorted(ops)
+    assert not any("cudnn" in op for op in ops), sorted(op for op in ops if "cudnn" in op)
 
 
 def test_rings_and_the_int8_cache_on_the_gpu(tmp_path, spm_tokenizer_dir):

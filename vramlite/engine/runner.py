@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from vramlite.engine.kv_cache import KVCache
-from vramlite.engine.layers.attention import AttentionMetadata, CrossMetadata, EncoderBatch, PrefillChunk
+from vramlite.engine.layers.attention import AttentionMetadata, CrossMetadata, EncoderBatch, PrefillChunk, sdpa_backends
 from vramlite.engine.layers.cpu_layout import prefer_cpu_layout
 from vramlite.engine.layers.linear import QuantizedLinear
 from vramlite.engine.models.base import CausalLM
@@ -289,9 +289,11 @@ class ModelRunner:
         return torch.tensor(tokens, device=self.device), meta, spans
 
     def _run(self, ids: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        if self.cache.cross_k is None:
-            return self.model(ids, meta, (self.cache.k, self.cache.v))
-        return self.model(ids, meta, (self.cache.k, self.cache.v, self.cache.cross_k, self.cache.cross_v))
+        cache = (self.cache.k, self.cache.v)
+        if self.cache.cross_k is not None:
+            cache += (self.cache.cross_k, self.cache.cross_v)
+        with sdpa_backends(self.device):
+            return self.model(ids, meta, cache)
 
     def _cross_metadata(self, decode: list[Chunk], prefill: list[Chunk]) -> CrossMetadata:
         """Records the encoder lengths of this step's new inputs, then what each decoder chunk attends to."""

@@ -13,10 +13,27 @@ second cache holding each slot's encoder keys and values (`CrossMetadata`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(device: torch.device) -> AbstractContextManager:
+    """The kernels a forward pass on `device` lets SDPA choose: on CUDA flash, memory-efficient or math, never
+    cuDNN's.
+
+    Recent torch tries cuDNN's attention first on sm90 and sm100 (H100, H200, B200). cuDNN builds an execution
+    graph for each new problem, keyed by the batch and the key length among others, at 23-37 ms of host time
+    each: one sequence's decode steps, whose key length grows by one a step, would build one every step (all
+    of the step's layers share it), and each new prompt length another. The flags are process-wide and set for
+    the pass only (~13 us).
+    """
+    return sdpa_kernel(_GPU_SDPA_BACKENDS) if device.type == "cuda" else nullcontext()
 
 
 @dataclass
