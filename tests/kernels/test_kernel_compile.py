@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 
 from vramlite.kernels._common import FP_FUSION, Backend
+from vramlite.kernels.attention import _config as decode_attention_config
+from vramlite.kernels.attention import _decode_attention_kernel
 from vramlite.kernels.quant import _config as quant_config
 from vramlite.kernels.quant import _quantize_per_token_kernel
 from vramlite.kernels.w8a8 import _configs as w8a8_configs
@@ -77,6 +79,19 @@ def test_activation_quant(cc: int, dtype: str) -> None:
     # (2 ulp off), and the codes would differ
     ptx = compiled.asm["ptx"]
     assert re.search(r"\bdiv\.rn(\.ftz)?\.f32\b", ptx) and not re.search(r"\bdiv\.(full|approx)", ptx)
+
+
+@pytest.mark.parametrize("cc,dtype,head_dim,split", [(61, "fp32", 128, False), (61, "fp16", 256, True),
+                                                       (61, "bf16", 128, False), (75, "fp16", 64, False),
+                                                       (80, "bf16", 128, True), (90, "fp16", 128, False)])
+def test_decode_attention(cc: int, dtype: str, head_dim: int, split: bool) -> None:
+    pointers = {"q_ptr": TYPES[dtype], "k_ptr": TYPES[dtype], "v_ptr": TYPES[dtype],
+                "o_ptr": "*fp32" if split else TYPES[dtype], "m_ptr": "*fp32", "l_ptr": "*fp32",
+                "slots_ptr": "*i64", "positions_ptr": "*i64", "scale": "fp32"}
+    compiled = _compile(_decode_attention_kernel, cc, decode_attention_config(head_dim), pointers, GROUP=4,
+                        HEAD_DIM=head_dim, SPLIT=split)
+    assert compiled.metadata.shared <= PASCAL_SHARED.get(cc, 99 * KIB)
+    assert "mma" not in compiled.asm["ptx"]
 
 
 def _w8a16_pointers(dtype: str, config: Any) -> dict[str, str]:

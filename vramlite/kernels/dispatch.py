@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HAS_TRITON, Backend, check_linear_args
+from .attention import decode_attention_ref, decode_attention_triton
 from .quant import quantize_activation_per_token_ref, quantize_activation_per_token_triton
 from .w8a8 import w8a8_linear_ref, w8a8_linear_triton
 from .w8a16 import w8a16_linear_ref, w8a16_linear_triton
@@ -180,3 +181,16 @@ def int8_linear(
     if x.numel() // k <= W8A16_MAX_M or backend_for(x.device) is Backend.REFERENCE:
         return _linear(_w8a16_reference, w8a16_linear_triton, x, qweight, scale, bias, n)
     return _linear(w8a8_linear_ref, w8a8_linear_triton, x, qweight, scale, bias, n)
+
+
+def decode_attention(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
+                     positions: torch.Tensor, scale: float, max_length: int | None = None) -> torch.Tensor:
+    """One query per sequence, q [B, heads, D], over its slot's cache [slots, kv_heads, positions, D], positions
+    0..positions[b] of slot slots[b], the longest at most `max_length` (`vramlite.kernels.attention`);
+    [B, heads, D] in q's dtype. Every Triton backend takes bf16 here: the kernel only converts it, its math is
+    fp32."""
+    backend = backend_for(q.device)
+    if backend is Backend.REFERENCE:
+        return decode_attention_ref(q, cache_k, cache_v, slots, positions, scale)
+    with _on_device(q.device):
+        return decode_attention_triton(q, cache_k, cache_v, slots, positions, scale, max_length)

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vramlite.kernels import Backend, backend_for, decode_attention
+
 _GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -59,6 +61,9 @@ class AttentionMetadata:
     decode_mask: torch.Tensor | None  # [Bd, 1, 1, decode_kv_len] bool, True = attend; None if lengths are equal
     prefills: list[PrefillChunk]
     cross: CrossMetadata | None = None  # encoder-decoder models only
+    # decode token i attends to positions 0..positions[i] of slot write_slots[i], all of them: what the decode
+    # attention kernel computes (False: a sliding window's band or ring, which decode_mask carries)
+    decode_by_length: bool = True
 
 
 @dataclass
@@ -103,7 +108,8 @@ def windowed(meta: AttentionMetadata, window: int, cache_length: int) -> Attenti
     decode_kv_len, decode_mask = meta.decode_kv_len, meta.decode_mask
     nd = meta.num_decode
     # compiled, always masked: a test of the length would compile a second graph once sequences outgrow the window
-    if nd and (torch.compiler.is_compiling() or decode_kv_len > window):
+    banded = nd > 0 and (torch.compiler.is_compiling() or decode_kv_len > window)
+    if banded:
         queries = positions[:nd, None]
         if decode_kv_len > ring:
             decode_kv_len, decode_mask = ring, _ring_mask(queries, queries + 1, window, ring)[:, None, None, :]
@@ -124,7 +130,7 @@ def windowed(meta: AttentionMetadata, window: int, cache_length: int) -> Attenti
     if meta.decode_kv_len > ring or any(c.kv_len > ring for c in meta.prefills):
         positions = positions % ring  # where each token's keys and values go
     return replace(meta, positions=positions, decode_kv_len=decode_kv_len, decode_mask=decode_mask,
-                   prefills=prefills)
+                   prefills=prefills, decode_by_length=meta.decode_by_length and not banded)
 
 
 def window_metas(meta: AttentionMetadata, layer_windows: Sequence[int | None], cache_k: Sequence[torch.Tensor]
@@ -161,16 +167,12 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
     cache_k[meta.write_slots, :, meta.positions] = k
     cache_v[meta.write_slots, :, meta.positions] = v
     nd = meta.num_decode
-    kv_len, slots = meta.decode_kv_len, meta.decode_slots
-    mask = meta.decode_mask if bias is None else None
     if not meta.prefills:
-        return _decode(q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
-                       None if bias is None else bias.decode, softcap)
+        return _cached_decode(q, cache_k, cache_v, meta, scale, bias, softcap)
     gqa = q.shape[1] != k.shape[1]
     out = torch.empty_like(q)
     if nd:
-        out[:nd] = _decode(q[:nd], cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len], mask, scale,
-                           None if bias is None else bias.decode, softcap)
+        out[:nd] = _cached_decode(q[:nd], cache_k, cache_v, meta, scale, bias, softcap)
     for i, chunk in enumerate(meta.prefills):
         qc = q[chunk.start : chunk.end].transpose(0, 1)
         kc = cache_k[chunk.slot, :, : chunk.kv_len]
@@ -183,6 +185,25 @@ def cached_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache_k:
                                                is_causal=chunk_mask is None, enable_gqa=gqa, scale=scale)[0]
         out[chunk.start : chunk.end] = o.transpose(0, 1)
     return out
+
+
+def _cached_decode(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, meta: AttentionMetadata,
+                   scale: float | None, bias: AttentionBias | None, softcap: float | None) -> torch.Tensor:
+    """The decode tokens' queries q [num_decode, heads, D] over their slots in one layer's cache.
+
+    On a GPU with the Triton kernels, a batch of sequences that attend to all of their positions takes the
+    decode attention kernel (`vramlite.kernels.attention`): it reads each slot's keys in place, up to its
+    own length, in one launch, where the batched matmuls below first copy the slots out (unless consecutive)
+    padded to the longest, and launch five or six ops. One sequence keeps SDPA (flash attention on sm80+).
+    """
+    if (len(q) > 1 and bias is None and softcap is None and meta.decode_by_length and type(cache_k) is torch.Tensor
+            and backend_for(q.device) is not Backend.REFERENCE):
+        nd = meta.num_decode
+        return decode_attention(q, cache_k, cache_v, meta.write_slots[:nd], meta.positions[:nd],
+                                q.shape[-1] ** -0.5 if scale is None else scale, meta.decode_kv_len)
+    kv_len, slots = meta.decode_kv_len, meta.decode_slots
+    return _decode(q, cache_k[slots, :, :kv_len], cache_v[slots, :, :kv_len],
+                   meta.decode_mask if bias is None else None, scale, None if bias is None else bias.decode, softcap)
 
 
 def _softcapped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
