@@ -5,7 +5,7 @@
 
 Weight shapes [N, K]: 4096x4096, 11008x4096, 4096x11008 (LLaMA-7B's attention, up/gate and down projections).
 - W8A16, M = 1..64, against fp16 `F.linear` (cuBLAS) and naive dequantize-then-`F.linear`;
-- W8A8 (per-token activation quantization + int8 GEMM), M = 64..2048, against fp16 `F.linear` and
+- W8A8 (per-token activation quantization + int8 GEMM), M = 32..2048, against fp16 `F.linear` and
   `torch._int_mm` (the int8 GEMM alone: no quantization, no scales).
 Our kernels are launched directly (no dispatch), with the variants `vramlite.kernels.dispatch` picks for the GPU unless
 `--backend` says otherwise; each is tuned before it is timed. Reports µs, GB/s (weight bytes in the method's
@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
-W8A16_ROWS = [1, 4, 16, 64]
-W8A8_ROWS = [64, 256, 2048]
+W8A16_ROWS = [1, 4, 16, 32, 64]
+W8A8_ROWS = [32, 64, 256, 2048]  # at 32 and 64 both: where dispatch should switch (W8A16_MAX_M)
 SMOKE_SHAPES = [(72, 40)]
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
