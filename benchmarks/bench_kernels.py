@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import re
 import statistics
 import sys
 import time
@@ -213,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    from benchmarks.common import print_table, write_results
+    from benchmarks.common import gpu_slug, print_table, write_results
     from vramlite.kernels._common import Backend
     from vramlite.kernels.dispatch import backend_for
 
@@ -243,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
                            "config"])
     if args.smoke:
         return 0
-    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    gpu = gpu_slug()
     path = write_results(f"kernels-{gpu}-{args.dtype}", results, triton=triton.__version__, cuda=torch.version.cuda,
                          backend=backend.value, dtype=args.dtype, peak_gbps=args.peak_gbps, peak_tops=args.peak_tops)
     print(f"wrote {path}")

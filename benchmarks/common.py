@@ -4,6 +4,7 @@ turns, and the random 130M LLaMA of the CPU benchmarks."""
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from collections.abc import Callable, Hashable
@@ -23,6 +24,13 @@ def write_results(name: str, rows: list[dict[str, Any]], **extra: Any) -> Path:
                **extra, "rows": rows}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+def gpu_slug() -> str:
+    """The current CUDA GPU's name as a part of a result file's name: "NVIDIA H200" -> "nvidia-h200"."""
+    import torch
+
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
 
 
 def report(name: str, rows: list[dict[str, Any]], columns: list[str], **extra: Any) -> None:

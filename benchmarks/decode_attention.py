@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import sys
 from typing import Any
 
 import torch
 
 from benchmarks.bench_kernels import DTYPES, copy_gbps, graph_seconds, timer
-from benchmarks.common import print_table, write_results
+from benchmarks.common import gpu_slug, print_table, write_results
 from vramlite.engine.layers.attention import _decode
 from vramlite.kernels import decode_attention
 
@@ -79,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows += bench_case(kv_heads, batch, length, DTYPES[args.dtype], peak)
                 print(rows[-2], rows[-1], flush=True)
     print_table(rows, ["method", "kv_heads", "B", "L", "us", "GB/s", "%peak_bw", "call_us", "speedup"])
-    gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+    gpu = gpu_slug()
     print(f"wrote {write_results(f'decode-attention-{gpu}-{args.dtype}', rows, dtype=args.dtype, peak_gbps=peak)}")
     return 0
 

@@ -18,7 +18,6 @@ import argparse
 import functools
 import itertools
 import os
-import re
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--smoke on CPU: triton was imported already; run with TRITON_INTERPRET=1")
             return 0
         os.environ["TRITON_INTERPRET"] = "1"  # before triton's first import: its own jit functions read it then
-    from benchmarks.common import print_table, write_results
+    from benchmarks.common import gpu_slug, print_table, write_results
 
     if device == "cuda":
         measure_many = graph_seconds
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 print_table(timed[: args.top] + [r for r in timed[args.top :] if r["config"].endswith("F.linear")],
                             ["config", "us", "GB/s"])
     if device == "cuda":
-        gpu = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name().lower()).strip("-")
+        gpu = gpu_slug()
         print(f"\nwrote {write_results(f'kernels-sweep-{gpu}-{args.dtype}', rows)}")
     return 0
 
