@@ -33,12 +33,11 @@ LENGTHS = [128, 1024, 4096]
 
 
 def engine_matmuls(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor,
-                   positions: torch.Tensor, scale: float) -> torch.Tensor:
-    """The engine's decode attention without the kernel: what `vramlite.engine.layers.attention` runs for slots
-    given as a tensor (the runner builds the mask once a step; here it is part of each call)."""
-    lengths = positions + 1
-    longest = cache_k.shape[2]  # the runner's max length, a host int; here the cache's, filled to the longest
-    mask = (torch.arange(longest, device=q.device) < lengths[:, None])[:, None, None, :]
+                   mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """The engine's decode attention without the kernel, as `vramlite.engine.layers.attention` runs it in each
+    layer for slots given as a tensor: the slots gathered up to the longest length (the mask's), then the batched
+    matmuls. The mask [B, 1, 1, longest] is the runner's, built once a step."""
+    longest = mask.shape[-1]
     return _decode(q, cache_k[slots, :, :longest], cache_v[slots, :, :longest], mask, scale)
 
 
@@ -50,10 +49,15 @@ def bench_case(kv_heads: int, batch: int, length: int, dtype: torch.dtype, peak:
     positions = torch.linspace(length // 2, length, batch, device="cuda").long() - 1
     read = int((positions + 1).sum()) * kv_heads * HEAD_DIM * cache_k.element_size() * 2
     measure = timer("cuda")
+    mask = (torch.arange(length, device="cuda") < (positions + 1)[:, None])[:, None, None, :]
+    scale = HEAD_DIM**-0.5
+    methods = {  # max_length: the engine passes the step's longest length
+        "vramlite kernel": functools.partial(decode_attention, q, cache_k, cache_v, slots, positions, scale,
+                                             max_length=length),
+        "engine matmuls": functools.partial(engine_matmuls, q, cache_k, cache_v, slots, mask, scale),
+    }
     rows = []
-    kernel = functools.partial(decode_attention, max_length=length)  # the engine passes the step's longest
-    for method, fn in (("vramlite kernel", kernel), ("engine matmuls", engine_matmuls)):
-        call = functools.partial(fn, q, cache_k, cache_v, slots, positions, HEAD_DIM**-0.5)
+    for method, call in methods.items():
         seconds = graph_seconds([call])
         rows.append({"method": method, "kv_heads": kv_heads, "B": batch, "L": length, "us": round(seconds * 1e6, 1),
                      "GB/s": round(read / seconds / 1e9, 1), "%peak_bw": round(100 * read / seconds / 1e9 / peak, 1),
